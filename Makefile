@@ -1,0 +1,42 @@
+# dpolab: two commands do everything.  `make penn` runs the experiment, `make test` runs every test.
+# Each creates (or reuses) the local virtual environment .venv by itself.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch that installs offline here. GPU users: see README ("Installing on a GPU machine").
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONHASHSEED := 0
+
+.PHONY: help venv test penn lab clean
+
+help:
+	@echo "make penn   run the GPT-2 Penn experiment (ARGS='--quick' for the tiny-world smoke run)"
+	@echo "make test   run the whole test suite, notebooks included"
+	@echo "make lab    open JupyterLab on notebooks/"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+penn: $(STAMP)
+	$(PY) -m dpolab.experiments.penn $(ARGS)
+
+lab: $(STAMP)
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,dev,lab]"
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
