@@ -1,0 +1,374 @@
+"""Load and validate preference data in TRL's standard format: rows of ``{"prompt", "chosen", "rejected"}``.
+
+Sources (:func:`load_preference_data`):
+
+- a JSON file holding a list of objects (like the seed experiment's files),
+- a JSON Lines file, one object per line (``.jsonl``; blank lines are skipped but still counted),
+- a dict of split name -> file, giving a ``DatasetDict``,
+- anything else (a Hugging Face dataset name, a dataset folder) through ``datasets.load_dataset``; a
+  dataset that needs the hub while the hub is unreachable raises :class:`HubUnreachableError`.
+
+Only the standard format is accepted: the three fields are strings (TRL's conversational format, lists of
+messages, must be rendered with a chat template first). Other columns (e.g. ``topic``) are kept.
+
+Validation (:func:`find_problems`, :func:`validate_rows`) reports every problem with its source, its
+1-based row (the line of a JSONL file, the position of the object in a JSON list) and its field: a missing,
+null or empty field, a value that is not a string, chosen equal to rejected, a duplicated prompt, a line
+that is not JSON. Nothing is dropped silently: any problem raises one :class:`PreferenceDataError` that
+lists them all; with ``drop_invalid=True`` the bad rows are dropped instead and a
+:class:`DroppedRowsWarning` says which and why.
+
+Two prompts are *duplicates* when their normalised forms are equal (:func:`normalize_prompt`: lower-case,
+punctuation stripped, whitespace collapsed), and *near-duplicates* when they are duplicates or the Jaccard
+similarity of their normalised token sets reaches 0.8 (:func:`is_near_duplicate`): "The lecture today was
+insightful and" and "the lecture, today, was insightful and" are duplicates; two ten-word prompts that
+differ in one word (9 shared tokens of 11, 0.82) are near-duplicates, two five-word prompts that differ in
+one word (4 of 6, 0.67) are not. The loader rejects duplicates; the Penn set's split also keeps
+near-duplicates on one side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+__all__ = [
+    "FIELDS",
+    "Problem",
+    "PreferenceDataError",
+    "DroppedRowsWarning",
+    "HubUnreachableError",
+    "normalize_prompt",
+    "jaccard",
+    "is_near_duplicate",
+    "closest_matches",
+    "near_duplicates",
+    "read_rows",
+    "find_problems",
+    "validate_rows",
+    "load_preference_data",
+]
+
+FIELDS = ("prompt", "chosen", "rejected")
+MAX_LISTED = 20  # problems spelled out in one message; the rest are counted
+NEAR_DUPLICATE_JACCARD = 0.8
+_FILE_SUFFIXES = (".json", ".jsonl")
+
+
+# ----------------------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the data, located as precisely as the source allows."""
+
+    source: str  # file path, dataset name, or "<rows>" for rows passed in memory
+    row: int | None  # 1-based row as in the source; None when the whole source is at fault
+    field: str | None  # the offending field; None when the whole row is at fault
+    message: str
+    index: int | None = None  # 0-based position among the parsed rows; None when the row did not parse
+
+    def __str__(self) -> str:
+        where = self.source if self.row is None else f"{self.source}, row {self.row}"
+        what = f"field {self.field!r} " if self.field else ""
+        return f"{where}: {what}{self.message}"
+
+
+def _listing(problems: Sequence[Problem]) -> str:
+    lines = [f"  - {problem}" for problem in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+class PreferenceDataError(ValueError):
+    """Invalid preference data. ``problems`` holds every :class:`Problem`; the message lists them."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        count = len(self.problems)
+        super().__init__(f"invalid preference data, {count} problem{'s' * (count != 1)}:\n{_listing(self.problems)}")
+
+    def __reduce__(self):  # pickle with the problems, not the message (e.g. across datasets' worker processes)
+        return type(self), (self.problems,)
+
+
+class DroppedRowsWarning(UserWarning):
+    """Rows dropped by ``drop_invalid=True``: ``problems`` says why, ``dropped`` counts the rows."""
+
+    def __init__(self, problems: Sequence[Problem], dropped: int, total: int):
+        self.problems, self.dropped, self.total = list(problems), dropped, total
+        super().__init__(f"dropped {dropped} of {total} rows with invalid preference data:\n{_listing(self.problems)}")
+
+
+class HubUnreachableError(ConnectionError):
+    """A dataset name was given but the Hugging Face hub cannot be reached (and the dataset is not cached)."""
+
+
+# ---------------------------------------------------------------------------------- near-duplicates
+
+
+def normalize_prompt(text: str) -> str:
+    """Lower-case, strip punctuation and collapse whitespace: prompts equal after this are duplicates."""
+    return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
+
+
+def _token_sets(texts: Sequence[str]) -> list[frozenset[str]]:
+    return [frozenset(normalize_prompt(text).split()) for text in texts]
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    union = a | b
+    return len(a & b) / len(union) if union else 1.0
+
+
+def jaccard(a: str, b: str) -> float:
+    """Jaccard similarity |A & B| / |A | B| of the token sets of the normalised texts (1.0 for two empties)."""
+    return _jaccard(*_token_sets([a, b]))
+
+
+def is_near_duplicate(a: str, b: str, threshold: float = NEAR_DUPLICATE_JACCARD) -> bool:
+    """Equal after :func:`normalize_prompt`, or token-set Jaccard similarity >= ``threshold``."""
+    return normalize_prompt(a) == normalize_prompt(b) or jaccard(a, b) >= threshold
+
+
+def closest_matches(queries: Sequence[str], references: Sequence[str]) -> list[tuple[float, int]]:
+    """For each query, (its highest token-set Jaccard similarity to a reference, that reference's index)."""
+    reference_sets = _token_sets(references)
+    return [
+        max((_jaccard(query, reference), j) for j, reference in enumerate(reference_sets))
+        for query in _token_sets(queries)
+    ]
+
+
+def near_duplicates(
+    queries: Sequence[str], references: Sequence[str], threshold: float = NEAR_DUPLICATE_JACCARD
+) -> list[tuple[int, int]]:
+    """``(i, j)``: ``queries[i]`` is a near-duplicate of ``references[j]``, its closest match.
+
+    Equal normalised texts have equal token sets (Jaccard 1), so the similarity alone decides.
+    """
+    return [(i, j) for i, (similarity, j) in enumerate(closest_matches(queries, references)) if similarity >= threshold]
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def _field_problems(row: Any) -> list[tuple[str | None, str]]:
+    """(field, message) for everything wrong inside one row, duplicates aside."""
+    if not isinstance(row, Mapping):
+        return [(None, f"expected a JSON object with fields {', '.join(FIELDS)}, got {type(row).__name__}")]
+    found = []
+    for field in FIELDS:
+        value = row.get(field)
+        if field not in row:
+            found.append((field, "is missing"))
+        elif value is None:
+            found.append((field, "is null"))
+        elif not isinstance(value, str):
+            found.append((field, f"must be a string, got {type(value).__name__}: {str(value)[:40]!r}"))
+        elif not value.strip():
+            found.append((field, "is empty"))
+    if not found and row["chosen"].strip() == row["rejected"].strip():
+        found.append(("rejected", "is equal to chosen"))
+    return found
+
+
+def find_problems(
+    rows: Sequence[Any],
+    *,
+    source: str = "<rows>",
+    where: Sequence[tuple[str, int]] | None = None,
+    allow_duplicate_prompts: bool = False,
+) -> list[Problem]:
+    """Every problem in ``rows``; ``where[i]`` is row i's (source, 1-based row), by default (source, i + 1).
+
+    A duplicated prompt is reported on its second and later occurrences, naming the first one; rows with
+    other problems take no part in the duplicate check.
+    """
+    where = where if where is not None else [(source, i + 1) for i in range(len(rows))]
+    problems, first_seen = [], {}
+    for index, (row, (row_source, row_number)) in enumerate(zip(rows, where, strict=True)):
+        found = _field_problems(row)
+        problems += [Problem(row_source, row_number, field, message, index) for field, message in found]
+        if found or allow_duplicate_prompts:
+            continue
+        key = normalize_prompt(row["prompt"])
+        if key in first_seen:
+            first_source, first_number = where[first_seen[key]]
+            other = f"row {first_number}" if first_source == row_source else f"{first_source}, row {first_number}"
+            message = f"duplicates the prompt of {other} (equal after lower-casing and stripping punctuation)"
+            problems.append(Problem(row_source, row_number, "prompt", message, index))
+        else:
+            first_seen[key] = index
+    return problems
+
+
+def _kept_indices(n_rows: int, problems: Sequence[Problem], drop_invalid: bool) -> list[int]:
+    """Positions of the rows to keep; raises unless every problem is a row that ``drop_invalid`` may drop."""
+    if not problems:
+        return list(range(n_rows))
+    if not drop_invalid or any(problem.row is None for problem in problems):
+        raise PreferenceDataError(problems)
+    bad = {problem.index for problem in problems if problem.index is not None}
+    kept = [i for i in range(n_rows) if i not in bad]
+    if not kept:
+        raise PreferenceDataError([*problems, Problem(problems[0].source, None, None, "no valid rows left")])
+    dropped = len({(problem.source, problem.row) for problem in problems})  # unparsed lines count too
+    warnings.warn(DroppedRowsWarning(problems, dropped, dropped + len(kept)), stacklevel=3)
+    return kept
+
+
+def validate_rows(
+    rows: Sequence[Any],
+    *,
+    source: str = "<rows>",
+    drop_invalid: bool = False,
+    allow_duplicate_prompts: bool = False,
+) -> list[dict]:
+    """The rows, checked: raises :class:`PreferenceDataError` listing every problem, or with
+    ``drop_invalid=True`` returns the valid rows and warns (:class:`DroppedRowsWarning`) about the others."""
+    problems = find_problems(rows, source=source, allow_duplicate_prompts=allow_duplicate_prompts)
+    return [rows[i] for i in _kept_indices(len(rows), problems, drop_invalid)]
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def read_rows(path: str | os.PathLike) -> tuple[list[Any], list[int], list[Problem]]:
+    """Parse a JSON list or JSON Lines file: (rows, their 1-based row numbers, parse problems).
+
+    A file whose first non-blank character is ``[`` is read as one JSON list (row k = its k-th object);
+    anything else as JSON Lines (row k = line k). Row contents are not checked here (see find_problems).
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        return [], [], [Problem(source, None, None, f"is not UTF-8 text ({err.reason} at byte {err.start})")]
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            message = f"is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+            return [], [], [Problem(source, None, None, message)]
+        return rows, list(range(1, len(rows) + 1)), [] if rows else [Problem(source, None, None, "holds no rows")]
+    rows, numbers, problems = [], [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+            numbers.append(number)
+        except json.JSONDecodeError as err:
+            problems.append(Problem(source, number, None, f"is not valid JSON (column {err.colno}: {err.msg})"))
+    if not rows and not problems:
+        problems.append(Problem(source, None, None, "holds no rows"))
+    return rows, numbers, problems
+
+
+def _to_dataset(rows: Sequence[Mapping]) -> Dataset:
+    """Rows -> Dataset with the union of their keys as columns (missing keys of extra columns become None)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns})
+
+
+def _load_file(path: str | os.PathLike, drop_invalid: bool, allow_duplicate_prompts: bool) -> Dataset:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"preference data file not found: {path}")
+    rows, numbers, problems = read_rows(path)
+    where = [(str(path), number) for number in numbers]
+    problems += find_problems(rows, where=where, allow_duplicate_prompts=allow_duplicate_prompts)
+    problems.sort(key=lambda problem: problem.row or 0)
+    kept = _kept_indices(len(rows), problems, drop_invalid)
+    return _to_dataset([rows[i] for i in kept])
+
+
+# ----------------------------------------------------------------------------------------- the hub
+
+
+def _offline() -> bool:
+    return bool(datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE)
+
+
+def _load_with_datasets(
+    name: str, split: str | None, drop_invalid: bool, allow_duplicate_prompts: bool, **kwargs: Any
+) -> Dataset | DatasetDict:
+    try:
+        data = datasets.load_dataset(name, split=split, **kwargs)
+    except ConnectionError as err:
+        reason = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if _offline() else str(err)
+        raise HubUnreachableError(
+            f"cannot load the dataset {name!r}: the Hugging Face hub is unreachable ({reason}) and the dataset is "
+            "not in the local cache. Pass a local file instead: load_preference_data('pairs.jsonl') for JSON Lines "
+            "or a .json file holding a list of {\"prompt\", \"chosen\", \"rejected\"} objects, or "
+            "{'train': 'train.jsonl', 'test': 'test.jsonl'} for several splits."
+        ) from err
+    options = dict(drop_invalid=drop_invalid, allow_duplicate_prompts=allow_duplicate_prompts)
+    if isinstance(data, DatasetDict):
+        return DatasetDict({key: _check_hub_split(part, f"{name}[{key}]", **options) for key, part in data.items()})
+    return _check_hub_split(data, f"{name}[{split}]", **options)
+
+
+def _check_hub_split(data: Dataset, source: str, drop_invalid: bool, allow_duplicate_prompts: bool) -> Dataset:
+    missing = [field for field in FIELDS if field not in data.column_names]
+    if missing:
+        message = f"is missing (columns: {', '.join(data.column_names)})"
+        raise PreferenceDataError([Problem(source, None, field, message) for field in missing])
+    rows = list(data.select_columns(list(FIELDS)))
+    problems = find_problems(rows, source=source, allow_duplicate_prompts=allow_duplicate_prompts)
+    kept = _kept_indices(len(rows), problems, drop_invalid)
+    return data if len(kept) == len(rows) else data.select(kept)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _is_file(source: str | os.PathLike) -> bool:
+    """A path to a JSON or JSON Lines file, existing or not; folders and other names go to load_dataset."""
+    path = Path(source)
+    if path.is_dir():
+        return False
+    return path.is_file() or isinstance(source, os.PathLike) or path.suffix in _FILE_SUFFIXES
+
+
+def load_preference_data(
+    source: str | os.PathLike | Mapping[str, str | os.PathLike],
+    *,
+    split: str | None = None,
+    drop_invalid: bool = False,
+    allow_duplicate_prompts: bool = False,
+    **load_dataset_kwargs: Any,
+) -> Dataset | DatasetDict:
+    """Preference data in TRL's standard format, validated.
+
+    - a path to a ``.json`` (list of objects) or ``.jsonl`` file -> ``Dataset``;
+    - ``{"train": path, "test": path}`` -> ``DatasetDict`` (or one ``Dataset`` when ``split`` is given);
+    - anything else (a Hugging Face dataset name, a local dataset folder, a builder such as ``"json"``)
+      -> ``datasets.load_dataset(source, split=split, **load_dataset_kwargs)``, a ``Dataset`` when ``split``
+      is given, else a ``DatasetDict``; raises :class:`HubUnreachableError` (a ``ConnectionError``) when
+      the hub cannot be reached and the dataset is not cached.
+
+    Invalid rows raise :class:`PreferenceDataError`; ``drop_invalid=True`` drops them with a
+    :class:`DroppedRowsWarning`. Duplicated prompts are invalid unless ``allow_duplicate_prompts=True``
+    (datasets with several pairs per prompt).
+    """
+    options = dict(drop_invalid=drop_invalid, allow_duplicate_prompts=allow_duplicate_prompts)
+    if isinstance(source, Mapping):
+        if split is not None and split not in source:
+            raise KeyError(f"split {split!r} not among the files given: {sorted(source)}")
+        names = [split] if split is not None else list(source)
+        splits = DatasetDict({name: _load_file(source[name], **options) for name in names})
+        return splits[split] if split is not None else splits
+    if _is_file(source):
+        return _load_file(source, **options)
+    return _load_with_datasets(str(source), split, **options, **load_dataset_kwargs)
