@@ -1,0 +1,11 @@
+"""Training: one explicit loop for the DPO family, SFT and KL-SFT (see ``loop.py`` for the pseudocode).
+
+    from dpolab.train import TrainConfig, train
+    result = train(model, tokenizer, load_penn()["train"], TrainConfig(loss="dpop", loss_kwargs={"dpop_lambda": 5}))
+    result.history[-1]["rewards/margins"]
+"""
+
+from .config import TrainConfig
+from .loop import METRICS, NonFiniteError, TrainResult, train
+
+__all__ = ["TrainConfig", "train", "TrainResult", "NonFiniteError", "METRICS"]

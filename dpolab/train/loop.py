@@ -1,0 +1,350 @@
+"""The training loop: one explicit loop for the DPO family, SFT and KL-SFT.
+
+    precompute log pi_ref(y_w|x), log pi_ref(y_l|x) for every pair, once          (reference.py)
+    for step in 1..T:
+        batch  <- the step's B pairs, in a seeded per-epoch order, split over processes and micro-batches
+        log pi_theta(y_w|x), log pi_theta(y_l|x) <- one forward over the 2B concatenated rows    (eq. 6.1)
+        losses <- LOSSES[loss](policy logps, reference logps; beta, ...)          (eq. 4.2 for DPO)
+        backward(mean of losses over the global batch), accumulated over micro-batches
+        clip the gradient norm; AdamW step; learning rate <- warm-up then cosine  (to min_learning_rate)
+        metrics under TRL's names; checkpoint every save_steps
+
+How it differs from TRL's DPOTrainer: the reference model never runs during training (its log-probs are
+precomputed and cached on disk), log-probs are taken with the LM head on completion positions only
+(``dpolab.logprobs``), and the loop is this file. Devices: CUDA (bf16 autocast where supported), MPS and CPU
+(fp32) share the code path. Several GPUs: launch with ``torchrun --nproc_per_node N`` (or ``accelerate
+launch``); each process takes every N-th pair of the global batch (like DistributedSampler) and DDP averages
+the gradients, so N processes take the same steps as one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..data.collate import PreferenceCollator, tokenize_preferences
+from ..logprobs import concatenated_logps, sequence_logps
+from ..losses import LossOutput, preference_loss
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, loss_parameters
+from .reference import examples_hash, precompute_reference_logps
+
+__all__ = ["train", "TrainResult", "NonFiniteError", "warmup_cosine", "epoch_order", "METRICS"]
+
+# The losses that never look at the rejected completion: its log-prob is computed without gradient, for metrics.
+CHOSEN_ONLY_LOSSES = frozenset({"sft", "kl_sft"})
+# Per-step metrics, TRL's names first; history.csv has these columns in this order.
+METRICS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected", "learning_rate", "grad_norm")
+_SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected")
+# Config fields that may change between a run and its resumption.
+_RESUMABLE_CHANGES = {"resume", "progress", "save_steps", "save_total_limit", "ref_cache_dir", "use_ref_cache", "output_dir"}
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf loss, log-prob or gradient; names the optimizer step (1-based) and the examples."""
+
+    def __init__(self, step: int, what: str, indices: Sequence[int], batch: Sequence[int]):
+        self.step, self.indices = step, list(indices)
+        super().__init__(f"step {step}: {what} is not finite (NaN or inf) for examples {self.indices} "
+                         f"(dataset indices; the step's batch held {list(batch)}); the last checkpoint is untouched")
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the trained policy (the object passed in, updated in place)
+    history: list[dict[str, float]]  # one row of METRICS per optimizer step, from step 1
+    resumed_from_step: int | None = None  # the checkpoint step this run continued from, if any
+    output_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # steps_per_epoch, total_steps, world_size
+
+
+def _lr_factor(i: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step i (0-based): linear warm-up to the peak at step W (1-based),
+    then cosine from the peak down to min_ratio at the last step."""
+    if i < warmup_steps:
+        return (i + 1) / warmup_steps
+    peak_at = max(warmup_steps - 1, 0)
+    progress = min(1.0, (i - peak_at) / max(1, total_steps - 1 - peak_at))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Optimizer steps t = 1..T: lr * t / W during the warm-up (t <= W), then a cosine from lr at step max(W, 1)
+    down to min_lr at step T. The returned LambdaLR is stepped once after each optimizer step."""
+    peak = optimizer.param_groups[0]["lr"]
+    factor = functools.partial(_lr_factor, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_lr / peak)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the n training pairs in ``epoch``: a permutation that depends on (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _steps_per_epoch(n: int, batch_size: int, min_batch: int) -> int:
+    """Full batches, plus the last partial one if each process's micro-batch gets at least one pair."""
+    full, rest = divmod(n, batch_size)
+    steps = full + (rest >= min_batch)
+    if steps == 0:
+        raise ValueError(f"{n} training pairs cannot fill one batch of {min_batch} (processes x grad_accum_steps)")
+    return steps
+
+
+class _PolicyLogps(torch.nn.Module):
+    """batch -> (policy_chosen_logps, policy_rejected_logps): the module DDP wraps, so its forward syncs gradients."""
+
+    def __init__(self, model: torch.nn.Module, reduction: str, chosen_only: bool):
+        super().__init__()
+        self.model, self.reduction, self.chosen_only = model, reduction, chosen_only
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.chosen_only:
+            return concatenated_logps(self.model, batch, reduction=self.reduction)  # one forward, 2B rows
+        b = batch["input_ids"].shape[0] // 2
+        chosen, rejected = ({k: v[rows] for k, v in batch.items()} for rows in (slice(None, b), slice(b, None)))
+        policy_chosen_logps = sequence_logps(self.model, **chosen, reduction=self.reduction)
+        with torch.no_grad():  # the loss ignores it; the metrics report it
+            policy_rejected_logps = sequence_logps(self.model, **rejected, reduction=self.reduction)
+        return policy_chosen_logps, policy_rejected_logps
+
+
+def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
+    """(rank, world_size, device, we_initialised_the_group). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    kind = config.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+    owns_group = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
+        owns_group = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device, owns_group
+
+
+def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if config.precision == "bf16" and not bf16_ok:
+        raise ValueError(f"precision='bf16' needs a CUDA device that supports bf16, not {device}")
+    return torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and bf16_ok) else None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _disable_dropout(model: torch.nn.Module | None) -> None:
+    for module in model.modules() if model is not None else ():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _context_length(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def _example_loss_kwargs(given, n: int, loss: str, fixed: dict, device) -> dict[str, torch.Tensor]:
+    """Per-example loss parameters (e.g. ODPO's offsets), one value per pair by dataset index, as (N,) tensors."""
+    accepted = loss_parameters(loss)
+    out = {}
+    for key, values in (given or {}).items():
+        if key not in accepted or key in fixed:
+            raise ValueError(f"example_loss_kwargs: {loss} takes {accepted} and loss_kwargs already sets "
+                             f"{sorted(fixed)}; got {key!r}")
+        t = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        if t.shape != (n,):
+            raise ValueError(f"example_loss_kwargs[{key!r}] must hold one value per pair ({n}), got shape {tuple(t.shape)}")
+        bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"example_loss_kwargs[{key!r}] is not finite for examples {bad[:10]}")
+        out[key] = t.to(device)
+    return out
+
+
+def _fingerprint(examples, example_params: dict[str, torch.Tensor]) -> str:
+    """What a checkpoint must be resumed on: the token ids and the per-example loss parameters."""
+    digest = hashlib.sha256(examples_hash(examples).encode())
+    for key, t in sorted(example_params.items()):
+        digest.update(key.encode() + t.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_finite(step: int, what: str, values: torch.Tensor, rows: np.ndarray, batch: np.ndarray) -> None:
+    bad = ~torch.isfinite(values.detach())
+    if bad.any():
+        raise NonFiniteError(step, what, rows[bad.cpu().numpy()].tolist(), batch.tolist())
+
+
+def _write_history(output_dir: str, history: list[dict[str, float]]) -> None:
+    atomic_write_text(Path(output_dir) / "history.json", json.dumps(history, indent=1))
+    lines = [",".join(METRICS)] + [",".join(repr(row[k]) for k in METRICS) for row in history]
+    atomic_write_text(Path(output_dir) / "history.csv", "\n".join(lines) + "\n")
+
+
+def _resume(config: TrainConfig, model, optimizer, scheduler, data_hash: str, rank: int, device) -> tuple[int, list]:
+    """Load the latest checkpoint of config.output_dir, if resuming; refuse to overwrite one otherwise."""
+    if rank == 0:  # folders of a checkpoint write that was killed half-way
+        for stale in Path(config.output_dir).glob(".checkpoint-*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = latest_checkpoint(config.output_dir)
+    if path is None:
+        return 0, []
+    if not config.resume:
+        raise FileExistsError(f"{config.output_dir} already holds {path.name}: pass resume=True (--resume) "
+                              "to continue it, or choose another output_dir")
+    state = load_checkpoint(path, model, device=device)
+    changed = {k: (v, state["config"].get(k)) for k, v in config.to_dict().items()
+               if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v}
+    if changed or state["data_hash"] != data_hash:
+        raise ValueError(f"cannot resume {path}: the config changed {changed} or the data changed "
+                         f"({state['data_hash'] != data_hash})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ranks = state["rng"]
+    set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+    return state["step"], state["history"]
+
+
+def _save(config, step, model, optimizer, scheduler, history, data_hash, rank, world_size) -> None:
+    """Every process contributes its RNG state; rank 0 writes the checkpoint and the history."""
+    states = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if rank == 0:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": states,
+                 "history": history, "config": config.to_dict(), "data_hash": data_hash}
+        save_checkpoint(config.output_dir, step, model, state, keep=config.save_total_limit)
+        _write_history(config.output_dir, history)
+    if world_size > 1:
+        dist.barrier()
+
+
+def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = TrainConfig(), *,
+          ref_model: torch.nn.Module | None = None, example_loss_kwargs=None) -> TrainResult:
+    """Train ``model`` in place on preference pairs ``train_data`` (rows with prompt/chosen/rejected).
+
+    ``ref_model`` is the frozen reference pi_ref; by default the policy before training. Its log-probs are
+    computed once, before the first step (cached on disk), and it is not used afterwards.
+    ``example_loss_kwargs`` maps a loss parameter to one value per pair, in dataset order (e.g. ODPO's
+    ``{"offset": offsets}``); each batch passes the values of its own pairs.
+    """
+    rank, world_size, device, owns_group = _init_distributed(config)
+    autocast_dtype = _autocast_dtype(config, device)
+    _seed_everything(config.seed)
+    examples = tokenize_preferences(train_data, tokenizer, max_length=config.max_length or _context_length(model),
+                                    max_prompt_length=config.max_prompt_length)
+    n = len(examples)
+    collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id or 0, pad_to_multiple_of=config.pad_to_multiple_of)
+    steps_per_epoch = _steps_per_epoch(n, config.batch_size, world_size * config.grad_accum_steps)
+    total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
+
+    if config.disable_dropout:
+        _disable_dropout(model)
+        _disable_dropout(ref_model)
+    example_params = _example_loss_kwargs(example_loss_kwargs, n, config.loss, config.loss_kwargs, device)
+    data_hash = _fingerprint(examples, example_params)
+    model.to(device)
+    policy = _PolicyLogps(model, config.reduction, chosen_only=config.loss in CHOSEN_ONLY_LOSSES)
+    if world_size > 1:  # DDP broadcasts rank 0's weights, so every process also starts from the same reference
+        policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    reference = model if ref_model is None else ref_model.to(device)
+    ref_chosen_logps, ref_rejected_logps = precompute_reference_logps(
+        reference, examples, tokenizer, batch_size=2 * config.batch_size, device=device, autocast_dtype=autocast_dtype,
+        reduction=config.reduction, cache_dir=config.ref_cache_dir, use_cache=config.use_ref_cache, rank=rank,
+        world_size=world_size)
+    del reference, ref_model  # the reference's work is done; training never runs it
+    ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(device), ref_rejected_logps.to(device)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
+                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    scheduler = warmup_cosine(optimizer, total_steps, config.warmup_steps, config.min_learning_rate)
+    start_step, history = 0, []
+    if config.output_dir is not None:
+        start_step, history = _resume(config, model, optimizer, scheduler, data_hash, rank, device)
+        if rank == 0:
+            atomic_write_text(Path(config.output_dir) / "config.json", json.dumps(config.to_dict(), indent=1))
+
+    loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
+    max_norm = config.max_grad_norm or math.inf
+    bar = tqdm(total=total_steps, initial=start_step, desc=config.loss, unit="step", dynamic_ncols=True,
+               disable=not config.progress or rank != 0)
+    model.train()
+    for step in range(start_step + 1, total_steps + 1):  # step = optimizer steps taken after this one, as TRL logs
+        epoch, position = divmod(step - 1, steps_per_epoch)
+        batch_indices = epoch_order(config.seed, epoch, n)[position * config.batch_size:(position + 1) * config.batch_size]
+        micro_batches = np.array_split(batch_indices[rank::world_size], config.grad_accum_steps)
+        scale = world_size / len(batch_indices)  # DDP averages over processes: the result is the global-batch mean
+        sums = torch.zeros(len(_SUMMED), dtype=torch.float64, device=device)
+        learning_rate = optimizer.param_groups[0]["lr"]
+        for i, rows in enumerate(micro_batches):
+            batch = {k: v.to(device) for k, v in collate([examples[j] for j in rows]).items() if k != "index"}
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or world_size == 1 else policy.no_sync():
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    policy_chosen_logps, policy_rejected_logps = policy(batch)
+                policy_chosen_logps, policy_rejected_logps = policy_chosen_logps.float(), policy_rejected_logps.float()
+                _check_finite(step, "log pi_theta(y_w|x)", policy_chosen_logps, rows, batch_indices)
+                _check_finite(step, "log pi_theta(y_l|x)", policy_rejected_logps, rows, batch_indices)
+                idx = torch.as_tensor(rows, device=device)
+                out: LossOutput = preference_loss(config.loss, policy_chosen_logps, policy_rejected_logps,
+                                                  ref_chosen_logps[idx], ref_rejected_logps[idx], return_rewards=True,
+                                                  **loss_kwargs, **{k: v[idx] for k, v in example_params.items()})
+                _check_finite(step, "the loss", out.losses, rows, batch_indices)
+                (out.losses.sum() * scale).backward()
+            with torch.no_grad():
+                margins = out.chosen_rewards - out.rejected_rewards
+                sums += torch.stack([t.double().sum() for t in (
+                    out.losses, out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).double(),
+                    policy_chosen_logps, policy_rejected_logps)])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # the norm before clipping
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteError(step, f"the gradient (norm {grad_norm.item()})", batch_indices.tolist(), batch_indices)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world_size > 1:
+            dist.all_reduce(sums)
+        row = {"step": step, "epoch": step / steps_per_epoch,
+               **dict(zip(_SUMMED, (sums / len(batch_indices)).tolist())),
+               "learning_rate": learning_rate, "grad_norm": grad_norm.item()}
+        history.append({k: row[k] for k in METRICS})
+        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}",
+                        acc=f"{row['rewards/accuracies']:.2f}", lr=f"{learning_rate:.2e}", refresh=False)
+        bar.update(1)
+        if config.output_dir is not None and (step == total_steps or (config.save_steps and step % config.save_steps == 0)):
+            _save(config, step, model, optimizer, scheduler, history, data_hash, rank, world_size)
+    bar.close()
+    if world_size > 1:  # free DDP's reducer while the group is registered: a reducer holding the last reference
+        del policy  # to a gloo group runs the group's destructor under the GIL and can deadlock (pytorch#56297)
+        gc.collect()
+    if owns_group:
+        dist.destroy_process_group()
+    return TrainResult(model, history, resumed_from_step=start_step or None, output_dir=config.output_dir,
+                       extra={"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world_size})

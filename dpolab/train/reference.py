@@ -1,0 +1,119 @@
+"""Reference log-probs, computed once before training and cached on disk.
+
+The DPO family needs log pi_ref(y_w|x) and log pi_ref(y_l|x) for every pair (eq. 4.2 of notebook 04). pi_ref is
+frozen, so they are the same at every step: computing them once, before the first step, saves one forward per
+step and frees the memory a second model would hold. When no separate reference is given, the policy itself
+before training is the reference (pi_ref = pi_theta at step 0).
+
+The cache key is a hash of everything the numbers depend on: the model's weights (names, dtypes, shapes and
+bytes) and class, the tokenized data (which carries the tokenizer and the truncation), the tokenizer's name
+and size, the reduction and the precision. Change any of them and the log-probs are recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ..data.collate import PreferenceCollator
+from ..logprobs import concatenated_logps
+from .checkpoint import atomic_directory, cache_root
+
+__all__ = ["weights_hash", "examples_hash", "reference_cache_key", "precompute_reference_logps"]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over the model's class and its state dict (names, dtypes, shapes, bytes), in name order."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def examples_hash(examples: Sequence[dict[str, Any]]) -> str:
+    """sha256 over the token ids of tokenized examples, in order."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]).encode())
+    return digest.hexdigest()
+
+
+def reference_cache_key(
+    model: torch.nn.Module, examples: Sequence[dict[str, Any]], tokenizer, reduction: str, precision: str
+) -> str:
+    """The cache key of a reference's log-probs on tokenized ``examples`` (see the module docstring)."""
+    digest = hashlib.sha256()
+    digest.update(weights_hash(model).encode())
+    meta = {"tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer), "reduction": reduction,
+            "precision": precision}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    digest.update(examples_hash(examples).encode())
+    return digest.hexdigest()[:32]
+
+
+@torch.no_grad()
+def _compute(model, examples, collate, *, batch_size, device, autocast_dtype, reduction, rank, world_size):
+    """(2, N) log-probs; each process scores every world_size-th batch, the sum over processes fills them all."""
+    order = sorted(range(len(examples)), key=lambda i: -sum(len(examples[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")))
+    out = torch.zeros(2, len(examples), dtype=torch.float32, device=device)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]  # similar lengths: little padding
+    for batch_indices in batches[rank::world_size]:
+        batch = collate([examples[i] for i in batch_indices])
+        batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            chosen, rejected = concatenated_logps(model, batch, reduction=reduction)
+        out[0, batch_indices], out[1, batch_indices] = chosen.float(), rejected.float()
+    if world_size > 1:
+        dist.all_reduce(out)  # rows are disjoint across processes: the sum gathers them
+    return out
+
+
+def precompute_reference_logps(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    tokenizer,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    reduction: str = "sum",
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ref_chosen_logps, ref_rejected_logps)``, each (N,) float32 on CPU, for the tokenized ``examples``.
+
+    ``model`` is used in eval mode without gradients and left in the mode it was in. Under torch.distributed
+    every process computes a share and all get the full tensors; only rank 0 touches the cache.
+    """
+    precision = "fp32" if autocast_dtype is None else str(autocast_dtype)
+    key = reference_cache_key(model, examples, tokenizer, reduction, precision) if use_cache else None
+    path = Path(cache_dir or cache_root() / "ref-logps") / key if key else None
+    hit = torch.tensor([int(bool(path and rank == 0 and (path / "logps.safetensors").exists()))], device=device)
+    if world_size > 1:
+        dist.broadcast(hit, src=0)
+    if hit.item():
+        logps = load_file(str(path / "logps.safetensors"))["logps"].to(device) if rank == 0 else torch.zeros(2, len(examples), device=device)
+        if world_size > 1:
+            dist.broadcast(logps, src=0)
+    else:
+        was_training = model.training
+        model.eval()
+        collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id or 0)
+        logps = _compute(model, examples, collate, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+                         reduction=reduction, rank=rank, world_size=world_size)
+        model.train(was_training)
+        if path is not None and rank == 0:
+            with atomic_directory(path, replace=False) as tmp:
+                save_file({"logps": logps.cpu().contiguous()}, str(tmp / "logps.safetensors"))
+    logps = logps.cpu()
+    return logps[0], logps[1]

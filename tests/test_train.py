@@ -1,0 +1,468 @@
+"""The training loop against independent computations: the loss, the metrics, the schedule, accumulation,
+clipping, the precomputed reference, failures, determinism, and checkpoint/resume after SIGKILL."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import dpolab_command, make_tiny_gpt2, run_command, subprocess_env
+from dpolab.data.collate import tokenize_preferences
+from dpolab.logprobs import sequence_logps_from_logits
+from dpolab.losses import LOSSES, preference_loss
+from dpolab.train import METRICS, NonFiniteError, TrainConfig, train
+from dpolab.train.checkpoint import latest_checkpoint, load_checkpoint
+from dpolab.train.reference import precompute_reference_logps
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def rows(penn):
+    return penn["train"].select(range(32))
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(progress=False, use_ref_cache=False, batch_size=8, epochs=1, learning_rate=1e-3, min_learning_rate=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+@torch.no_grad()
+def live_logps(model, examples) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs of each example scored alone, unpadded, from the full logits."""
+    model.eval()
+    out = []
+    for key in ("chosen_ids", "rejected_ids"):
+        values = []
+        for ex in examples:
+            ids = torch.tensor([ex["prompt_ids"] + ex[key]])
+            mask = torch.tensor([[0] * len(ex["prompt_ids"]) + [1] * len(ex[key])])
+            values.append(sequence_logps_from_logits(model(ids).logits, ids, mask)[0])
+        out.append(torch.stack(values))
+    return out[0], out[1]
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- learning ---------------------------------------------------------------------------------------------
+
+
+def test_dpo_loss_starts_at_log2_and_decreases(small_tokenizer, rows):
+    model = make_tiny_gpt2(small_tokenizer)
+    history = train(model, small_tokenizer, rows, config(epochs=8)).history
+    assert len(history) == 8 * 4
+    first, last_epoch = history[0], history[-4:]
+    # pi_theta = pi_ref at step 1: every implicit reward is 0 and the DPO loss is log 2 (eq. 4.2)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert sum(r["loss"] for r in last_epoch) / 4 < 0.45
+    assert min(r["rewards/accuracies"] for r in last_epoch) >= 0.75
+    assert [r["step"] for r in history] == list(range(1, 33))
+    assert history[-1]["epoch"] == pytest.approx(8.0)
+
+
+def test_metrics_equal_an_independent_computation(small_tokenizer, rows):
+    """Step-1 metrics from logps computed here, from full logits, with the DPO loss written out."""
+    data = rows.select(range(16))
+    model, reference = make_tiny_gpt2(small_tokenizer, seed=0), make_tiny_gpt2(small_tokenizer, seed=1)
+    examples = tokenize_preferences(data, small_tokenizer)
+    pc, pr = live_logps(copy.deepcopy(model), examples)
+    rc, rr = live_logps(reference, examples)
+    beta = 0.3
+    history = train(model, small_tokenizer, data, config(batch_size=16, beta=beta, max_steps=1), ref_model=reference).history
+    chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
+    expected = {
+        "loss": -F.logsigmoid(chosen_rewards - rejected_rewards).mean(),
+        "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": pc.mean(), "logps/rejected": pr.mean(),
+    }
+    assert 0 < expected["rewards/accuracies"] < 1  # a mixed batch, so the accuracy can be wrong either way
+    for name, value in expected.items():
+        assert history[0][name] == pytest.approx(value.item(), rel=1e-5, abs=1e-5), name
+    assert list(history[0]) == list(METRICS)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_registry_loss_trains_with_the_right_reference(small_tokenizer, rows, name):
+    """One step of each loss: its loss equals the registry's on logps computed here (pairs matched by index)."""
+    data = rows.select(range(12))
+    model, reference = make_tiny_gpt2(small_tokenizer, seed=0), make_tiny_gpt2(small_tokenizer, seed=2)
+    examples = tokenize_preferences(data, small_tokenizer)
+    pc, pr = live_logps(copy.deepcopy(model), examples)
+    rc, rr = live_logps(reference, examples)
+    history = train(model, small_tokenizer, data, config(loss=name, batch_size=12, max_steps=1), ref_model=reference).history
+    expected = preference_loss(name, pc, pr, rc, rr, beta=0.5).mean()
+    assert history[0]["loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+    assert history[0]["logps/rejected"] == pytest.approx(pr.mean().item(), rel=1e-5)
+
+
+def test_per_example_loss_parameters_follow_their_pairs(small_tokenizer, rows):
+    """ODPO's offsets are per pair: in a shuffled batch each pair's loss uses its own offset (by dataset index)."""
+    data = rows.select(range(16))
+    offsets = torch.linspace(0.0, 3.0, 16)
+    model, reference = make_tiny_gpt2(small_tokenizer, seed=0), make_tiny_gpt2(small_tokenizer, seed=1)
+    examples = tokenize_preferences(data, small_tokenizer)
+    pc, pr = live_logps(copy.deepcopy(model), examples)
+    rc, rr = live_logps(reference, examples)
+    history = train(model, small_tokenizer, data, config(loss="odpo", batch_size=16, max_steps=1), ref_model=reference,
+                    example_loss_kwargs={"offset": offsets.numpy()}).history
+    h = (pc - rc) - (pr - rr)
+    expected = -F.logsigmoid(0.5 * h - offsets).mean()
+    misaligned = -F.logsigmoid(0.5 * h - offsets.flip(0)).mean()
+    assert abs(expected - misaligned) > 1e-2  # the pairing matters, so this test can tell
+    assert history[0]["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    with pytest.raises(ValueError, match=r"one value per pair \(16\), got shape \(15,\)"):
+        train(make_tiny_gpt2(small_tokenizer), small_tokenizer, data, config(loss="odpo"),
+              example_loss_kwargs={"offset": offsets[:15]})
+    with pytest.raises(ValueError, match="dpo takes"):
+        train(make_tiny_gpt2(small_tokenizer), small_tokenizer, data, config(loss="dpo"),
+              example_loss_kwargs={"offset": offsets})
+
+
+def test_learning_rate_warms_up_then_decays_to_the_minimum(small_tokenizer, rows):
+    history = train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows,
+                    config(epochs=2, warmup_steps=2, learning_rate=1e-3, min_learning_rate=1e-5)).history
+    lrs = [r["learning_rate"] for r in history]
+    assert len(lrs) == 8
+    assert lrs[:2] == pytest.approx([5e-4, 1e-3])  # linear warm-up, no wasted zero-lr step
+    assert lrs[-1] == pytest.approx(1e-5)  # cosine ends at min_learning_rate
+    cosine = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * k / 6)) / 2 for k in range(7)]  # from the peak at step 2
+    assert lrs[1:] == pytest.approx(cosine)
+    assert lrs[4] == pytest.approx((1e-3 + 1e-5) / 2)  # half-way down at the middle of the decay
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_learning_rate_without_warmup_starts_at_the_peak(small_tokenizer, rows):
+    history = train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows,
+                    config(epochs=1, learning_rate=1e-3, min_learning_rate=1e-7)).history
+    assert [r["learning_rate"] for r in history] == pytest.approx([1e-3, 7.5e-4 + 2.5e-8, 2.5e-4 + 7.5e-8, 1e-7])
+
+
+# --- the reference ------------------------------------------------------------------------------------------
+
+
+def test_precomputed_reference_equals_a_live_forward_and_is_cached(small_tokenizer, rows, tmp_path):
+    model = make_tiny_gpt2(small_tokenizer, dropout=0.1).train()  # eval mode is the precompute's job
+    examples = tokenize_preferences(rows, small_tokenizer)
+    kwargs = dict(batch_size=5, device=torch.device("cpu"), cache_dir=tmp_path)
+    ref_chosen, ref_rejected = precompute_reference_logps(model, examples, small_tokenizer, **kwargs)
+    assert model.training  # left as it was
+    live_chosen, live_rejected = live_logps(copy.deepcopy(model), examples)
+    torch.testing.assert_close(ref_chosen, live_chosen, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ref_rejected, live_rejected, rtol=1e-5, atol=1e-4)
+    # second call: read from disk, the model is not run
+    body = model.transformer
+    body.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the reference ran again"))
+    again = precompute_reference_logps(model, examples, small_tokenizer, **kwargs)
+    assert torch.equal(again[0], ref_chosen) and torch.equal(again[1], ref_rejected)
+    del body.forward
+    # other weights, other key: recomputed, different numbers
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
+    changed = precompute_reference_logps(model, examples, small_tokenizer, **kwargs)
+    assert not torch.allclose(changed[0], ref_chosen)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def _count_forwards(model):
+    counts = {"grad": 0, "no_grad": 0}
+
+    def hook(module, args):
+        counts["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+
+    model.transformer.register_forward_pre_hook(hook)
+    return counts
+
+
+@pytest.mark.parametrize("loss, no_grad_per_step", [("dpo", 0), ("sft", 1)])
+def test_no_reference_forward_during_training(small_tokenizer, rows, loss, no_grad_per_step):
+    """The reference runs once over the data (two batches of 16 pairs), never per step.
+
+    SFT's rejected half runs without gradient, for the metrics only."""
+    model = make_tiny_gpt2(small_tokenizer)
+    counts = _count_forwards(model)
+    train(model, small_tokenizer, rows, config(loss=loss, epochs=2))
+    assert counts == {"grad": 8, "no_grad": 2 + 8 * no_grad_per_step}
+
+
+def test_a_separate_reference_is_not_kept_during_training(small_tokenizer, rows):
+    alive = []
+
+    def make_reference():
+        reference = make_tiny_gpt2(small_tokenizer, seed=3)
+        alive.append(weakref.ref(reference))
+        return reference
+
+    model = make_tiny_gpt2(small_tokenizer)
+    seen = []
+    model.transformer.register_forward_pre_hook(lambda m, a: seen.append(alive[0]() is None) if torch.is_grad_enabled() else None)
+    train(model, small_tokenizer, rows, config(max_steps=2), ref_model=make_reference())
+    assert seen == [True, True]
+
+
+# --- accumulation, clipping ---------------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
+    runs = []
+    for accum in (1, 2):
+        model = make_tiny_gpt2(small_tokenizer)
+        history = train(model, small_tokenizer, rows, config(batch_size=16, grad_accum_steps=accum, epochs=2)).history
+        runs.append((params(model), history))
+    (p1, h1), (p2, h2) = runs
+    for name in p1:  # Adam turns float noise in gradients ~eps into O(lr) noise in a few coordinates: atol 2e-5
+        torch.testing.assert_close(p1[name], p2[name], rtol=1e-5, atol=2e-5)
+    for r1, r2 in zip(h1, h2, strict=True):
+        for key in METRICS:  # grad_norm is scale-sensitive, unlike Adam's update: it catches a wrong 1/accum
+            assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-5), key
+
+
+def _adam_first_step(model, grads, lr, eps=1e-8) -> dict[str, torch.Tensor]:
+    """AdamW's first update without weight decay: -lr * g / (|g| + eps) (bias corrections cancel)."""
+    return {n: p.detach() - lr * grads[n] / (grads[n].abs() + eps) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_gradient_clipping(small_tokenizer, rows, clipped):
+    """AdamW's first step on a clipped gradient g_c = g * min(1, c / |g|) is -lr * g_c / (|g_c| + eps): with c
+    chosen so that the largest |g_c| is eps, every coordinate moves by at most lr / 2 instead of ~lr."""
+    data, lr = rows.select(range(8)), 1e-2
+    model = make_tiny_gpt2(small_tokenizer)
+    examples = tokenize_preferences(data, small_tokenizer)
+    independent = copy.deepcopy(model)
+    rc, rr = live_logps(copy.deepcopy(model), examples)
+    pc, pr = (torch.stack(t) for t in zip(*[_logps_with_grad(independent, ex) for ex in examples]))
+    (-F.logsigmoid(0.5 * ((pc - rc) - (pr - rr)))).mean().backward()
+    grads = {n: p.grad for n, p in independent.named_parameters()}
+    norm = torch.sqrt(sum((g**2).sum() for g in grads.values())).item()
+    clip = 1e-8 * norm / max(g.abs().max().item() for g in grads.values()) if clipped else None
+    scale = 1.0 if clip is None else clip / (norm + 1e-6)
+    expected = _adam_first_step(model, {n: g * scale for n, g in grads.items()}, lr=lr)
+    before = params(model)
+    history = train(model, small_tokenizer, data, config(batch_size=8, max_steps=1, learning_rate=lr,
+                                                         min_learning_rate=lr, max_grad_norm=clip)).history
+    assert history[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)  # reported before clipping
+    for name, p in model.named_parameters():
+        # coordinates whose true gradient is 0 (e.g. attention key biases) carry float noise ~1e-10, and Adam
+        # maps noise ~eps to any step in [-lr, lr]: compare where the gradient is real
+        real = grads[name].abs() > 1e-6
+        torch.testing.assert_close(p.detach()[real], expected[name][real], rtol=1e-4, atol=lr * 1e-3)
+    largest_move = max((p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters())
+    assert largest_move > 0.99 * lr if not clipped else largest_move < 0.51 * lr
+
+
+def _logps_with_grad(model, ex):
+    out = []
+    for key in ("chosen_ids", "rejected_ids"):
+        ids = torch.tensor([ex["prompt_ids"] + ex[key]])
+        mask = torch.tensor([[0] * len(ex["prompt_ids"]) + [1] * len(ex[key])])
+        out.append(sequence_logps_from_logits(model(ids).logits, ids, mask)[0])
+    return out
+
+
+# --- failures -------------------------------------------------------------------------------------------------
+
+
+def _poison(model, examples, victim: int, after_forwards: int):
+    """Make the embeddings of example ``victim``'s rows NaN in training forwards after the first few."""
+    prompt = torch.tensor(examples[victim]["prompt_ids"])
+    state = {"forwards": 0, "poisoned_at": None}
+
+    def hook(module, args, output):
+        if not torch.is_grad_enabled():
+            return None
+        state["forwards"] += 1
+        if state["forwards"] <= after_forwards:
+            return None
+        ids = args[0]
+        rows = (ids[:, : len(prompt)] == prompt).all(-1)
+        if rows.any():
+            state["poisoned_at"] = state["forwards"]
+            return output.masked_fill(rows[:, None, None], float("nan"))
+        return None
+
+    model.transformer.wte.register_forward_hook(hook)
+    return state
+
+
+def test_non_finite_loss_names_step_and_example_and_keeps_the_last_checkpoint(small_tokenizer, rows, tmp_path):
+    data = rows.select(range(8))
+    model = make_tiny_gpt2(small_tokenizer)
+    state = _poison(model, tokenize_preferences(data, small_tokenizer), victim=5, after_forwards=2)
+    cfg = config(batch_size=4, epochs=2, output_dir=str(tmp_path), save_steps=1)
+    with pytest.raises(NonFiniteError) as info:
+        train(model, small_tokenizer, data, cfg)
+    step = state["poisoned_at"]  # one training forward per step
+    assert step in (3, 4)
+    assert info.value.step == step and info.value.indices == [5]
+    assert f"step {step}:" in str(info.value) and "examples [5]" in str(info.value)
+    last = latest_checkpoint(tmp_path)
+    assert last.name == f"checkpoint-{step - 1:08d}"
+    restored = make_tiny_gpt2(small_tokenizer, seed=9)
+    saved = load_checkpoint(last, restored)
+    assert saved["step"] == step - 1 and len(saved["history"]) == step - 1
+    assert all(torch.isfinite(p).all() for p in restored.parameters())
+    assert len(json.loads((tmp_path / "history.json").read_text())) == step - 1
+
+
+def test_non_finite_gradient_names_step_and_batch(small_tokenizer, rows):
+    model = make_tiny_gpt2(small_tokenizer)
+    calls = []
+    model.transformer.ln_f.weight.register_hook(lambda g: (calls.append(1), g * (float("inf") if len(calls) == 2 else 1))[1])
+    with pytest.raises(NonFiniteError, match=r"step 2: the gradient \(norm (inf|nan)\) is not finite") as info:
+        train(model, small_tokenizer, rows, config(batch_size=8))
+    assert len(info.value.indices) == 8 and len(set(info.value.indices)) == 8
+    assert set(info.value.indices) <= set(range(32))
+
+
+# --- config -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"loss": "dpoo"}, "unknown loss 'dpoo'"),
+    ({"loss": "dpo", "loss_kwargs": {"dpop_lambda": 5}}, r"dpo does not take \['dpop_lambda'\]"),
+    ({"beta": 0}, "beta must be a finite number > 0"),
+    ({"beta": float("nan")}, "beta must be a finite number > 0"),
+    ({"learning_rate": -1e-4}, "learning_rate must be"),
+    ({"min_learning_rate": 1e-3}, r"min_learning_rate must be in \[0, learning_rate"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1"),
+    ({"grad_accum_steps": 32}, "cannot exceed batch_size"),
+    ({"reduction": "avg"}, "reduction must be 'sum' or 'mean'"),
+    ({"max_length": 16, "max_prompt_length": 16}, "must be < max_length"),
+    ({"precision": "fp16"}, "precision must be one of"),
+    ({"save_steps": 10}, "need an output_dir"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm must be a finite number > 0"),
+    ({"adam_betas": (0.9, 1.0)}, "adam_betas must be two numbers in"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_config_is_frozen_and_defaults_are_the_articles():
+    c = TrainConfig()
+    assert (c.learning_rate, c.min_learning_rate, c.batch_size, c.epochs, c.beta) == (1e-4, 1e-7, 16, 2, 0.5)
+    with pytest.raises(AttributeError):
+        c.beta = 1.0  # type: ignore[misc]
+    assert TrainConfig(loss="dpop", loss_kwargs={"dpop_lambda": 5.0}).loss_kwargs == {"dpop_lambda": 5.0}
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_follows_cpu_fp32(small_tokenizer, rows):
+    """Same code path on CUDA: bf16 autocast where supported; the first steps agree with CPU fp32 to bf16 precision."""
+    cpu = train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, config(max_steps=3, device="cpu")).history
+    model = make_tiny_gpt2(small_tokenizer)
+    cuda = train(model, small_tokenizer, rows, config(max_steps=3, device="cuda")).history
+    assert next(model.parameters()).device.type == "cuda"
+    assert cuda[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at step 1, in any precision
+    for a, b in zip(cpu, cuda):
+        assert b["logps/chosen"] == pytest.approx(a["logps/chosen"], rel=2e-2)
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-2)
+
+
+# --- determinism, checkpoints ----------------------------------------------------------------------------------
+
+
+def test_same_seed_same_run_other_seed_other_run(small_tokenizer, rows):
+    def run(seed):
+        model = make_tiny_gpt2(small_tokenizer, dropout=0.1)
+        history = train(model, small_tokenizer, rows, config(epochs=2, seed=seed, disable_dropout=False)).history
+        return params(model), history
+
+    (a, ha), (b, hb), (c, hc) = run(0), run(0), run(1)
+    assert ha == hb and all(torch.equal(a[k], b[k]) for k in a)
+    assert ha != hc and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_checkpoint_holds_everything_and_loads_with_weights_only(small_tokenizer, rows, tmp_path):
+    model = make_tiny_gpt2(small_tokenizer)
+    train(model, small_tokenizer, rows, config(epochs=1, output_dir=str(tmp_path), save_steps=2))
+    last = latest_checkpoint(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000004", "config.json", "history.csv", "history.json"]
+    assert sorted(p.name for p in last.iterdir()) == ["model.safetensors", "step.json", "trainer_state.pt"]
+    state = torch.load(last / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 4 and set(state) >= {"optimizer", "scheduler", "rng", "history", "config", "data_hash"}
+    assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    restored = make_tiny_gpt2(small_tokenizer, seed=5)
+    load_checkpoint(last, restored)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
+    csv = (tmp_path / "history.csv").read_text().splitlines()
+    assert csv[0] == ",".join(METRICS) and len(csv) == 5
+    # a second run into the same folder must not silently start over
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, config(epochs=1, output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="config changed"):
+        train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, config(epochs=1, output_dir=str(tmp_path),
+                                                                               resume=True, beta=0.1))
+
+
+def _train_command(out: Path, model_dir: Path, data: Path, cache: Path, *extra: str) -> list[str]:
+    return dpolab_command("train", "--model", model_dir, "--data", data, "--epochs", 3, "--batch-size", 4, "--lr", 1e-3,
+                          "--keep-dropout", "--save-steps", 3, "--no-progress", "--ref-cache-dir", cache,
+                          "--output-dir", out, *extra)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    model_dir, data = tiny_model_dir
+    cache = tmp_path / "cache"
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    done = run_command(_train_command(full, model_dir, data, cache), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    total = len(json.loads((full / "history.json").read_text()))
+
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(_train_command(broken, model_dir, data, cache), env=subprocess_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while latest_checkpoint(broken) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = int(latest_checkpoint(broken).name.split("-")[1])
+    assert 3 <= killed_at < total  # killed mid-training, after a checkpoint
+    assert not (broken / "model").exists()
+
+    resumed = run_command(_train_command(broken, model_dir, data, cache, "--resume"), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from step {killed_at}" in resumed.stdout
+    assert json.loads((broken / "history.json").read_text()) == json.loads((full / "history.json").read_text())
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(broken / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+
+def test_cli_defaults_are_the_articles_and_every_flag_has_help():
+    from dpolab.cli import build_parser, train_config
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--loss", "dpop"])
+    c = train_config(args)
+    assert (c.learning_rate, c.min_learning_rate, c.batch_size, c.epochs, c.beta) == (1e-4, 1e-7, 16, 2, 0.5)
+    assert c.loss_kwargs == {"dpop_lambda": 5.0} and (args.model, args.data) == ("tiny", "penn")
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    assert all(action.help for action in train_parser._actions), "a flag without --help text"
+    args = parser.parse_args(["train", "--loss", "cdpo", "--loss-param", "label_smoothing=0.2", "--max-grad-norm", "0"])
+    assert train_config(args).loss_kwargs == {"label_smoothing": 0.2} and train_config(args).max_grad_norm is None
+    with pytest.raises(ValueError, match=r"dpo does not take \['kl_coef'\]"):
+        train_config(parser.parse_args(["train", "--loss-param", "kl_coef=1"]))
