@@ -50,15 +50,11 @@ def small_tokenizer(penn):
 
 
 def make_tiny_gpt2(tokenizer, n_layer: int = 2, n_embd: int = 64, seed: int = 0, dropout: float = 0.0):
-    """A randomly initialised GPT-2 sized for unit tests (fp32, CPU)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """``helpers.tiny_gpt2`` with the vocabulary and special tokens of ``tokenizer`` (64 positions)."""
+    from helpers import tiny_gpt2
 
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=4,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(len(tokenizer), seed, n_layer, n_embd, n_positions=64, dropout=dropout,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 def dpolab_command(*args, launcher: tuple[str, ...] = ()) -> list[str]:
