@@ -51,7 +51,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
 
-from dpolab.train.checkpoint import atomic_directory, cache_root  # $DPOLAB_CACHE; fill-then-rename folders
+from dpolab.files import atomic_directory, cache_root  # $DPOLAB_CACHE; fill-then-rename folders
 
 __all__ = [
     "ModelInfo",

@@ -26,7 +26,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from .train.checkpoint import atomic_directory, cache_root
+from .files import atomic_directory, cache_root
 from .train.loop import warmup_cosine
 
 __all__ = ["TinyConfig", "train_tokenizer", "penn_sentences", "load_tiny_penn_world", "tiny_world_path", "build_info"]

@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from itertools import groupby
 from pathlib import Path
 
+from ..files import atomic_write_text
 from .io import FIELDS, PreferenceDataError, Problem, find_problems, near_duplicates, normalize_prompt, read_rows
 from .penn import PENN_FILES, mentions_penn
 
@@ -111,18 +110,10 @@ def split_rows(rows: Sequence[Row], test_fraction: float = TEST_FRACTION) -> tup
 
 
 def write_jsonl(rows: Sequence[Row], path: Path) -> None:
-    """Write ``rows`` sorted by (topic, prompt), atomically: a temporary file in the same folder, then replace."""
+    """Write ``rows`` sorted by (topic, prompt), atomically (``dpolab.files.atomic_write_text``)."""
     ordered = sorted(rows, key=lambda row: (row["topic"], row["prompt"]))
     lines = [json.dumps({key: row[key] for key in KEYS}, ensure_ascii=False) + "\n" for row in ordered]
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.writelines(lines)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; package data is world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(lines))
 
 
 def build(source: Path, out: Path, allow_small: bool = False) -> tuple[list[Row], list[Row]]:

@@ -14,23 +14,19 @@ A checkpoint folder ``checkpoint-<step>`` holds
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from ..files import atomic_directory
+
 __all__ = [
-    "cache_root",
-    "atomic_write_text",
-    "atomic_directory",
     "rng_state",
     "set_rng_state",
     "save_checkpoint",
@@ -39,57 +35,6 @@ __all__ = [
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def cache_root() -> Path:
-    """dpolab's cache folder: ``$DPOLAB_CACHE`` if set, else ``~/.cache/dpolab``."""
-    return Path(os.environ.get("DPOLAB_CACHE") or Path.home() / ".cache" / "dpolab")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        tmp.write_text(text)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder to fill; on success it is renamed to ``path``, on error it is removed.
-
-    With ``replace=False`` an existing ``path`` (say, built meanwhile by another process) is kept and the new
-    folder discarded.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync(file)
-        if path.exists():
-            if not replace:
-                return
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from ..data.collate import PreferenceCollator, tokenize_preferences
 from ..logprobs import concatenated_logps, sequence_logps
 from ..losses import LossOutput, preference_loss
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..files import atomic_write_text
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, loss_parameters
 from .reference import examples_hash, precompute_reference_logps
 

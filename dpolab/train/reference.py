@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.collate import PreferenceCollator
 from ..logprobs import concatenated_logps
-from .checkpoint import atomic_directory, cache_root
+from ..files import atomic_directory, cache_root
 
 __all__ = ["weights_hash", "examples_hash", "reference_cache_key", "precompute_reference_logps"]
 

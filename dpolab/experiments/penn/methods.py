@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...train import TrainConfig, train
-from ...train.checkpoint import atomic_write_text, cache_root
+from ...files import atomic_write_text, cache_root
 from .config import Experiment
 
 __all__ = ["MethodSpec", "METHODS", "REFERENCE", "Unit", "ODPO_ANCHOR", "odpo_offsets", "odpo_note", "unit_settings",

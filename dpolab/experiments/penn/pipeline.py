@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...train.checkpoint import atomic_write_text, cache_root
+from ...files import atomic_write_text, cache_root
 from .config import Experiment
 from .evaluate import SUMMARIES, evaluate_policy, pool_seeds, summarize
 from .methods import (METHODS, PER_EXAMPLE_PARAMS, REFERENCE, TrainingInputs, Unit, odpo_note, odpo_offsets,
