@@ -29,6 +29,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .theory import check_beta
+
 __all__ = [
     "LossOutput",
     "LOSSES",
@@ -298,14 +300,6 @@ def _check_logps(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} has non-finite values (NaN or inf) at batch rows {rows[:10]}")
 
 
-def _check_beta(beta) -> float:
-    if isinstance(beta, torch.Tensor):
-        beta = float(beta)
-    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    return float(beta)
-
-
 def _check_params(name: str, params: dict) -> None:
     eps = params.get("label_smoothing")
     if eps is not None:
@@ -342,7 +336,7 @@ def preference_loss(
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
     if "beta" not in params:
         raise ValueError(f"{name}: the parameter beta is required")
-    params["beta"] = _check_beta(params["beta"])
+    params["beta"] = check_beta(params["beta"])
     _check_params(name, params)
     _check_logps(
         policy_chosen_logps=policy_chosen_logps,
@@ -372,7 +366,7 @@ def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta
     Returns:
         (B,) per-example losses. For K = 2 this equals ``preference_loss("dpo", ...)``.
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     if policy_logps.ndim != 2 or policy_logps.shape != ref_logps.shape or policy_logps.shape[1] < 2:
         raise ValueError(
             f"policy_logps and ref_logps must both be (B, K) with K >= 2, got {tuple(policy_logps.shape)} "

@@ -17,6 +17,8 @@ Equation numbers refer to the notebooks:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -34,11 +36,15 @@ __all__ = [
 ]
 
 
-def _check_beta(beta: float) -> float:
-    beta = float(beta)
-    if not beta > 0 or beta == float("inf"):
+def check_beta(beta) -> float:
+    """beta as a float; a ValueError unless it is a finite number > 0 (any real number type, a 0-d tensor)."""
+    try:
+        value = float(beta) if not isinstance(beta, (bool, str, bytes)) else math.nan
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    return beta
+    return value
 
 
 def _check_probs(name: str, probs: torch.Tensor) -> torch.Tensor:
@@ -63,7 +69,7 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
 
 def log_partition(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """log Z(x) = logsumexp_y [log pi_ref(y|x) + r(x, y)/beta]   (eq. 2.1). Shapes (..., N) -> (...)."""
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     ref_probs = _check_probs("ref_probs", ref_probs)
     rewards = torch.as_tensor(rewards, dtype=ref_probs.dtype)
     _check_same_shape(ref_probs=ref_probs, rewards=rewards)
@@ -77,7 +83,7 @@ def partition(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> to
 
 def log_optimal_policy(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """log pi*(y|x) = log pi_ref(y|x) + r(x, y)/beta - log Z(x)   (eq. 2.2). Shapes (..., N) -> (..., N)."""
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     ref_probs = _check_probs("ref_probs", ref_probs)
     rewards = torch.as_tensor(rewards, dtype=ref_probs.dtype)
     _check_same_shape(ref_probs=ref_probs, rewards=rewards)
@@ -111,7 +117,7 @@ def kl_objective(policy_probs: torch.Tensor, ref_probs: torch.Tensor, rewards: t
 
     Differentiable in ``policy_probs``, so gradient ascent on it can be compared with ``optimal_policy``.
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     rewards = torch.as_tensor(rewards, dtype=torch.as_tensor(policy_probs).dtype)
     _check_same_shape(policy_probs=torch.as_tensor(policy_probs), rewards=rewards)
     return (policy_probs * rewards).sum(-1) - beta * kl_divergence(policy_probs, ref_probs)
@@ -119,7 +125,7 @@ def kl_objective(policy_probs: torch.Tensor, ref_probs: torch.Tensor, rewards: t
 
 def implicit_reward(policy_probs: torch.Tensor, ref_probs: torch.Tensor, beta: float) -> torch.Tensor:
     """r_hat(x, y) = beta log(pi(y|x) / pi_ref(y|x)), the reward DPO implies (eq. 3.1 without log Z)."""
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     policy_probs, ref_probs = torch.as_tensor(policy_probs), torch.as_tensor(ref_probs)
     _check_same_shape(policy_probs=policy_probs, ref_probs=ref_probs)
     return beta * (torch.log(policy_probs) - torch.log(ref_probs))
