@@ -14,6 +14,11 @@ Memory: a full log-softmax over GPT-2's 50,257-token vocabulary costs B*L*V floa
 only at the positions that score a completion token, in chunks, each chunk recomputed in the backward pass
 (activation checkpointing), and log pi(y_t) = logit[y_t] - logsumexp(logits) is taken without ever
 materialising log-softmax over the vocabulary.
+
+Speed (the training path, ``packed_logps``): each pair is one shared-prefix segment (``dpolab.data.packing``,
+eq. 6.9), so the prompt runs once and no row is padded, and the LM head is ``linear_log_softmax``: one fused
+autograd function with the gradient of eq. (6.8) written out, three matrix products per scored token in all
+(no recomputation), its (n, V) softmax kept for the backward only while that fits ``keep_softmax_bytes``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ __all__ = [
     "sequence_logps",
     "concatenated_logps",
     "check_completion_mask",
+    "linear_log_softmax",
+    "shared_prefix_mask",
+    "packed_logps",
 ]
 
 Reduction = Literal["sum", "mean"]
@@ -168,3 +176,157 @@ def concatenated_logps(
     if logps.shape[0] % 2:
         raise ValueError(f"a concatenated batch has an even number of rows (chosen then rejected), got {logps.shape[0]}")
     return logps.chunk(2)
+
+
+# ------------------------------------------------------------------------------------------ the fused LM head
+
+KEEP_SOFTMAX_BYTES = 512 * 2**20  # keep the (n, V) softmax for the backward up to this size; recompute beyond
+
+
+class _LinearLogSoftmax(torch.autograd.Function):
+    """log_softmax(h W^T + b)[label], row by row, chunked, with the backward of eq. (6.8) written out:
+
+        d log pi(y_t) / d logits_t = onehot(y_t) - softmax(logits_t)                                    (6.8)
+
+    so with g_t the incoming gradient, dlogits = g (onehot - p), dh = dlogits W, dW = dlogits^T h, db = sum dlogits.
+    Forward: one product per chunk; the softmax p is kept (``keep``) or only its log-sum-exp (then recomputed).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, keep: bool):
+        n = hidden.shape[0]
+        token_logps, saved = None, None
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            raw = F.linear(hidden[start:end], weight, bias)  # (c, V), in the autocast dtype if any
+            ctx.mm_dtype = raw.dtype
+            logits = raw.to(torch.promote_types(raw.dtype, torch.float32))  # at least fp32 (no copy if already)
+            if token_logps is None:
+                token_logps = logits.new_empty(n)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            token_logps[start:end] = logits.gather(1, labels[start:end, None]).squeeze(1) - lse
+            if saved is None:
+                saved = logits.new_empty((n, logits.shape[1]) if keep else (n,))
+            saved[start:end] = logits.sub_(lse[:, None]).exp_() if keep else lse  # softmax, in place
+        ctx.chunk_size, ctx.keep, ctx.used = chunk_size, keep, False
+        ctx.save_for_backward(hidden, weight, bias, labels, saved)
+        return token_logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.used and ctx.keep:
+            raise RuntimeError("linear_log_softmax's backward overwrites its saved softmax: it runs once per forward")
+        ctx.used = True
+        hidden, weight, bias, labels, saved = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        mm = ctx.mm_dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = saved.dtype  # gradients accumulate in at least fp32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        w = weight.to(mm)
+        g = grad_out.to(saved.dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            h = hidden[start:end].to(mm)
+            if ctx.keep:
+                p = saved[start:end]
+            else:
+                p = F.linear(h, w, None if bias is None else bias.to(mm)).to(saved.dtype).sub_(saved[start:end, None]).exp_()
+            gc = g[start:end]
+            dlogits = p.mul_(-gc[:, None]).scatter_add_(1, labels[start:end, None], gc[:, None])  # (6.8), in place
+            dlogits = dlogits.to(mm)
+            if need_h:
+                grad_h[start:end] = dlogits @ w
+            if need_w:
+                if mm == acc:
+                    grad_w.addmm_(dlogits.t(), h)
+                else:
+                    grad_w += (dlogits.t() @ h).to(acc)
+            if need_b:
+                grad_b += dlogits.to(acc).sum(0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def linear_log_softmax(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    chunk_size: int = 1024, keep_softmax_bytes: int = KEEP_SOFTMAX_BYTES,
+) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T + bias)[i, labels[i]] for every row i, never the full log-softmax.
+
+    Naive equivalent: ``torch.log_softmax(F.linear(hidden, weight, bias), -1).gather(-1, labels[:, None])[:, 0]``.
+    With gradients: the fused function of eq. (6.8); its softmax (n x V floats) is kept when it fits in
+    ``keep_softmax_bytes`` (three products per token), else recomputed chunk by chunk (four, little memory).
+    Shapes: hidden (n, D), weight (V, D), bias (V,) or None, labels (n,) -> (n,), in fp32 (fp64 for fp64 inputs).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        pieces = [_chunk_token_logps(hidden[s : s + chunk_size], weight, bias, labels[s : s + chunk_size])
+                  for s in range(0, hidden.shape[0], chunk_size)]
+        return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    keep = hidden.shape[0] * weight.shape[0] * 4 <= keep_softmax_bytes
+    return _LinearLogSoftmax.apply(hidden, weight, bias, labels, chunk_size, keep)
+
+
+# ------------------------------------------------------------------------------- shared-prefix packed batches
+
+_MASK_KINDS = ("sdpa", "eager")
+
+
+def shared_prefix_mask(batch: dict[str, torch.Tensor], implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D attention mask of eq. (6.9) for a ``dpolab.data.packing`` batch: (R, 1, L, L), query x key.
+
+    A boolean mask (True: attend) for ``sdpa``; an additive float mask (0 or the dtype's minimum) for ``eager``.
+    transformers passes a prepared 4D mask to the attention as it is.
+    """
+    if implementation not in _MASK_KINDS:
+        raise ValueError(f"packed batches need attn_implementation in {_MASK_KINDS}, got {implementation!r}: load "
+                         "the model with attn_implementation='sdpa', or train with packing=False")
+    seg, pos, branch = batch["segment_ids"], batch["position_ids"], batch["branch_ids"]
+    same_segment = seg[:, :, None] == seg[:, None, :]  # (R, L, L)
+    causal = pos[:, None, :] <= pos[:, :, None]  # key position <= query position
+    visible_branch = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # prompt, or own branch
+    allowed = (same_segment & causal & visible_branch)[:, None]  # (R, 1, L, L)
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def packed_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: Reduction = "sum", chunk_size: int = 1024,
+    keep_softmax_bytes: int = KEEP_SOFTMAX_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(chosen_logps, rejected_logps)``, each (B,), from one forward over a shared-prefix packed batch.
+
+    Equals ``concatenated_logps`` on the padded batch of the same pairs (to float tolerance, values and
+    gradients): eq. (6.9) gives every token the hidden state it has in its own sequence x + y, and eq. (6.1)
+    sums the scored tokens of each sequence. Shapes: see ``dpolab.data.packing``.
+    """
+    sequence = batch["score_sequence"]
+    n_sequences = 2 * batch["index"].shape[0] if "index" in batch else int(sequence.max()) + 1
+    counts = torch.bincount(sequence, minlength=n_sequences)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty or n_sequences % 2:
+        raise ValueError(f"no completion token is scored for sequences {empty[:10]} of the packed batch "
+                         "(0..B-1 chosen, B..2B-1 rejected): an empty prompt and a one-token completion?")
+    weight, bias = _lm_head(model)
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    mask = shared_prefix_mask(batch, implementation, weight.dtype)
+    body = model.base_model
+    hidden = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                  use_cache=False).last_hidden_state  # (R, L, D)
+    h = hidden.flatten(0, 1)[batch["score_index"]]  # (n, D)
+    token_logps = linear_log_softmax(h, weight, bias, batch["labels"], chunk_size, keep_softmax_bytes)
+    totals = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device)
+    totals = totals.index_add(0, sequence, token_logps)  # eq. (6.1) per sequence
+    if reduction == "mean":
+        totals = totals / counts
+    elif reduction != "sum":
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return totals.chunk(2)

@@ -65,9 +65,10 @@ def test_dpo_loss_starts_at_log2_and_decreases(small_tokenizer, rows):
     history = train(model, small_tokenizer, rows, config(epochs=8)).history
     assert len(history) == 8 * 4
     first, last_epoch = history[0], history[-4:]
-    # pi_theta = pi_ref at step 1: every implicit reward is 0 and the DPO loss is log 2 (eq. 4.2)
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    # pi_theta = pi_ref at step 1: every implicit reward is 0 and the DPO loss is log 2 (eq. 4.2), up to the float
+    # rounding between the reference's packed batches and the step's (other rows, other matrix shapes: ~1e-6)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert sum(r["loss"] for r in last_epoch) / 4 < 0.45
     assert min(r["rewards/accuracies"] for r in last_epoch) >= 0.75
     assert [r["step"] for r in history] == list(range(1, 33))
@@ -219,10 +220,13 @@ def test_a_separate_reference_is_not_kept_during_training(small_tokenizer, rows)
 
 
 def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
+    """On the padded layout, where a row's numbers do not depend on its batch-mates (packing regroups the rows of a
+    micro-batch, so its float rounding differs: test_packed_training_equals_padded_training covers that)."""
     runs = []
     for accum in (1, 2):
         model = make_tiny_gpt2(small_tokenizer)
-        history = train(model, small_tokenizer, rows, config(batch_size=16, grad_accum_steps=accum, epochs=2)).history
+        history = train(model, small_tokenizer, rows, config(batch_size=16, grad_accum_steps=accum, epochs=2,
+                                                             packing=False)).history
         runs.append((params(model), history))
     (p1, h1), (p2, h2) = runs
     for name in p1:  # Adam turns float noise in gradients ~eps into O(lr) noise in a few coordinates: atol 2e-5
@@ -230,6 +234,28 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
     for r1, r2 in zip(h1, h2, strict=True):
         for key in METRICS:  # grad_norm is scale-sensitive, unlike Adam's update: it catches a wrong 1/accum
             assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-5), key
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_packed_training_equals_padded_training(small_tokenizer, rows, loss):
+    """Shared-prefix packing (eq. 6.9) changes how the step is computed, not what: the same history and weights as
+    the padded batches, to float tolerance, over 8 steps of AdamW (sum and, for IPO, mean log-probs)."""
+    runs = []
+    for packing in (False, True):
+        model = make_tiny_gpt2(small_tokenizer)
+        reduction = "mean" if loss == "ipo" else "sum"
+        history = train(model, small_tokenizer, rows, config(batch_size=8, epochs=2, loss=loss, reduction=reduction,
+                                                             packing=packing)).history
+        runs.append((params(model), history))
+    (p1, h1), (p2, h2) = runs
+    for r1, r2 in zip(h1, h2, strict=True):
+        for key in METRICS:  # at step 1 every margin is 0 up to rounding, so the accuracy (margin > 0) is noise
+            if not (key == "rewards/accuracies" and r1["step"] == 1):
+                assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-5), key
+    moved = max((p1[n] - make_tiny_gpt2(small_tokenizer).state_dict()[n]).abs().max().item() for n in p1)
+    assert moved > 1e-3  # training moved the weights: the comparison below is not of two untouched models
+    for name in p1:
+        torch.testing.assert_close(p1[name], p2[name], rtol=1e-4, atol=1e-4)
 
 
 def _adam_first_step(model, grads, lr, eps=1e-8) -> dict[str, torch.Tensor]:
@@ -301,10 +327,12 @@ def _poison(model, examples, victim: int, after_forwards: int):
 
 
 def test_non_finite_loss_names_step_and_example_and_keeps_the_last_checkpoint(small_tokenizer, rows, tmp_path):
+    """On the padded layout a NaN stays in its own rows, so the error names exactly the example (packed, it can
+    spread to the other segments of its row: 0 x NaN is NaN in the attention's weighted sum)."""
     data = rows.select(range(8))
     model = make_tiny_gpt2(small_tokenizer)
     state = _poison(model, tokenize_preferences(data, small_tokenizer), victim=5, after_forwards=2)
-    cfg = config(batch_size=4, epochs=2, output_dir=str(tmp_path), save_steps=1)
+    cfg = config(batch_size=4, epochs=2, output_dir=str(tmp_path), save_steps=1, packing=False)
     with pytest.raises(NonFiniteError) as info:
         train(model, small_tokenizer, data, cfg)
     step = state["poisoned_at"]  # one training forward per step

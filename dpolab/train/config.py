@@ -48,6 +48,8 @@ class TrainConfig:
     max_length: int | None = None  # tokens of prompt + completion kept (completion's end cut); None: the model's context
     max_prompt_length: int | None = None  # tokens of the prompt kept (prompt's start cut); None: no limit
     pad_to_multiple_of: int | None = None  # pad each batch's length to a multiple of this
+    packing: bool = True  # pairwise losses: each pair one prompt+chosen+rejected segment, packed rows (eq. 6.9)
+    packed_row_tokens: int = 256  # with packing: target tokens per packed row (dpolab.data.packing)
     seed: int = 0  # seeds the data order and the torch/numpy/python RNGs
     disable_dropout: bool = True  # set every nn.Dropout's p to 0, as TRL does: the reference log-probs have no dropout
     # --- where it runs
@@ -84,7 +86,7 @@ class TrainConfig:
         _positive("adam_epsilon", self.adam_epsilon)
         if self.max_grad_norm is not None:
             _positive("max_grad_norm", self.max_grad_norm)
-        for name in ("epochs", "batch_size", "grad_accum_steps", "save_total_limit"):
+        for name in ("epochs", "batch_size", "grad_accum_steps", "save_total_limit", "packed_row_tokens"):
             _at_least(name, getattr(self, name), 1)
         _at_least("warmup_steps", self.warmup_steps, 0)
         for name in ("max_steps", "max_length", "max_prompt_length", "pad_to_multiple_of", "save_steps"):

@@ -39,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..data.collate import PreferenceCollator, tokenize_preferences
-from ..logprobs import concatenated_logps, sequence_logps
+from ..data.packing import PackedPreferenceCollator
+from ..logprobs import concatenated_logps, packed_logps, sequence_logps
 from ..losses import LossOutput, preference_loss
 from ..files import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -55,8 +56,10 @@ METRICS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewar
            "logps/chosen", "logps/rejected", "learning_rate", "grad_norm")
 _SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
-# Config fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {"resume", "progress", "save_steps", "save_total_limit", "ref_cache_dir", "use_ref_cache", "output_dir"}
+# Config fields that may change between a run and its resumption (how, not what: the numbers agree to float
+# tolerance with packing on or off).
+_RESUMABLE_CHANGES = {"resume", "progress", "save_steps", "save_total_limit", "ref_cache_dir", "use_ref_cache", "output_dir",
+                      "packing", "packed_row_tokens"}
 
 
 class NonFiniteError(FloatingPointError):
@@ -117,6 +120,8 @@ class _PolicyLogps(torch.nn.Module):
         self.model, self.reduction, self.chosen_only = model, reduction, chosen_only
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "score_index" in batch:  # shared-prefix packed (dpolab.data.packing): one forward, prompt once
+            return packed_logps(self.model, batch, reduction=self.reduction)
         if not self.chosen_only:
             return concatenated_logps(self.model, batch, reduction=self.reduction)  # one forward, 2B rows
         b = batch["input_ids"].shape[0] // 2
@@ -150,6 +155,14 @@ def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | 
     if config.precision == "bf16" and not bf16_ok:
         raise ValueError(f"precision='bf16' needs a CUDA device that supports bf16, not {device}")
     return torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and bf16_ok) else None
+
+
+def _fused_adamw_ok(model: torch.nn.Module, device: torch.device) -> bool | None:
+    """AdamW's fused kernel (one pass over each tensor, no foreach temporaries) where torch has one for these
+    parameters: CPU and CUDA, floating point. The same update as the default, to float rounding."""
+    if device.type not in ("cpu", "cuda"):
+        return None
+    return all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in model.parameters()) or None
 
 
 def _seed_everything(seed: int) -> None:
@@ -262,7 +275,12 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
     examples = tokenize_preferences(train_data, tokenizer, max_length=config.max_length or _context_length(model),
                                     max_prompt_length=config.max_prompt_length)
     n = len(examples)
-    collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id or 0, pad_to_multiple_of=config.pad_to_multiple_of)
+    pad = tokenizer.pad_token_id or 0
+    if config.packing and config.loss not in CHOSEN_ONLY_LOSSES:  # SFT: the chosen rows alone carry gradients
+        collate = PackedPreferenceCollator(pad, row_tokens=config.packed_row_tokens,
+                                           pad_to_multiple_of=config.pad_to_multiple_of)
+    else:
+        collate = PreferenceCollator(pad_token_id=pad, pad_to_multiple_of=config.pad_to_multiple_of)
     steps_per_epoch = _steps_per_epoch(n, config.batch_size, world_size * config.grad_accum_steps)
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
 
@@ -284,7 +302,8 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
     ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(device), ref_rejected_logps.to(device)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
-                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
+                                  eps=config.adam_epsilon, weight_decay=config.weight_decay,
+                                  fused=_fused_adamw_ok(model, device))
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_steps, config.min_learning_rate)
     start_step, history = 0, []
     if config.output_dir is not None:

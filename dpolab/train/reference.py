@@ -22,7 +22,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..data.collate import PreferenceCollator
-from ..logprobs import concatenated_logps
+from ..data.packing import PackedPreferenceCollator
+from ..logprobs import concatenated_logps, packed_logps
 from ..files import atomic_directory, cache_root
 
 __all__ = ["weights_hash", "examples_hash", "reference_cache_key", "precompute_reference_logps"]
@@ -69,7 +70,8 @@ def _compute(model, examples, collate, *, batch_size, device, autocast_dtype, re
         batch = collate([examples[i] for i in batch_indices])
         batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            chosen, rejected = concatenated_logps(model, batch, reduction=reduction)
+            logps = packed_logps if "score_index" in batch else concatenated_logps
+            chosen, rejected = logps(model, batch, reduction=reduction)
         out[0, batch_indices], out[1, batch_indices] = chosen.float(), rejected.float()
     if world_size > 1:
         dist.all_reduce(out)  # rows are disjoint across processes: the sum gathers them
@@ -108,7 +110,9 @@ def precompute_reference_logps(
     else:
         was_training = model.training
         model.eval()
-        collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id or 0)
+        pad = tokenizer.pad_token_id or 0
+        packable = getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
+        collate = PackedPreferenceCollator(pad) if packable else PreferenceCollator(pad_token_id=pad)  # prompt once
         logps = _compute(model, examples, collate, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
                          reduction=reduction, rank=rank, world_size=world_size)
         model.train(was_training)

@@ -1,0 +1,116 @@
+"""Shared-prefix packing: every pair as ONE segment prompt + chosen + rejected, segments packed into few rows.
+
+The padded layout (``collate.PreferenceCollator``) runs each prompt twice (once before each continuation) and pads
+every row to the longest; with Penn-shaped pairs about a third of its tokens are padding. Here a pair
+(x, y_w, y_l) of lengths P, C, R becomes one segment of P + C + R tokens
+
+    tokens     x_1 .. x_P   y_w,1 .. y_w,C   y_l,1 .. y_l,R
+    position   0  .. P-1    P     .. P+C-1   P     .. P+R-1        (y_l restarts where y_w started)
+    branch     0            1                2
+
+and a token at (position q, branch b) attends to a token of the same segment at (position k, branch b') iff
+
+    k <= q  and  (b' = 0  or  b' = b)                                                                   (6.9)
+
+so y_l sees the prompt and its own past, never y_w: each continuation's hidden states, hence its log-probs, are
+exactly those of the separate sequence x + y (notebook 06 shows it). Segments are packed into rows of about
+``row_tokens`` tokens, longest first onto the shortest row, and only the rows' ends are padded. The first token
+of each continuation is predicted by the prompt's last position, so that position is scored twice.
+
+The batch carries what ``dpolab.logprobs.packed_logps`` needs: ``input_ids``, ``position_ids``, ``segment_ids``,
+``branch_ids`` (R, L); the scored positions ``score_index`` (n,) into the flattened (R*L) positions, their
+``labels`` (n,) and ``score_sequence`` (n,), the sequence each scores (0..B-1 chosen, B..2B-1 rejected, the order
+of the padded layout); and ``index`` (B,), the pairs' dataset indices.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+__all__ = ["PackedPreferenceCollator", "PROMPT", "CHOSEN", "REJECTED", "PADDING"]
+
+PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3  # branch ids
+
+
+@dataclass(frozen=True)
+class PackedPreferenceCollator:
+    """Tokenized examples (``tokenize_pair``'s dicts) -> one shared-prefix packed batch (module docstring)."""
+
+    pad_token_id: int  # the id written into the rows' padded ends (each padding token attends only to itself)
+    row_tokens: int = 256  # target tokens per packed row; a longer segment gets a row of its own length
+    pad_to_multiple_of: int | None = None  # round the row length up to a multiple of this
+
+    def __post_init__(self):
+        if not isinstance(self.row_tokens, int) or self.row_tokens < 1:
+            raise ValueError(f"row_tokens must be an int >= 1, got {self.row_tokens!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
+
+    def rows_of(self, lengths: list[int]) -> list[list[int]]:
+        """Which segments go in which row: as many rows as ``row_tokens`` asks, each segment (longest first) onto
+        the row with the fewest tokens so far (LPT scheduling: rows end up within one segment of each other)."""
+        n_rows = max(1, math.ceil(sum(lengths) / max(self.row_tokens, max(lengths))))
+        heap = [(0, r) for r in range(n_rows)]
+        rows: list[list[int]] = [[] for _ in range(n_rows)]
+        for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+            total, r = heapq.heappop(heap)
+            rows[r].append(i)
+            heapq.heappush(heap, (total + lengths[i], r))
+        return [sorted(row) for row in rows if row]
+
+    def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        B = len(examples)
+        parts = [(list(ex["prompt_ids"]), list(ex["chosen_ids"]), list(ex["rejected_ids"])) for ex in examples]
+        lengths = [len(p) + len(c) + len(r) for p, c, r in parts]
+        rows = self.rows_of(lengths)
+        L = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(rows), L)
+        input_ids = np.full(shape, self.pad_token_id, dtype=np.int64)
+        position_ids = np.zeros(shape, dtype=np.int64)
+        segment_ids = -1 - np.arange(len(rows) * L, dtype=np.int64).reshape(shape)  # padding: a segment each
+        branch_ids = np.full(shape, PADDING, dtype=np.int64)
+        score_index, labels, score_sequence = [], [], []
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                prompt, chosen, rejected = parts[i]
+                P, C, R = len(prompt), len(chosen), len(rejected)
+                sl = slice(start, start + P + C + R)
+                input_ids[r, sl] = prompt + chosen + rejected
+                position_ids[r, sl] = [*range(P), *range(P, P + C), *range(P, P + R)]
+                segment_ids[r, sl] = i
+                branch_ids[r, sl] = [PROMPT] * P + [CHOSEN] * C + [REJECTED] * R
+                flat = r * L + start
+                for seq, offset, tokens in ((i, P, chosen), (B + i, P + C, rejected)):
+                    # token j of the continuation sits at offset + j and is predicted by the position before it
+                    # in its own sequence: offset + j - 1, or the prompt's last token P - 1 for j = 0
+                    for j, token in enumerate(tokens):
+                        before = offset + j - 1 if j else P - 1
+                        if before < 0:  # an empty prompt: the first token has no predictor (as when padded)
+                            continue
+                        score_index.append(flat + before)
+                        labels.append(token)
+                        score_sequence.append(seq)
+                start += P + C + R
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),  # (R, L)
+            "position_ids": torch.from_numpy(position_ids),  # (R, L)
+            "segment_ids": torch.from_numpy(segment_ids),  # (R, L)
+            "branch_ids": torch.from_numpy(branch_ids),  # (R, L)
+            "score_index": torch.tensor(score_index, dtype=torch.long),  # (n,)
+            "labels": torch.tensor(labels, dtype=torch.long),  # (n,)
+            "score_sequence": torch.tensor(score_sequence, dtype=torch.long),  # (n,)
+        }
+        if all("index" in ex for ex in examples):
+            batch["index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)  # (B,)
+        return batch

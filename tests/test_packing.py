@@ -1,0 +1,170 @@
+"""Shared-prefix packing and the fused LM head, against the padded batch, full logits and autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dpolab.data.collate import PreferenceCollator
+from dpolab.data.packing import PackedPreferenceCollator
+from dpolab.logprobs import (concatenated_logps, linear_log_softmax, packed_logps, sequence_logps_from_logits,
+                             shared_prefix_mask)
+from helpers import tiny_gpt2
+
+VOCAB = 211
+
+
+def examples(n=7, seed=0, empty_prompt_at=None):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        P, C, R = (int(v) for v in torch.randint(1, 9, (3,), generator=g))
+        P = 0 if i == empty_prompt_at else P
+        C, R = (max(2, C), max(2, R)) if i == empty_prompt_at else (C, R)
+        out.append({k: torch.randint(3, VOCAB, (m,), generator=g).tolist()
+                    for k, m in (("prompt_ids", P), ("chosen_ids", C), ("rejected_ids", R))} | {"index": i})
+    return out
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
+
+def eager_gpt2():
+    model = tiny_gpt2(VOCAB, seed=1)
+    model.config._attn_implementation = "eager"
+    return model
+
+
+MODELS = {"gpt2-sdpa": lambda: tiny_gpt2(VOCAB, seed=1), "gpt2-eager": eager_gpt2, "llama-gqa-rope": tiny_llama}
+
+
+def grads_of(model, logps, weights):
+    model.zero_grad()
+    (torch.cat(logps) * weights).sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_equals_padded_values_and_gradients(name, reduction):
+    """Eq. (6.9): each continuation sees the prompt and its own past only, so the packed batch gives the padded
+    batch's log-probs and gradients (GPT-2's learned positions, Llama's RoPE and grouped-query attention)."""
+    model, exs = MODELS[name](), examples()
+    weights = torch.linspace(-1, 2, 2 * len(exs))
+    packed = PackedPreferenceCollator(pad_token_id=1, row_tokens=20)(exs)
+    assert packed["input_ids"].shape[0] > 1  # several rows, several pairs per row
+    ours = packed_logps(model, packed, reduction=reduction)
+    padded = concatenated_logps(model, PreferenceCollator(pad_token_id=1)(exs), reduction=reduction)
+    for a, b in zip(ours, padded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_of(model, ours, weights), grads_of(model, padded, weights)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_equals_each_sequence_alone_from_full_logits():
+    """Independent of dpolab's padded path: every pair's x + y_w and x + y_l scored alone from transformers' logits."""
+    model, exs = tiny_gpt2(VOCAB, seed=2), examples(seed=3)
+    chosen, rejected = packed_logps(model, PackedPreferenceCollator(pad_token_id=1, row_tokens=30)(exs))
+    for i, ex in enumerate(exs):
+        for key, value in (("chosen_ids", chosen[i]), ("rejected_ids", rejected[i])):
+            ids = torch.tensor([ex["prompt_ids"] + ex[key]])
+            mask = torch.tensor([[0] * len(ex["prompt_ids"]) + [1] * len(ex[key])])
+            alone = sequence_logps_from_logits(model(ids).logits, ids, mask)[0]
+            torch.testing.assert_close(value, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_prompt_scores_as_the_padded_layout_does():
+    """With no prompt the first continuation token has no predictor, in both layouts."""
+    model, exs = tiny_gpt2(VOCAB, seed=1), examples(empty_prompt_at=2)
+    ours = packed_logps(model, PackedPreferenceCollator(pad_token_id=1)(exs))
+    padded = concatenated_logps(model, PreferenceCollator(pad_token_id=1)(exs))
+    for a, b in zip(ours, padded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_equals_a_loop_over_tokens():
+    """(6.9) written token by token: same pair, key not after the query, and the key in the prompt or the query's own
+    continuation; padding attends to itself alone."""
+    exs = examples(n=5, seed=4)
+    batch = PackedPreferenceCollator(pad_token_id=1, row_tokens=25)(exs)
+    mask = shared_prefix_mask(batch, "sdpa", torch.float32)[:, 0]
+    R, L = batch["input_ids"].shape
+    for r in range(R):
+        # rebuild each token's (pair, part, offset in part) by walking the row
+        owner, start = [None] * L, 0
+        for i in sorted({int(s) for s in batch["segment_ids"][r] if s >= 0}):
+            lengths = [len(exs[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+            for part, m in enumerate(lengths):
+                for j in range(m):
+                    owner[start + j] = (i, part, j, lengths)
+                start += m
+        for q in range(L):
+            for k in range(L):
+                if owner[q] is None or owner[k] is None:
+                    expected = q == k
+                else:
+                    (iq, pq, jq, lens), (ik, pk, jk, _) = owner[q], owner[k]
+                    if iq != ik:
+                        expected = False
+                    elif pk == 0:
+                        expected = pq > 0 or jk <= jq
+                    else:
+                        expected = pk == pq and jk <= jq
+                assert bool(mask[r, q, k]) == expected, (r, q, k)
+    additive = shared_prefix_mask(batch, "eager", torch.float32)
+    assert torch.equal(additive == 0, mask[:, None])
+    with pytest.raises(ValueError, match="attn_implementation"):
+        shared_prefix_mask(batch, "flash_attention_2", torch.float32)
+
+
+def test_rows_are_balanced_and_every_token_is_kept():
+    exs = examples(n=16, seed=5)
+    collate = PackedPreferenceCollator(pad_token_id=1, row_tokens=40)
+    batch = collate(exs)
+    lengths = [sum(len(ex[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")) for ex in exs]
+    real = (batch["segment_ids"] >= 0).sum(-1)
+    assert int(real.sum()) == sum(lengths)  # every token of every pair, once
+    assert int(real.max() - real.min()) <= max(lengths)  # longest-first onto the shortest row
+    assert batch["input_ids"].shape[0] == -(-sum(lengths) // 40)
+    n_scored = sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in exs)
+    assert batch["labels"].shape == (n_scored,) and torch.equal(batch["index"], torch.arange(16))
+    flat = batch["input_ids"].flatten()
+    for seq in range(32):  # the labels of each sequence, in order, are its continuation's tokens
+        ex, key = exs[seq % 16], ("chosen_ids", "rejected_ids")[seq // 16]
+        assert batch["labels"][batch["score_sequence"] == seq].tolist() == ex[key]
+    # each label is the token right after its scoring position in that sequence (checked for the chosen ones)
+    chosen = batch["score_sequence"] < 16
+    assert torch.equal(flat[batch["score_index"][chosen] + 1], batch["labels"][chosen])
+    with pytest.raises(ValueError, match="row_tokens"):
+        PackedPreferenceCollator(pad_token_id=1, row_tokens=0)
+
+
+@pytest.mark.parametrize("keep_bytes", [10**9, 0], ids=["keep-softmax", "recompute"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_log_softmax_equals_autograd_of_the_naive_form(keep_bytes, with_bias):
+    """The hand-written backward (6.8) against autograd through log_softmax, in float64."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(50, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
+    labels, upstream = torch.randint(0, 50, (37,), generator=g), torch.randn(37, dtype=torch.float64, generator=g)
+    inputs = [t for t in (h, w, b) if t is not None]
+    ours = linear_log_softmax(h, w, b, labels, chunk_size=8, keep_softmax_bytes=keep_bytes)
+    naive = torch.log_softmax(F.linear(h, w, b), -1).gather(-1, labels[:, None])[:, 0]
+    torch.testing.assert_close(ours, naive)
+    for a, c in zip(torch.autograd.grad((ours * upstream).sum(), inputs),
+                    torch.autograd.grad((naive * upstream).sum(), inputs)):
+        torch.testing.assert_close(a, c)
+
+
+def test_linear_log_softmax_refuses_a_second_backward():
+    h = torch.randn(4, 8, requires_grad=True)
+    out = linear_log_softmax(h, torch.randn(10, 8), None, torch.tensor([1, 2, 3, 4]))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        out.sum().backward()
