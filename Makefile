@@ -13,11 +13,13 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONHASHSEED := 0
 
-.PHONY: help venv test penn penn-quick lab clean
+.PHONY: help venv test penn penn-quick bench bench-quick lab clean
 
 help:
 	@echo "make penn        run the GPT-2 Penn experiment (ARGS='--seeds 3 ...' passes options; see --help)"
 	@echo "make penn-quick  the same pipeline on the tiny Penn world: every method, every test prompt, ~2 min"
+	@echo "make bench       dpolab.train against TRL's DPOTrainer, side by side (GPT-2 124M; writes results/bench/)"
+	@echo "make bench-quick the same harness on a small GPT-2, about a minute (ARGS='...' passes options)"
 	@echo "make test   run the whole test suite, notebooks included"
 	@echo "make lab    open JupyterLab on notebooks/"
 
@@ -41,6 +43,12 @@ penn: $(STAMP)
 
 penn-quick: $(STAMP)
 	$(PY) -m dpolab.experiments.penn --quick $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m dpolab.bench $(ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m dpolab.bench --quick $(ARGS)
 
 lab: $(STAMP)
 	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,dev,lab]"

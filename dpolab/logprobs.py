@@ -189,28 +189,23 @@ class _LinearLogSoftmax(torch.autograd.Function):
         d log pi(y_t) / d logits_t = onehot(y_t) - softmax(logits_t)                                    (6.8)
 
     so with g_t the incoming gradient, dlogits = g (onehot - p), dh = dlogits W, dW = dlogits^T h, db = sum dlogits.
-    Forward: one product per chunk; the softmax p is kept (``keep``) or only its log-sum-exp (then recomputed).
+    Forward: one product per chunk; each chunk's softmax p is kept (``keep``) or only its log-sum-exp (then the
+    chunk's logits are recomputed in the backward).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int, keep: bool):
-        n = hidden.shape[0]
-        token_logps, saved = None, None
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            raw = F.linear(hidden[start:end], weight, bias)  # (c, V), in the autocast dtype if any
+        pieces, saved = [], []
+        for start in range(0, hidden.shape[0], chunk_size):
+            raw = F.linear(hidden[start : start + chunk_size], weight, bias)  # (c, V), in the autocast dtype if any
             ctx.mm_dtype = raw.dtype
             logits = raw.to(torch.promote_types(raw.dtype, torch.float32))  # at least fp32 (no copy if already)
-            if token_logps is None:
-                token_logps = logits.new_empty(n)
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            token_logps[start:end] = logits.gather(1, labels[start:end, None]).squeeze(1) - lse
-            if saved is None:
-                saved = logits.new_empty((n, logits.shape[1]) if keep else (n,))
-            saved[start:end] = logits.sub_(lse[:, None]).exp_() if keep else lse  # softmax, in place
+            pieces.append(logits.gather(1, labels[start : start + chunk_size, None]).squeeze(1) - lse)
+            saved.append(logits.sub_(lse[:, None]).exp_() if keep else lse)  # the softmax, in place
         ctx.chunk_size, ctx.keep, ctx.used = chunk_size, keep, False
-        ctx.save_for_backward(hidden, weight, bias, labels, saved)
-        return token_logps
+        ctx.save_for_backward(hidden, weight, bias, labels, *saved)
+        return torch.cat(pieces)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -218,34 +213,35 @@ class _LinearLogSoftmax(torch.autograd.Function):
         if ctx.used and ctx.keep:
             raise RuntimeError("linear_log_softmax's backward overwrites its saved softmax: it runs once per forward")
         ctx.used = True
-        hidden, weight, bias, labels, saved = ctx.saved_tensors
+        hidden, weight, bias, labels, *saved = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        mm = ctx.mm_dtype
+        mm, acc = ctx.mm_dtype, saved[0].dtype  # the products' dtype; gradients accumulate in at least fp32
         grad_h = torch.empty_like(hidden) if need_h else None
-        acc = saved.dtype  # gradients accumulate in at least fp32
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        grad_w = grad_b = None
         w = weight.to(mm)
-        g = grad_out.to(saved.dtype)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
+        g = grad_out.to(acc)
+        for i, start in enumerate(range(0, hidden.shape[0], ctx.chunk_size)):
+            end = start + ctx.chunk_size
             h = hidden[start:end].to(mm)
             if ctx.keep:
-                p = saved[start:end]
+                p = saved[i]
             else:
-                p = F.linear(h, w, None if bias is None else bias.to(mm)).to(saved.dtype).sub_(saved[start:end, None]).exp_()
+                p = F.linear(h, w, None if bias is None else bias.to(mm)).to(acc).sub_(saved[i][:, None]).exp_()
             gc = g[start:end]
             dlogits = p.mul_(-gc[:, None]).scatter_add_(1, labels[start:end, None], gc[:, None])  # (6.8), in place
             dlogits = dlogits.to(mm)
             if need_h:
                 grad_h[start:end] = dlogits @ w
-            if need_w:
-                if mm == acc:
+            if need_w:  # the first chunk's product allocates dW; later chunks accumulate into it
+                if grad_w is None:
+                    grad_w = (dlogits.t() @ h).to(acc)
+                elif mm == acc:
                     grad_w.addmm_(dlogits.t(), h)
                 else:
-                    grad_w += (dlogits.t() @ h).to(acc)
+                    grad_w.add_((dlogits.t() @ h).to(acc))
             if need_b:
-                grad_b += dlogits.to(acc).sum(0)
+                part = dlogits.to(acc).sum(0)
+                grad_b = part if grad_b is None else grad_b.add_(part)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None
@@ -253,13 +249,14 @@ class _LinearLogSoftmax(torch.autograd.Function):
 
 def linear_log_softmax(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    chunk_size: int = 1024, keep_softmax_bytes: int = KEEP_SOFTMAX_BYTES,
+    chunk_size: int = 1024, keep_softmax_bytes: int | None = None,
 ) -> torch.Tensor:
     """log_softmax(hidden @ weight.T + bias)[i, labels[i]] for every row i, never the full log-softmax.
 
     Naive equivalent: ``torch.log_softmax(F.linear(hidden, weight, bias), -1).gather(-1, labels[:, None])[:, 0]``.
     With gradients: the fused function of eq. (6.8); its softmax (n x V floats) is kept when it fits in
-    ``keep_softmax_bytes`` (three products per token), else recomputed chunk by chunk (four, little memory).
+    ``keep_softmax_bytes`` (default: ``KEEP_SOFTMAX_BYTES``; three products per token), else recomputed chunk by
+    chunk (four products, little memory).
     Shapes: hidden (n, D), weight (V, D), bias (V,) or None, labels (n,) -> (n,), in fp32 (fp64 for fp64 inputs).
     """
     if chunk_size < 1:
@@ -270,7 +267,8 @@ def linear_log_softmax(
         pieces = [_chunk_token_logps(hidden[s : s + chunk_size], weight, bias, labels[s : s + chunk_size])
                   for s in range(0, hidden.shape[0], chunk_size)]
         return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    keep = hidden.shape[0] * weight.shape[0] * 4 <= keep_softmax_bytes
+    budget = KEEP_SOFTMAX_BYTES if keep_softmax_bytes is None else keep_softmax_bytes
+    keep = hidden.shape[0] * weight.shape[0] * 4 <= budget
     return _LinearLogSoftmax.apply(hidden, weight, bias, labels, chunk_size, keep)
 
 
@@ -300,7 +298,7 @@ def shared_prefix_mask(batch: dict[str, torch.Tensor], implementation: str, dtyp
 
 def packed_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: Reduction = "sum", chunk_size: int = 1024,
-    keep_softmax_bytes: int = KEEP_SOFTMAX_BYTES,
+    keep_softmax_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen_logps, rejected_logps)``, each (B,), from one forward over a shared-prefix packed batch.
 

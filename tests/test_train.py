@@ -236,17 +236,27 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
             assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-5), key
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo"])
-def test_packed_training_equals_padded_training(small_tokenizer, rows, loss):
-    """Shared-prefix packing (eq. 6.9) changes how the step is computed, not what: the same history and weights as
-    the padded batches, to float tolerance, over 8 steps of AdamW (sum and, for IPO, mean log-probs)."""
+SPEEDUPS_OFF = {"padded": {"packing": False}, "python-gelu": {"fuse_activations": False},
+                "dense-embedding-grad": {"sparse_embedding_grad": False}, "foreach-adamw": {"fused_optimizer": False},
+                "all-off": {"packing": False, "fuse_activations": False, "sparse_embedding_grad": False,
+                            "fused_optimizer": False}}
+
+
+@pytest.mark.parametrize("loss, off", [("dpo", "padded"), ("ipo", "padded"), ("dpo", "python-gelu"),
+                                       ("dpo", "dense-embedding-grad"), ("dpo", "foreach-adamw"), ("dpo", "all-off")])
+def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off):
+    """Each speed-up (packing, eq. 6.9; the fused GELU; the sparse tied-embedding gradient; fused AdamW) changes how
+    the step is computed, not what: the same history and weights as with it switched off, to float tolerance, over 8
+    steps of AdamW (sum log-probs, and mean for IPO). Not DPOP: at step 1 its penalty max(0, log pi_ref(y_w) -
+    log pi(y_w)) sits exactly at its kink, where float rounding alone decides whether its gradient is on."""
     runs = []
-    for packing in (False, True):
+    for overrides in (SPEEDUPS_OFF[off], {}):
         model = make_tiny_gpt2(small_tokenizer)
         reduction = "mean" if loss == "ipo" else "sum"
         history = train(model, small_tokenizer, rows, config(batch_size=8, epochs=2, loss=loss, reduction=reduction,
-                                                             packing=packing)).history
+                                                             **overrides)).history
         runs.append((params(model), history))
+    assert not model.get_input_embeddings().sparse  # the model leaves train() as it came
     (p1, h1), (p2, h2) = runs
     for r1, r2 in zip(h1, h2, strict=True):
         for key in METRICS:  # at step 1 every margin is 0 up to rounding, so the accuracy (margin > 0) is noise
@@ -254,8 +264,13 @@ def test_packed_training_equals_padded_training(small_tokenizer, rows, loss):
                 assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-5), key
     moved = max((p1[n] - make_tiny_gpt2(small_tokenizer).state_dict()[n]).abs().max().item() for n in p1)
     assert moved > 1e-3  # training moved the weights: the comparison below is not of two untouched models
-    for name in p1:
-        torch.testing.assert_close(p1[name], p2[name], rtol=1e-4, atol=1e-4)
+    # Adam divides each gradient by its running RMS, so a coordinate whose gradient is float noise (~1e-9) still
+    # moves ~lr per step in a noise-given direction: a few such coordinates may differ by up to steps x lr; all the
+    # others agree to 1e-5
+    lr, steps = 1e-3, len(h1)
+    diffs = torch.cat([(p1[n] - p2[n]).abs().flatten() for n in p1])
+    assert diffs.max() <= steps * lr
+    assert (diffs > 1e-5).float().mean() < 1e-3
 
 
 def _adam_first_step(model, grads, lr, eps=1e-8) -> dict[str, torch.Tensor]:

@@ -50,11 +50,16 @@ class TrainConfig:
     pad_to_multiple_of: int | None = None  # pad each batch's length to a multiple of this
     packing: bool = True  # pairwise losses: each pair one prompt+chosen+rejected segment, packed rows (eq. 6.9)
     packed_row_tokens: int = 256  # with packing: target tokens per packed row (dpolab.data.packing)
+    # --- speed-ups that change no number beyond float rounding (dpolab/train/speedups.py; `make bench` measures them)
+    fuse_activations: bool = True  # GPT-2's Python GELU -> torch's fused tanh GELU (the same function), in place
+    fused_optimizer: bool = True  # AdamW's fused kernel where torch has it (CPU, CUDA)
+    sparse_embedding_grad: bool = True  # a tied input embedding's gradient as sparse rows (one process only)
     seed: int = 0  # seeds the data order and the torch/numpy/python RNGs
     disable_dropout: bool = True  # set every nn.Dropout's p to 0, as TRL does: the reference log-probs have no dropout
     # --- where it runs
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, mps; under torchrun, cuda:LOCAL_RANK
-    precision: str = "auto"  # auto: bf16 autocast on CUDA when supported, else fp32; fp32; bf16 (autocast)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA when supported, else fp32; fp32; bf16 (autocast, also on a
+    # CPU with native bf16: AVX512-BF16 or AMX)
     # --- files
     output_dir: str | None = None  # checkpoints, history.json, history.csv, config.json; None: write nothing
     save_steps: int | None = None  # write a checkpoint every this many steps (and at the end); None: only at the end

@@ -30,7 +30,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from ..files import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, loss_parameters
 from .reference import examples_hash, precompute_reference_logps
+from .speedups import fuse_activations, fused_adamw, native_bf16, sparse_tied_embedding
 
 __all__ = ["train", "TrainResult", "NonFiniteError", "warmup_cosine", "epoch_order", "METRICS"]
 
@@ -59,7 +60,7 @@ _SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
 # Config fields that may change between a run and its resumption (how, not what: the numbers agree to float
 # tolerance with packing on or off).
 _RESUMABLE_CHANGES = {"resume", "progress", "save_steps", "save_total_limit", "ref_cache_dir", "use_ref_cache", "output_dir",
-                      "packing", "packed_row_tokens"}
+                      "packing", "packed_row_tokens", "fuse_activations", "fused_optimizer", "sparse_embedding_grad"}
 
 
 class NonFiniteError(FloatingPointError):
@@ -151,18 +152,12 @@ def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool
 
 
 def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if config.precision == "bf16" and not bf16_ok:
-        raise ValueError(f"precision='bf16' needs a CUDA device that supports bf16, not {device}")
-    return torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and bf16_ok) else None
-
-
-def _fused_adamw_ok(model: torch.nn.Module, device: torch.device) -> bool | None:
-    """AdamW's fused kernel (one pass over each tensor, no foreach temporaries) where torch has one for these
-    parameters: CPU and CUDA, floating point. The same update as the default, to float rounding."""
-    if device.type not in ("cpu", "cuda"):
-        return None
-    return all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in model.parameters()) or None
+    """bf16 autocast for precision="bf16" (where the device has native bf16) and for "auto" on CUDA; else fp32."""
+    if config.precision == "bf16" and not native_bf16(device):
+        raise ValueError(f"precision='bf16' needs native bf16 (a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX); "
+                         f"{device} has none")
+    auto = config.precision == "auto" and device.type == "cuda" and native_bf16(device)
+    return torch.bfloat16 if config.precision == "bf16" or auto else None
 
 
 def _seed_everything(seed: int) -> None:
@@ -261,13 +256,15 @@ def _save(config, step, model, optimizer, scheduler, history, data_hash, rank, w
 
 
 def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = TrainConfig(), *,
-          ref_model: torch.nn.Module | None = None, example_loss_kwargs=None) -> TrainResult:
+          ref_model: torch.nn.Module | None = None, example_loss_kwargs=None,
+          on_step: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
     """Train ``model`` in place on preference pairs ``train_data`` (rows with prompt/chosen/rejected).
 
     ``ref_model`` is the frozen reference pi_ref; by default the policy before training. Its log-probs are
     computed once, before the first step (cached on disk), and it is not used afterwards.
     ``example_loss_kwargs`` maps a loss parameter to one value per pair, in dataset order (e.g. ODPO's
     ``{"offset": offsets}``); each batch passes the values of its own pairs.
+    ``on_step`` is called with each step's history row right after its optimizer step (logging, timing).
     """
     rank, world_size, device, owns_group = _init_distributed(config)
     autocast_dtype = _autocast_dtype(config, device)
@@ -287,6 +284,10 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
     if config.disable_dropout:
         _disable_dropout(model)
         _disable_dropout(ref_model)
+    if config.fuse_activations:  # the same functions in fused kernels (speedups.py)
+        fuse_activations(model)
+        if ref_model is not None:
+            fuse_activations(ref_model)
     example_params = _example_loss_kwargs(example_loss_kwargs, n, config.loss, config.loss_kwargs, device)
     data_hash = _fingerprint(examples, example_params)
     model.to(device)
@@ -297,13 +298,13 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
     ref_chosen_logps, ref_rejected_logps = precompute_reference_logps(
         reference, examples, tokenizer, batch_size=2 * config.batch_size, device=device, autocast_dtype=autocast_dtype,
         reduction=config.reduction, cache_dir=config.ref_cache_dir, use_cache=config.use_ref_cache, rank=rank,
-        world_size=world_size)
+        world_size=world_size, packing=config.packing)
     del reference, ref_model  # the reference's work is done; training never runs it
     ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(device), ref_rejected_logps.to(device)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay,
-                                  fused=_fused_adamw_ok(model, device))
+                                  fused=fused_adamw(model, device) if config.fused_optimizer else None)
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_steps, config.min_learning_rate)
     start_step, history = 0, []
     if config.output_dir is not None:
@@ -311,6 +312,7 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
         if rank == 0:
             atomic_write_text(Path(config.output_dir) / "config.json", json.dumps(config.to_dict(), indent=1))
 
+    sparse_embedding = config.sparse_embedding_grad and world_size == 1 and sparse_tied_embedding(model)
     loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
     max_norm = config.max_grad_norm or math.inf
     bar = tqdm(total=total_steps, initial=start_step, desc=config.loss, unit="step", dynamic_ncols=True,
@@ -355,12 +357,16 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
                **dict(zip(_SUMMED, (sums / len(batch_indices)).tolist())),
                "learning_rate": learning_rate, "grad_norm": grad_norm.item()}
         history.append({k: row[k] for k in METRICS})
+        if on_step is not None:
+            on_step(history[-1])
         bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}",
                         acc=f"{row['rewards/accuracies']:.2f}", lr=f"{learning_rate:.2e}", refresh=False)
         bar.update(1)
         if config.output_dir is not None and (step == total_steps or (config.save_steps and step % config.save_steps == 0)):
             _save(config, step, model, optimizer, scheduler, history, data_hash, rank, world_size)
     bar.close()
+    if sparse_embedding:
+        model.get_input_embeddings().sparse = False  # the model leaves as it came
     if world_size > 1:  # free DDP's reducer while the group is registered: a reducer holding the last reference
         del policy  # to a gloo group runs the group's destructor under the GIL and can deadlock (pytorch#56297)
         gc.collect()

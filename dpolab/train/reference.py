@@ -91,11 +91,14 @@ def precompute_reference_logps(
     use_cache: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    packing: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ref_chosen_logps, ref_rejected_logps)``, each (N,) float32 on CPU, for the tokenized ``examples``.
 
     ``model`` is used in eval mode without gradients and left in the mode it was in. Under torch.distributed
     every process computes a share and all get the full tensors; only rank 0 touches the cache.
+    ``packing``: shared-prefix packed batches (``dpolab.data.packing``; the model's attention must be sdpa or
+    eager), else the padded 2B-row batches; the same numbers to float tolerance, so the cache key ignores it.
     """
     precision = "fp32" if autocast_dtype is None else str(autocast_dtype)
     key = reference_cache_key(model, examples, tokenizer, reduction, precision) if use_cache else None
@@ -111,8 +114,7 @@ def precompute_reference_logps(
         was_training = model.training
         model.eval()
         pad = tokenizer.pad_token_id or 0
-        packable = getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
-        collate = PackedPreferenceCollator(pad) if packable else PreferenceCollator(pad_token_id=pad)  # prompt once
+        collate = PackedPreferenceCollator(pad) if packing else PreferenceCollator(pad_token_id=pad)  # prompt once
         logps = _compute(model, examples, collate, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
                          reduction=reduction, rank=rank, world_size=world_size)
         model.train(was_training)

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ipo-beta", type=float, default=None, help="IPO's beta [default: --beta]")
     g.add_argument("--ipo-reduction", default=H.ipo_reduction, choices=["mean", "sum"], help="IPO's log-probs")
     g.add_argument("--odpo-alpha", type=float, default=H.odpo_alpha, help="ODPO's offset scale alpha")
+    g.add_argument("--precision", default=H.precision, choices=["auto", "fp32", "bf16"],
+                   help="every trainer, TRL's too: auto = bf16 autocast where the hardware has native bf16 (CUDA, or a "
+                        "CPU with AVX512-BF16/AMX), else fp32")
     g.add_argument("--save-steps", type=int, default=H.save_steps,
                    help="checkpoint interval in steps, TRL included (an interrupted training resumes from the last)")
 
@@ -122,7 +125,7 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
     hyper = Hyper(learning_rate=args.lr, min_learning_rate=args.min_lr, epochs=args.epochs, batch_size=args.batch_size,
                   max_steps=max_steps, beta=args.beta, dpop_lambda=args.dpop_lambda, kl_coef=args.kl_coef,
                   ipo_beta=args.ipo_beta, ipo_reduction=args.ipo_reduction, odpo_alpha=args.odpo_alpha,
-                  save_steps=args.save_steps)
+                  save_steps=args.save_steps, precision=args.precision)
     trl = TRLSettings(beta=args.trl_beta, learning_rate=args.trl_lr, epochs=args.trl_epochs,
                       batch_size=args.trl_batch_size, max_steps=max_steps, save_steps=args.save_steps)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature)

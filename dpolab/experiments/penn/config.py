@@ -25,9 +25,11 @@ from typing import Any
 
 from ...eval import SamplingConfig
 
-__all__ = ["Hyper", "TRLSettings", "FrontierConfig", "RunConfig", "Experiment", "QUICK", "JUDGES"]
+__all__ = ["Hyper", "TRLSettings", "FrontierConfig", "RunConfig", "Experiment", "QUICK", "JUDGES", "PRECISIONS",
+           "resolve_precision"]
 
 JUDGES = ("offline", "endpoint")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -55,8 +57,11 @@ class Hyper:
     ipo_reduction: str = "mean"  # IPO's log-probs: per-token mean (TRL, the IPO authors) or sum
     odpo_alpha: float = 5.0  # ODPO's offset scale (module docstring)
     save_steps: int = 25  # checkpoint every this many steps, so an interrupted training resumes
+    precision: str = "auto"  # every trainer, TRL's too: auto = bf16 autocast where the hardware has native bf16
+    # (dpolab.train.speedups.native_bf16: a CUDA GPU, a CPU with AVX512-BF16 or AMX), else fp32; or fp32, bf16
 
     def __post_init__(self):
+        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("learning_rate", "beta", "kl_coef", "odpo_alpha"):
             _positive(name, getattr(self, name))
         _check(0 <= self.min_learning_rate <= self.learning_rate, "min-lr must be in [0, lr]")
@@ -71,7 +76,8 @@ class Hyper:
 
 @dataclass(frozen=True)
 class TRLSettings:
-    """The TRL DPOTrainer baseline: DPOConfig's defaults except what the article set (lr 1e-5, 5 epochs)."""
+    """The TRL DPOTrainer baseline: DPOConfig's defaults except what the article set (lr 1e-5, 5 epochs) and where
+    the reference's log-probs are computed (once, by TRL itself)."""
 
     beta: float = 0.1  # DPOConfig's default beta
     learning_rate: float = 1e-5  # the article's TRL run
@@ -79,6 +85,8 @@ class TRLSettings:
     batch_size: int = 8  # TrainingArguments' per_device_train_batch_size default
     max_steps: int | None = None  # cap on optimizer steps; None: the epochs decide
     save_steps: int = 25  # checkpoint interval (resume)
+    precompute_ref_log_probs: bool = True  # TRL's own option: the frozen reference's log-probs computed once, before
+    # training, instead of a reference forward every step; no number changes (dropout is off), a quarter of the time
 
     def __post_init__(self):
         _positive("trl-beta", self.beta)
@@ -140,3 +148,15 @@ class Experiment:
 
 # What --quick changes (anything given explicitly on the command line wins).
 QUICK = {"model": "tiny", "max_steps": 30, "seeds": 1, "betas": (0.1, 0.5)}
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"fp32" or "bf16" for the experiment's --precision on ``device`` (see ``Hyper.precision``)."""
+    from ...train.speedups import native_bf16
+
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        raise ValueError(f"--precision bf16: {device} has no native bf16 (needs a CUDA GPU with bf16, or a CPU with "
+                         "AVX512-BF16 or AMX); use --precision fp32")
+    return precision

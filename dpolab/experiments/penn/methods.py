@@ -101,7 +101,7 @@ def unit_settings(unit: Unit, exp: Experiment, fingerprint: dict[str, Any]) -> d
     if unit.method == REFERENCE:
         return common
     spec = METHODS[unit.method]
-    training = exp.trl.__dict__ if spec.trainer == "trl" else {
+    training = {**exp.trl.__dict__, "precision": exp.hyper.precision} if spec.trainer == "trl" else {
         **exp.hyper.__dict__, "loss": spec.loss, "loss_kwargs": spec.params(exp), "reduction": spec.reduction(exp)}
     training = {k: v for k, v in training.items() if k != "save_steps"}  # may change between a run and its resumption
     return {**common, "method": unit.method, "beta": unit_beta(unit, exp), "training": training,
@@ -184,7 +184,7 @@ def train_dpolab(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str)
     config = TrainConfig(loss=spec.loss, beta=unit_beta(unit, exp), loss_kwargs=params, reduction=spec.reduction(exp),
                          learning_rate=h.learning_rate, min_learning_rate=h.min_learning_rate, epochs=h.epochs,
                          max_steps=h.max_steps, batch_size=h.batch_size, seed=unit.seed, output_dir=work,
-                         save_steps=h.save_steps, resume=True, progress=inputs.progress)
+                         save_steps=h.save_steps, resume=True, progress=inputs.progress, precision=h.precision)
     policy = copy.deepcopy(inputs.model)  # same initial weights for every method
     result = train(policy, inputs.tokenizer, inputs.train_data, config, ref_model=inputs.model, **extra)
     if result.resumed_from_step:

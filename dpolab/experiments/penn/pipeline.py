@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ...files import atomic_write_text, cache_root
-from .config import Experiment
+from .config import Experiment, resolve_precision
 from .evaluate import SUMMARIES, evaluate_policy, pool_seeds, summarize
 from .methods import (METHODS, PER_EXAMPLE_PARAMS, REFERENCE, TrainingInputs, Unit, odpo_note, odpo_offsets,
                       settings_hash, train_dpolab, unit_beta, unit_settings)
@@ -229,7 +229,7 @@ def warm_reference_cache(inputs: TrainingInputs, exp: Experiment, reductions: se
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     examples = tokenize_preferences(inputs.train_data, inputs.tokenizer, max_length=context)
     device = next(model.parameters()).device
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()  # dpolab.train's precision="auto"
+    bf16 = exp.hyper.precision == "bf16"  # resolved in run(): what dpolab.train will use
     autocast = torch.bfloat16 if bf16 else None
     for reduction in sorted(reductions):
         key = reference_cache_key(model, examples, inputs.tokenizer, reduction, str(autocast) if bf16 else "fp32")
@@ -310,6 +310,11 @@ def run(exp: Experiment) -> Path:
         train_rows, prompts = load_data(exp)
     with timer("load model"):
         model, tokenizer, info = load_initial_model(exp)
+    try:
+        precision = resolve_precision(exp.hyper.precision, next(model.parameters()).device)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    exp = replace(exp, hyper=replace(exp.hyper, precision=precision))
     judge = make_judge(exp, model, tokenizer)
     out = Path(exp.run.output_dir or default_output_dir(info.name, exp.run.quick))  # named after the model loaded
     work = Path(exp.run.work_dir) if exp.run.work_dir else default_work_dir(out)
@@ -317,7 +322,7 @@ def run(exp: Experiment) -> Path:
     if info.fallback:
         banner(["GPT-2 124M COULD NOT BE LOADED: the offline stand-in SmolLM2-135M-Instruct replaces it.",
                 f"Reason: {info.fallback_reason}", "The numbers below are NOT GPT-2's; the report says so too."])
-    say(f"model {info.name} ({info.n_params / 1e6:.1f}M parameters, from {info.source}); "
+    say(f"model {info.name} ({info.n_params / 1e6:.1f}M parameters, from {info.source}), training in {precision}; "
         f"{len(train_rows)} training pairs, {len(prompts)} test prompts; run folder {out}, work folder {work}")
     fp = fingerprint(model, info, train_rows, prompts)
     units, frontier = plan_units(exp)

@@ -74,6 +74,11 @@ def versus_reference(pooled: dict, methods: list[str], key: str, what: str, fmt=
     return f"{what[0].upper() + what[1:]}, against the reference's {fmt(ref['estimate'])}: " + "; ".join(parts) + "."
 
 
+def h_precision(exp: dict) -> str:
+    p = exp["hyper"].get("precision", "fp32")
+    return "bf16 autocast (the hardware has native bf16)" if p == "bf16" else "fp32"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]
 
@@ -145,7 +150,9 @@ def write_report(out: str | Path) -> Path:
               f"- Data: `{exp['run']['data']}`; {n_prompts} test prompts, every one evaluated.",
               f"- Seeds: {seeds}; sampling top-k {sampling['top_k']}, temperature {sampling['temperature']}, "
               f"{sampling['max_new_tokens']} new tokens, the same sampling seed for every method.",
-              f"- Judge: {exp['run']['judge']}" + (f" (`{wins['judge']}`)" if wins else "") + ".", ""]
+              f"- Judge: {exp['run']['judge']}" + (f" (`{wins['judge']}`)" if wins else "") + ".",
+              f"- Precision: {h_precision(exp)} for every trainer, TRL's included (fp32 master weights and optimizer "
+              "state; log-probs summed in fp32).", ""]
     h, t = exp["hyper"], exp["trl"]
     spec_rows = []
     for m in methods:

@@ -1,0 +1,235 @@
+"""``python -m dpolab.bench`` (``make bench``): dpolab's trainer against TRL's DPOTrainer, side by side.
+
+    ceiling          the fp32 matmul ceiling of this machine, now                      (flops.py)
+    repeat R times:  TRL DPOTrainer, then dpolab.train, each in its own process        (workers.py)
+                     same random GPT-2, same pairs in the same order, same hyperparameters
+                     assert: the same initial weights, the same loss at steps 1 and 2
+    once:            ablations (one optimisation off each), generation, reference log-probs
+    print            the table, then speedup_vs_trl, peak_rss_ratio_vs_trl, fraction_of_limit
+    write            <out>/bench.json and <out>/bench.md (the table the README links to)
+
+Figures are medians: of the timed steps within a run, then of the R runs. ``--quick`` runs a 4-layer, 256-wide
+GPT-2 with GPT-2's vocabulary, one repeat, no ablations: about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["main", "spec_for"]
+
+GPT2_124M = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}
+QUICK_MODEL = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 256, "n_layer": 4, "n_head": 4}
+ABLATIONS = {  # variant (workers.ABLATIONS) -> what it switches off
+    "padded": "shared-prefix packing: the padded 2B-row batch, each prompt computed twice",
+    "python-gelu": "the fused GELU: transformers' seven-operation gelu_new",
+    "recompute-head": "the kept softmax: the LM head's logits recomputed in the backward",
+    "dense-embedding-grad": "the sparse embedding gradient: a dense vocabulary-sized one",
+    "foreach-adamw": "fused AdamW: torch's default foreach AdamW",
+}
+LOSS_RTOL = 1e-4  # the first two steps' losses of dpolab and TRL must agree to this relative tolerance
+
+
+def spec_for(args: argparse.Namespace) -> dict:
+    return {"model": QUICK_MODEL if args.quick else GPT2_124M, "batch_size": 16, "beta": 0.1, "lr": 1e-5,
+            "warmup_steps": args.warmup, "timed_steps": args.steps, "threads": args.threads,
+            "generation_prompts": 125, "generation_tokens": 30, "reference_pairs": 128 if args.quick else 256,
+            "ceiling_tokens": 768}
+
+
+def run_worker(kind: str, spec: dict, timeout: float) -> dict:
+    """One worker in a fresh interpreter; its stderr is shown if it fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+               "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "dpolab.bench.workers", kind, str(spec_path), str(out_path)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench worker {kind} ({spec.get('variant', kind)}) failed with status "
+                               f"{proc.returncode}:\n{proc.stderr[-4000:]}")
+        result = json.loads(out_path.read_text())
+        result["wall_seconds"] = time.perf_counter() - start
+        return result
+
+
+def _token_stats(spec: dict) -> dict:
+    """Token counts of the timed pairs: per pair P, C, R, the minimal FLOPs, and the padded layout's padding."""
+    from ..data.collate import PreferenceCollator, tokenize_preferences
+    from ..models import gpt2_tokenizer
+    from .flops import pair_flops
+    from .workers import _model, _rows
+
+    tokenizer = gpt2_tokenizer()
+    rows, order = _rows(spec)
+    examples = tokenize_preferences(rows, tokenizer)
+    model = _model(spec, seed=0)
+    lengths = [(len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+    flops = [pair_flops(model, *t) for t in lengths]
+    b = spec["batch_size"]
+    steps = [order[i * b:(i + 1) * b] for i in range(len(order) // b)]
+    padded = [PreferenceCollator(tokenizer.pad_token_id)([examples[j] for j in s])["attention_mask"] for s in steps]
+    return {"pairs": len(examples), "prompt_tokens": _range([t[0] for t in lengths]),
+            "chosen_tokens": _range([t[1] for t in lengths]), "rejected_tokens": _range([t[2] for t in lengths]),
+            "tokens_per_pair": statistics.mean(2 * p + c + r for p, c, r in lengths),  # both sequences, no padding
+            "minimal_flops_per_pair": statistics.mean(flops),
+            "padded_layout_padding_share": float(sum(1 - m.float().mean() for m in padded) / len(padded)),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _range(values: list[int]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def summarize(result: dict, stats: dict, ceiling: float, batch_size: int) -> dict:
+    step = statistics.median(result["step_seconds"])
+    pairs = batch_size / step
+    return {"seconds_per_step": step, "pairs_per_s": pairs, "tokens_per_s": pairs * stats["tokens_per_pair"],
+            "peak_rss_bytes": result["peak_rss_bytes"], "useful_flops_per_s": pairs * stats["minimal_flops_per_pair"],
+            "share_of_ceiling": pairs * stats["minimal_flops_per_pair"] / ceiling, "losses": result["losses"][:3]}
+
+
+def check_same_start(trl: dict, ours: dict) -> None:
+    """Same initial weights and the same loss at the first two steps (the second after one identical AdamW step)."""
+    if trl["initial_weights"] != ours["initial_weights"]:
+        raise AssertionError(f"initial weights differ: TRL {trl['initial_weights']} vs dpolab {ours['initial_weights']}")
+    for i in range(2):
+        a, b = trl["losses"][i], ours["losses"][i]
+        if abs(a - b) > LOSS_RTOL * abs(a):
+            raise AssertionError(f"step {i + 1}: TRL's loss {a!r} and dpolab's {b!r} differ by more than {LOSS_RTOL:g}")
+
+
+def table(rows: list[tuple[str, dict]], ceiling: float) -> str:
+    head = (f"| run | s/step | pairs/s | tokens/s | peak RSS | useful GFLOP/s | share of ceiling ({ceiling / 1e9:.0f} "
+            "GFLOP/s) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [f"| {name} | {r['seconds_per_step']:.2f} | {r['pairs_per_s']:.2f} | {r['tokens_per_s']:,.0f} | "
+             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['useful_flops_per_s'] / 1e9:.0f} | {r['share_of_ceiling']:.0%} |"
+             for name, r in rows]
+    return "\n".join([head, *lines])
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpolab.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a 4-layer, 256-wide GPT-2; 1 repeat, no ablations")
+    p.add_argument("--repeats", type=int, default=None, help="TRL/dpolab pairs of runs [default: 3; 1 with --quick]")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker [default: torch's]")
+    p.add_argument("--no-ablations", action="store_true", help="skip the one-optimisation-off runs")
+    p.add_argument("--out", default=None, help="folder for bench.json and bench.md [default: results/bench; "
+                   "runs/bench-quick with --quick]")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per worker")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.warmup < 2 or args.steps < 1:
+        print("error: --warmup must be >= 2 (the step-2 loss check) and --steps >= 1", file=sys.stderr)
+        return 2
+    repeats = args.repeats or (1 if args.quick else 3)
+    ablations = not (args.quick or args.no_ablations)
+    out = Path(args.out or ("runs/bench-quick" if args.quick else "results/bench"))
+    spec = spec_for(args)
+    stats = _token_stats(spec)
+    say(f"GPT-2 {stats['parameters'] / 1e6:.1f}M, random weights; {spec['batch_size']} Penn pairs per step, "
+        f"prompt {stats['prompt_tokens']}, chosen {stats['chosen_tokens']}, rejected {stats['rejected_tokens']} tokens; "
+        f"{repeats} repeat(s) of {args.warmup} + {args.steps} steps")
+    ceilings = [run_worker("ceiling", spec, args.timeout)]
+    say(f"matmul ceiling {ceilings[0]['flops_per_s'] / 1e9:.0f} GFLOP/s at {ceilings[0]['shape']}")
+    runs = {"trl": [], "dpolab": []}
+    for r in range(repeats):
+        for kind in ("trl", "dpolab"):
+            runs[kind].append(run_worker(kind, {**spec, "variant": kind}, args.timeout))
+            say(f"repeat {r + 1}: {kind} {statistics.median(runs[kind][-1]['step_seconds']):.2f} s/step, "
+                f"peak {runs[kind][-1]['peak_rss_bytes'] / 2**30:.2f} GiB")
+        check_same_start(runs["trl"][-1], runs["dpolab"][-1])
+    extra = {}
+    if ablations:
+        for variant in ABLATIONS:
+            extra[variant] = run_worker("dpolab", {**spec, "variant": variant}, args.timeout)
+            say(f"ablation {variant}: {statistics.median(extra[variant]['step_seconds']):.2f} s/step")
+    generation = run_worker("generation", spec, args.timeout)
+    reference = run_worker("reference", spec, args.timeout)
+    ceilings.append(run_worker("ceiling", spec, args.timeout))  # the machine's best, before and after
+    ceiling = max(c["flops_per_s"] for c in ceilings)
+
+    per_run = {k: [summarize(x, stats, ceiling, spec["batch_size"]) for x in v] for k, v in runs.items()}
+    median = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "losses"} | {"losses": v[0]["losses"]}
+              for k, v in per_run.items()}
+    rows = [("TRL DPOTrainer", median["trl"]), ("dpolab.train", median["dpolab"])]
+    rows += [(f"dpolab without {ABLATIONS[v].split(':')[0]}", summarize(x, stats, ceiling, spec["batch_size"]))
+             for v, x in extra.items()]
+    speedup = median["dpolab"]["pairs_per_s"] / median["trl"]["pairs_per_s"]
+    rss_ratio = median["dpolab"]["peak_rss_bytes"] / median["trl"]["peak_rss_bytes"]
+    fraction = median["dpolab"]["share_of_ceiling"]
+    text = table(rows, ceiling)
+    gen_line = (f"generation: {generation['prompts']} prompts x {spec['generation_tokens']} new tokens in "
+                f"{generation['seconds']:.1f} s ({generation['new_tokens'] / generation['seconds']:,.0f} new tokens/s, "
+                "batched, KV cache)")
+    ref_line = "reference log-probs: " + ", ".join(
+        f"{k} {v['pairs'] / v['seconds']:.1f} pairs/s" for k, v in reference["layouts"].items())
+    print(text)
+    print(gen_line)
+    print(ref_line)
+    print(f"speedup_vs_trl={speedup:.3f}")
+    print(f"peak_rss_ratio_vs_trl={rss_ratio:.3f}")
+    print(f"fraction_of_limit={fraction:.3f}")
+
+    result = {"spec": spec, "tokens": stats, "ceilings": ceilings, "ceiling_flops_per_s": ceiling,
+              "runs": runs, "per_run": per_run, "median": median, "ablations": extra, "generation": generation,
+              "reference": reference, "speedup_vs_trl": speedup, "peak_rss_ratio_vs_trl": rss_ratio,
+              "fraction_of_limit": fraction, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "versions": _versions(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    from ..files import atomic_write_text
+
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "bench.md", _markdown(result, text, gen_line, ref_line))
+    say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("torch", "transformers", "trl")}
+
+
+def _markdown(result: dict, text: str, gen_line: str, ref_line: str) -> str:
+    s, t = result["spec"], result["tokens"]
+    return "\n".join([
+        "# `make bench`: dpolab.train against TRL's DPOTrainer", "",
+        f"Measured {result['finished_at']} on {result['machine']['cpus']} CPU cores ({result['machine']['platform']}), "
+        f"torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
+        f"trl {result['versions']['trl']}; fp32 on both sides.", "",
+        f"GPT-2 ({t['parameters'] / 1e6:.1f}M parameters, random weights; the reference another random GPT-2), "
+        f"{s['batch_size']} Penn pairs per step: prompt {t['prompt_tokens']['min']}-{t['prompt_tokens']['max']}, "
+        f"chosen {t['chosen_tokens']['min']}-{t['chosen_tokens']['max']}, rejected {t['rejected_tokens']['min']}-"
+        f"{t['rejected_tokens']['max']} tokens (EOS included); the padded layout is "
+        f"{t['padded_layout_padding_share']:.0%} padding. Medians of {s['timed_steps']} timed steps after "
+        f"{s['warmup_steps']} warm-up steps, then of {len(result['runs']['trl'])} runs; each run in its own process.",
+        "", text, "", f"- {gen_line}", f"- {ref_line}",
+        f"- minimal work per pair {t['minimal_flops_per_pair'] / 1e9:.1f} GFLOP (``dpolab/bench/flops.py``); "
+        f"the ceiling is the best fp32 `torch.mm` of this run.", "", "```",
+        f"speedup_vs_trl={result['speedup_vs_trl']:.3f}", f"peak_rss_ratio_vs_trl={result['peak_rss_ratio_vs_trl']:.3f}",
+        f"fraction_of_limit={result['fraction_of_limit']:.3f}", "```", ""])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

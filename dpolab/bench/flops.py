@@ -1,0 +1,64 @@
+"""The work a DPO step cannot avoid, and the fastest matrix product this machine runs: the two ends of the ruler.
+
+Minimal FLOPs of one preference pair (x, y_w, y_l) of P, C, R tokens, for a decoder with N_mm weights in its
+blocks' matrix products (attention and MLP projections, embeddings excluded), n_layer layers of width D and a
+vocabulary of V:
+
+    forward = 2 N_mm (P + C + R)                       every token once: the prompt is not computed twice
+            + 4 D n_layer A                            Q K^T and A V over the A visible (query, key) pairs,
+                  A = P(P+1)/2 + (C + R) P + C(C+1)/2 + R(R+1)/2
+            + 2 V D (C + R)                            the LM head where a label is scored, nowhere else
+    minimal = 3 x forward                              the backward costs two products per forward product
+
+No padding, no reference model (its log-probs are a constant of the data), no recomputation. Elementwise work
+(layer norms, GELU, softmax, AdamW) is not counted: it is memory-bound, and what it costs is part of the gap
+between an implementation and this limit. ``fraction_of_limit`` = pairs/s achieved / (ceiling / minimal FLOPs).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+__all__ = ["matmul_weights", "pair_flops", "matmul_ceiling"]
+
+
+def matmul_weights(model: torch.nn.Module) -> int:
+    """N_mm: the number of weights in the 2-D matrices of the transformer blocks (nn.Linear and GPT-2's Conv1D)."""
+    body = model.base_model
+    embeddings = {id(p) for m in body.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in body.parameters() if p.dim() == 2 and id(p) not in embeddings)
+
+
+def pair_flops(model: torch.nn.Module, prompt: int, chosen: int, rejected: int) -> float:
+    """Minimal FLOPs (forward and backward) of one pair with these token counts (module docstring)."""
+    config = model.config
+    width = getattr(config, "n_embd", None) or config.hidden_size
+    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
+    vocab = model.get_output_embeddings().weight.shape[0]
+    P, C, R = prompt, chosen, rejected
+    visible = P * (P + 1) / 2 + (C + R) * P + C * (C + 1) / 2 + R * (R + 1) / 2
+    forward = 2 * matmul_weights(model) * (P + C + R) + 4 * width * layers * visible + 2 * vocab * width * (C + R)
+    return 3.0 * forward
+
+
+def matmul_ceiling(shapes: list[tuple[int, int, int]], seconds: float = 0.6) -> dict:
+    """The highest fp32 FLOP/s of ``torch.mm`` over ``shapes`` (m, k, n): each shape timed for ~``seconds`` after
+    a warm-up, its median taken; returns the best shape, its FLOP/s and all of them."""
+    results = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out = torch.empty(m, n)
+        for _ in range(3):
+            torch.mm(a, b, out=out)
+        times, start = [], time.perf_counter()
+        while time.perf_counter() - start < seconds or len(times) < 5:
+            t = time.perf_counter()
+            torch.mm(a, b, out=out)
+            times.append(time.perf_counter() - t)
+        results.append({"shape": [m, k, n], "flops_per_s": 2.0 * m * k * n / statistics.median(times)})
+    best = max(results, key=lambda r: r["flops_per_s"])
+    return {"flops_per_s": best["flops_per_s"], "shape": best["shape"], "all": results,
+            "threads": torch.get_num_threads()}

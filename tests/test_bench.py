@@ -1,0 +1,58 @@
+"""The benchmark harness: its FLOP count against torch's own counter, and TRL and dpolab on one tiny setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dpolab.bench.__main__ import check_same_start, run_worker
+from dpolab.bench.flops import matmul_ceiling, matmul_weights, pair_flops
+from dpolab.data.packing import PackedPreferenceCollator
+from dpolab.logprobs import packed_logps
+from helpers import tiny_gpt2
+
+TINY = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 32, "n_layer": 1, "n_head": 2}
+
+
+def test_pair_flops_matrix_products_equal_torch_flop_counter():
+    """Forward and backward of one packed pair, counted by torch.utils.flop_counter: its matrix products (mm, addmm)
+    are exactly the body and LM-head terms of pair_flops; the attention term is what remains of pair_flops."""
+    model = tiny_gpt2(501, seed=0, n_layer=2, n_embd=32)
+    P, C, R = 5, 7, 4
+    ex = [{"prompt_ids": list(range(3, 3 + P)), "chosen_ids": list(range(20, 20 + C)),
+           "rejected_ids": list(range(40, 40 + R)), "index": 0}]
+    batch = PackedPreferenceCollator(pad_token_id=1)(ex)
+    with FlopCounterMode(display=False) as counter:
+        chosen, rejected = packed_logps(model, batch)
+        (chosen - rejected).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    products = sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm", "bmm"))
+    V, D, L = 501, 32, 2
+    body_and_head = 3 * (2 * matmul_weights(model) * (P + C + R) + 2 * V * D * (C + R))
+    assert products == body_and_head
+    assert matmul_weights(model) == L * 12 * D * D  # c_attn 3D^2, attn c_proj D^2, c_fc 4D^2, mlp c_proj 4D^2
+    visible = P * (P + 1) / 2 + (C + R) * P + C * (C + 1) / 2 + R * (R + 1) / 2
+    assert pair_flops(model, P, C, R) == body_and_head + 3 * 4 * D * L * visible
+
+
+def test_matmul_ceiling_reports_the_best_shape():
+    out = matmul_ceiling([(64, 64, 64), (128, 128, 128)], seconds=0.05)
+    assert out["flops_per_s"] == max(r["flops_per_s"] for r in out["all"]) > 0
+    assert out["shape"] in ([64, 64, 64], [128, 128, 128])
+
+
+@pytest.mark.slow
+@pytest.mark.trl
+def test_trl_and_dpolab_workers_start_from_the_same_weights_and_loss():
+    """The harness's own check, on a 1-layer GPT-2: TRL's DPOTrainer and dpolab.train, each in its own process, on
+    the same pairs in the same order, report the same initial weights and the same loss at steps 1 and 2."""
+    spec = {"model": TINY, "batch_size": 16, "beta": 0.1, "lr": 1e-3, "warmup_steps": 2, "timed_steps": 1,
+            "threads": 1, "ceiling_tokens": 64}
+    trl, ours = run_worker("trl", {**spec, "variant": "trl"}, 600), run_worker("dpolab", spec, 600)
+    check_same_start(trl, ours)
+    assert abs(trl["losses"][0] - 0.6931) > 1e-3  # two different random models: not the trivial log 2
+    assert len(trl["step_seconds"]) == len(ours["step_seconds"]) == 1
+    assert trl["peak_rss_bytes"] > 0 and ours["peak_rss_bytes"] > 0
+    with pytest.raises(AssertionError, match="step 1"):
+        check_same_start(trl, {**ours, "losses": [ours["losses"][0] * 1.01, *ours["losses"][1:]]})
