@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.activations import GELUTanh, NewGELUActivation
 
-from dpolab.train.speedups import fuse_activations, native_bf16, sparse_tied_embedding
+from dpolab.train.speedups import fuse_activations, native_bf16
 from helpers import tiny_gpt2
 
 
@@ -31,25 +31,6 @@ def test_fuse_activations_keeps_the_model_function():
     for a, b in zip(torch.autograd.grad(after.square().mean(), list(model.parameters())), grads_before):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert fuse_activations(model) == 0  # idempotent
-
-
-def test_sparse_tied_embedding_gives_the_dense_gradient():
-    model = tiny_gpt2(97, seed=1)
-    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
-    model(ids).logits.square().mean().backward()
-    dense = model.transformer.wte.weight.grad.clone()
-    model.zero_grad(set_to_none=True)
-    assert sparse_tied_embedding(model)
-    model(ids).logits.square().mean().backward()
-    grad = model.transformer.wte.weight.grad
-    assert grad.layout == torch.strided  # dense: clipping and fused AdamW take it as it is
-    torch.testing.assert_close(grad, dense, rtol=1e-5, atol=1e-8)
-
-
-def test_an_untied_embedding_is_left_alone():
-    model = tiny_gpt2(97, seed=1)
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie
-    assert not sparse_tied_embedding(model) and not model.transformer.wte.sparse
 
 
 def test_native_bf16_answers_for_every_device_kind():

@@ -25,6 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from ..train.speedups import native_bf16
+
 __all__ = ["main", "spec_for"]
 
 GPT2_124M = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}
@@ -33,7 +37,6 @@ ABLATIONS = {  # variant (workers.ABLATIONS) -> what it switches off
     "padded": "shared-prefix packing: the padded 2B-row batch, each prompt computed twice",
     "python-gelu": "the fused GELU: transformers' seven-operation gelu_new",
     "recompute-head": "the kept softmax: the LM head's logits recomputed in the backward",
-    "dense-embedding-grad": "the sparse embedding gradient: a dense vocabulary-sized one",
     "foreach-adamw": "fused AdamW: torch's default foreach AdamW",
 }
 LOSS_RTOL = 1e-4  # the first two steps' losses of dpolab and TRL must agree to this relative tolerance
@@ -165,10 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         for variant in ABLATIONS:
             extra[variant] = run_worker("dpolab", {**spec, "variant": variant}, args.timeout)
             say(f"ablation {variant}: {statistics.median(extra[variant]['step_seconds']):.2f} s/step")
+    bf16 = None
+    if not args.quick and native_bf16(torch.device("cpu")):  # mixed precision, apart from the fp32 comparison
+        bf16 = run_worker("dpolab", {**spec, "variant": "bf16"}, args.timeout)
+        say(f"dpolab bf16 autocast: {statistics.median(bf16['step_seconds']):.2f} s/step")
     generation = run_worker("generation", spec, args.timeout)
     reference = run_worker("reference", spec, args.timeout)
     ceilings.append(run_worker("ceiling", spec, args.timeout))  # the machine's best, before and after
     ceiling = max(c["flops_per_s"] for c in ceilings)
+    bf16 = bf16 and summarize(bf16, stats, ceiling, spec["batch_size"])
 
     per_run = {k: [summarize(x, stats, ceiling, spec["batch_size"]) for x in v] for k, v in runs.items()}
     median = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "losses"} | {"losses": v[0]["losses"]}
@@ -185,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
                 "batched, KV cache)")
     ref_line = "reference log-probs: " + ", ".join(
         f"{k} {v['pairs'] / v['seconds']:.1f} pairs/s" for k, v in reference["layouts"].items())
+    bf16_line = "" if bf16 is None else (
+        f"bf16 autocast (not part of the fp32 comparison): {bf16['seconds_per_step']:.2f} s/step, "
+        f"{bf16['pairs_per_s']:.2f} pairs/s, {bf16['pairs_per_s'] / median['trl']['pairs_per_s']:.2f}x TRL's fp32, "
+        f"peak RSS {bf16['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(text)
+    if bf16_line:
+        print(bf16_line)
     print(gen_line)
     print(ref_line)
     print(f"speedup_vs_trl={speedup:.3f}")
@@ -194,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"spec": spec, "tokens": stats, "ceilings": ceilings, "ceiling_flops_per_s": ceiling,
               "runs": runs, "per_run": per_run, "median": median, "ablations": extra, "generation": generation,
-              "reference": reference, "speedup_vs_trl": speedup, "peak_rss_ratio_vs_trl": rss_ratio,
+              "reference": reference, "bf16": bf16, "speedup_vs_trl": speedup, "peak_rss_ratio_vs_trl": rss_ratio,
               "fraction_of_limit": fraction, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "versions": _versions(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     from ..files import atomic_write_text
 
     atomic_write_text(out / "bench.json", json.dumps(result, indent=1))
-    atomic_write_text(out / "bench.md", _markdown(result, text, gen_line, ref_line))
+    atomic_write_text(out / "bench.md", _markdown(result, text, [bf16_line, gen_line, ref_line]))
     say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
 
@@ -211,7 +225,7 @@ def _versions() -> dict:
     return {p: md.version(p) for p in ("torch", "transformers", "trl")}
 
 
-def _markdown(result: dict, text: str, gen_line: str, ref_line: str) -> str:
+def _markdown(result: dict, text: str, lines: list[str]) -> str:
     s, t = result["spec"], result["tokens"]
     return "\n".join([
         "# `make bench`: dpolab.train against TRL's DPOTrainer", "",
@@ -224,7 +238,7 @@ def _markdown(result: dict, text: str, gen_line: str, ref_line: str) -> str:
         f"{t['rejected_tokens']['max']} tokens (EOS included); the padded layout is "
         f"{t['padded_layout_padding_share']:.0%} padding. Medians of {s['timed_steps']} timed steps after "
         f"{s['warmup_steps']} warm-up steps, then of {len(result['runs']['trl'])} runs; each run in its own process.",
-        "", text, "", f"- {gen_line}", f"- {ref_line}",
+        "", text, "", *[f"- {line}" for line in lines if line],
         f"- minimal work per pair {t['minimal_flops_per_pair'] / 1e9:.1f} GFLOP (``dpolab/bench/flops.py``); "
         f"the ceiling is the best fp32 `torch.mm` of this run.", "", "```",
         f"speedup_vs_trl={result['speedup_vs_trl']:.3f}", f"peak_rss_ratio_vs_trl={result['peak_rss_ratio_vs_trl']:.3f}",

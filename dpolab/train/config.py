@@ -53,7 +53,6 @@ class TrainConfig:
     # --- speed-ups that change no number beyond float rounding (dpolab/train/speedups.py; `make bench` measures them)
     fuse_activations: bool = True  # GPT-2's Python GELU -> torch's fused tanh GELU (the same function), in place
     fused_optimizer: bool = True  # AdamW's fused kernel where torch has it (CPU, CUDA)
-    sparse_embedding_grad: bool = True  # a tied input embedding's gradient as sparse rows (one process only)
     seed: int = 0  # seeds the data order and the torch/numpy/python RNGs
     disable_dropout: bool = True  # set every nn.Dropout's p to 0, as TRL does: the reference log-probs have no dropout
     # --- where it runs

@@ -46,7 +46,7 @@ from ..files import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, loss_parameters
 from .reference import examples_hash, precompute_reference_logps
-from .speedups import fuse_activations, fused_adamw, native_bf16, sparse_tied_embedding
+from .speedups import fuse_activations, fused_adamw, native_bf16
 
 __all__ = ["train", "TrainResult", "NonFiniteError", "warmup_cosine", "epoch_order", "METRICS"]
 
@@ -60,7 +60,7 @@ _SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
 # Config fields that may change between a run and its resumption (how, not what: the numbers agree to float
 # tolerance with packing on or off).
 _RESUMABLE_CHANGES = {"resume", "progress", "save_steps", "save_total_limit", "ref_cache_dir", "use_ref_cache", "output_dir",
-                      "packing", "packed_row_tokens", "fuse_activations", "fused_optimizer", "sparse_embedding_grad"}
+                      "packing", "packed_row_tokens", "fuse_activations", "fused_optimizer"}
 
 
 class NonFiniteError(FloatingPointError):
@@ -312,7 +312,6 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
         if rank == 0:
             atomic_write_text(Path(config.output_dir) / "config.json", json.dumps(config.to_dict(), indent=1))
 
-    sparse_embedding = config.sparse_embedding_grad and world_size == 1 and sparse_tied_embedding(model)
     loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
     max_norm = config.max_grad_norm or math.inf
     bar = tqdm(total=total_steps, initial=start_step, desc=config.loss, unit="step", dynamic_ncols=True,
@@ -365,8 +364,6 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
         if config.output_dir is not None and (step == total_steps or (config.save_steps and step % config.save_steps == 0)):
             _save(config, step, model, optimizer, scheduler, history, data_hash, rank, world_size)
     bar.close()
-    if sparse_embedding:
-        model.get_input_embeddings().sparse = False  # the model leaves as it came
     if world_size > 1:  # free DDP's reducer while the group is registered: a reducer holding the last reference
         del policy  # to a gloo group runs the group's destructor under the GIL and can deadlock (pytorch#56297)
         gc.collect()

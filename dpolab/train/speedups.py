@@ -5,9 +5,6 @@
   ``gelu(approximate="tanh")`` is the same function, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in one
   kernel that saves only its input. On GPT-2 124M it was a fifth of a CPU step.
 - ``fused_adamw``: AdamW's fused kernel updates each tensor in one pass, without foreach temporaries.
-- ``sparse_tied_embedding``: when the input embedding is the LM head's weight (GPT-2, SmolLM2), its lookup's
-  gradient is a few rows; asked for as a sparse tensor, it is added into the head's dense gradient instead of
-  first being scattered into a fresh vocabulary-sized zero matrix.
 
 Packing (``dpolab.data.packing``) and the fused LM head (``dpolab.logprobs.linear_log_softmax``) live with the data
 and the log-probs they compute.
@@ -17,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fuse_activations", "fused_adamw", "sparse_tied_embedding", "native_bf16"]
+__all__ = ["fuse_activations", "fused_adamw", "native_bf16"]
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -51,14 +48,3 @@ def fused_adamw(model: torch.nn.Module, device: torch.device) -> bool | None:
     if device.type not in ("cpu", "cuda"):
         return None
     return all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in model.parameters()) or None
-
-
-def sparse_tied_embedding(model: torch.nn.Module) -> bool:
-    """Make the input embedding's gradient sparse when its weight is the LM head's (tied): autograd then adds the
-    looked-up rows into the head's dense gradient, and ``.grad`` stays dense for clipping and AdamW. Returns
-    whether it applied (untied embeddings are left alone: their gradient would become sparse)."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = isinstance(embedding, torch.nn.Embedding) and head is not None and embedding.weight is head.weight
-    if tied:
-        embedding.sparse = True
-    return tied
