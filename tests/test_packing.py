@@ -130,7 +130,10 @@ def test_rows_are_balanced_and_every_token_is_kept():
     real = (batch["segment_ids"] >= 0).sum(-1)
     assert int(real.sum()) == sum(lengths)  # every token of every pair, once
     assert int(real.max() - real.min()) <= max(lengths)  # longest-first onto the shortest row
-    assert batch["input_ids"].shape[0] == -(-sum(lengths) // 40)
+    k = -(-sum(lengths) // 40)  # the rows row_tokens asks for; up to two more when that pads less
+    R, L = batch["input_ids"].shape
+    assert k <= R <= k + 2
+    assert R * L <= k * (sum(lengths) / k + max(lengths))  # no worse than LPT's bound on k rows
     n_scored = sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in exs)
     assert batch["labels"].shape == (n_scored,) and torch.equal(batch["index"], torch.arange(16))
     flat = batch["input_ids"].flatten()

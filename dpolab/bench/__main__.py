@@ -4,7 +4,8 @@
     repeat R times:  TRL DPOTrainer, then dpolab.train, each in its own process        (workers.py)
                      same random GPT-2, same pairs in the same order, same hyperparameters
                      assert: the same initial weights, the same loss at steps 1 and 2
-    once:            ablations (one optimisation off each), generation, reference log-probs
+    once:            TRL with precompute_ref_log_probs; ablations (one optimisation off each); bf16 autocast;
+                     generation; reference log-probs
     print            the table, then speedup_vs_trl, peak_rss_ratio_vs_trl, fraction_of_limit
     write            <out>/bench.json and <out>/bench.md (the table the README links to)
 
@@ -163,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             say(f"repeat {r + 1}: {kind} {statistics.median(runs[kind][-1]['step_seconds']):.2f} s/step, "
                 f"peak {runs[kind][-1]['peak_rss_bytes'] / 2**30:.2f} GiB")
         check_same_start(runs["trl"][-1], runs["dpolab"][-1])
-    extra = {}
+    extra, trl_precompute = {}, None
     if ablations:
+        trl_precompute = run_worker("trl", {**spec, "variant": "trl-precompute"}, args.timeout)
+        check_same_start(trl_precompute, runs["dpolab"][-1])
+        say(f"TRL with precompute_ref_log_probs: {statistics.median(trl_precompute['step_seconds']):.2f} s/step")
         for variant in ABLATIONS:
             extra[variant] = run_worker("dpolab", {**spec, "variant": variant}, args.timeout)
             say(f"ablation {variant}: {statistics.median(extra[variant]['step_seconds']):.2f} s/step")
@@ -182,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     median = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "losses"} | {"losses": v[0]["losses"]}
               for k, v in per_run.items()}
     rows = [("TRL DPOTrainer", median["trl"]), ("dpolab.train", median["dpolab"])]
+    if trl_precompute:
+        rows.insert(1, ("TRL DPOTrainer, precompute_ref_log_probs", summarize(trl_precompute, stats, ceiling,
+                                                                              spec["batch_size"])))
     rows += [(f"dpolab without {ABLATIONS[v].split(':')[0]}", summarize(x, stats, ceiling, spec["batch_size"]))
              for v, x in extra.items()]
     speedup = median["dpolab"]["pairs_per_s"] / median["trl"]["pairs_per_s"]
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fraction_of_limit={fraction:.3f}")
 
     result = {"spec": spec, "tokens": stats, "ceilings": ceilings, "ceiling_flops_per_s": ceiling,
-              "runs": runs, "per_run": per_run, "median": median, "ablations": extra, "generation": generation,
+              "runs": runs, "per_run": per_run, "median": median, "ablations": extra, "trl_precompute": trl_precompute, "generation": generation,
               "reference": reference, "bf16": bf16, "speedup_vs_trl": speedup, "peak_rss_ratio_vs_trl": rss_ratio,
               "fraction_of_limit": fraction, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "versions": _versions(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -238,6 +245,13 @@ def _markdown(result: dict, text: str, lines: list[str]) -> str:
         f"{t['rejected_tokens']['max']} tokens (EOS included); the padded layout is "
         f"{t['padded_layout_padding_share']:.0%} padding. Medians of {s['timed_steps']} timed steps after "
         f"{s['warmup_steps']} warm-up steps, then of {len(result['runs']['trl'])} runs; each run in its own process.",
+        "", f"Both: DPO (sigmoid) loss at beta {s['beta']}, AdamW at a constant lr {s['lr']:g}, gradient clipping at 1.0, "
+        "the same pairs in the same order, the same loss at steps 1 and 2 (asserted). TRL's DPOTrainer runs with its "
+        "defaults except `bf16=False` (fp32 like ours), `gradient_checkpointing=False` (its default recomputes "
+        "activations: slower here), an explicit `ref_model` and a sequential sampler; it runs the reference model in "
+        "every step unless `precompute_ref_log_probs` (its own row). dpolab.train runs with its defaults: shared-prefix "
+        "packing, the fused LM head with its softmax kept, the fused GELU, fused AdamW, reference log-probs "
+        "precomputed (before the timed steps).",
         "", text, "", *[f"- {line}" for line in lines if line],
         f"- minimal work per pair {t['minimal_flops_per_pair'] / 1e9:.1f} GFLOP (``dpolab/bench/flops.py``); "
         f"the ceiling is the best fp32 `torch.mm` of this run.", "", "```",

@@ -53,9 +53,15 @@ class PackedPreferenceCollator:
             raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
 
     def rows_of(self, lengths: list[int]) -> list[list[int]]:
-        """Which segments go in which row: as many rows as ``row_tokens`` asks, each segment (longest first) onto
-        the row with the fewest tokens so far (LPT scheduling: rows end up within one segment of each other)."""
-        n_rows = max(1, math.ceil(sum(lengths) / max(self.row_tokens, max(lengths))))
+        """Which segments go in which row. At least as many rows as ``row_tokens`` asks (k), and of k, k+1, k+2 rows
+        the count that pads least (the batch is rows x the longest row); each segment, longest first, goes onto the
+        row with the fewest tokens so far (LPT scheduling: rows end up within one segment of each other)."""
+        k = max(1, math.ceil(sum(lengths) / max(self.row_tokens, max(lengths))))
+        options = [self._lpt(lengths, n) for n in range(k, min(k + 2, len(lengths)) + 1)]
+        return min(options, key=lambda rows: len(rows) * max(sum(lengths[i] for i in row) for row in rows))
+
+    @staticmethod
+    def _lpt(lengths: list[int], n_rows: int) -> list[list[int]]:
         heap = [(0, r) for r in range(n_rows)]
         rows: list[list[int]] = [[] for _ in range(n_rows)]
         for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--betas", type=_betas, default=None, metavar="B1,B2",
                    help="betas of the reward-vs-KL frontier for DPO/DPOP/IPO, or 'none' [default: 0.1,0.5,1.0; "
                         "0.1,0.5 with --quick]")
+    g.add_argument("--frontier-methods", type=_methods, default=",".join(FrontierConfig().methods), metavar="M1,M2",
+                   help="the methods whose frontier is swept over --betas (those also in --methods)")
     g.add_argument("--data", default=R.data, help="penn (the shipped set), a .json/.jsonl file, or a dataset with "
                    "train (and test) splits")
     g.add_argument("--test-data", default=None, help="test prompts (a file or dataset) when --data has no test split")
@@ -129,7 +131,8 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
     trl = TRLSettings(beta=args.trl_beta, learning_rate=args.trl_lr, epochs=args.trl_epochs,
                       batch_size=args.trl_batch_size, max_steps=max_steps, save_steps=args.save_steps)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature)
-    return Experiment(run=run, hyper=hyper, trl=trl, frontier=FrontierConfig(betas=betas), sampling=sampling)
+    frontier = FrontierConfig(betas=betas, methods=args.frontier_methods)
+    return Experiment(run=run, hyper=hyper, trl=trl, frontier=frontier, sampling=sampling)
 
 
 def main(argv: list[str] | None = None) -> int:
