@@ -39,15 +39,18 @@ def test_two_processes_take_the_same_steps_as_one(tiny_model_dir, tmp_path):
     assert len(h1) == len(h2) == 6  # 3 steps per epoch, the last on 4 pairs
     for r1, r2 in zip(h1, h2):
         for key in METRICS:  # summed over the processes: a process that saw the whole batch would double them
+            if key == "rewards/accuracies" and r1["step"] == 1:
+                continue  # pi = pi_ref at step 1: every margin is 0 up to rounding, so margin > 0 is noise
             assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-5), (r1["step"], key)
     p1 = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     p2 = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     assert p1.keys() == p2.keys()
-    # Equal to float tolerance: the gradients are summed in another order, and Adam turns rounding noise in a
-    # gradient coordinate of size ~eps into a step anywhere in [-lr, lr]. So: 99.9% of the coordinates within
-    # 1e-6 (a process missing the other's gradients would move nearly all of them by ~lr), all within lr.
+    # Equal to float tolerance: the gradients are summed in another order (and each process packs its own share of
+    # the pairs into rows of other shapes), and Adam turns rounding noise in a gradient coordinate of size ~eps into
+    # a step anywhere in [-lr, lr]. So: 99.9% of the coordinates within 1e-5 (a process missing the other's
+    # gradients would move nearly all of them by ~lr = 1e-3), all within lr.
     diff = torch.cat([(p1[n] - p2[n]).abs().flatten() for n in p1])
     assert diff.max() <= 1e-3
-    assert (diff > 1e-6).sum() <= 1e-3 * diff.numel(), f"{(diff > 1e-6).sum()} of {diff.numel()} coordinates differ"
+    assert (diff > 1e-5).sum() <= 1e-3 * diff.numel(), f"{(diff > 1e-5).sum()} of {diff.numel()} coordinates differ"
     initial = load_file(str(model_dir / "model.safetensors"))
     assert any((p1[n] - initial[n]).abs().max() > 1e-3 for n in p1)  # training did move the weights
