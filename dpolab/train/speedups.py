@@ -3,7 +3,7 @@
 - ``fuse_activations``: transformers' GPT-2 GELU (``gelu_new``) is seven Python-level elementwise operations, each
   a pass over the (tokens x 3072) MLP activations, four of them saved for the backward; torch's
   ``gelu(approximate="tanh")`` is the same function, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in one
-  kernel that saves only its input. On GPT-2 124M it was a fifth of a CPU step.
+  kernel that saves only its input (make bench, GPT-2 124M on 2 cores: 4.98 -> 4.37 s per step, 3.44 -> 2.94 GiB).
 - ``fused_adamw``: AdamW's fused kernel updates each tensor in one pass, without foreach temporaries.
 
 Packing (``dpolab.data.packing``) and the fused LM head (``dpolab.logprobs.linear_log_softmax``) live with the data
