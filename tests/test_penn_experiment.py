@@ -9,7 +9,9 @@ to one across the diagonal.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -40,8 +42,17 @@ def quick_run(tmp_path_factory):
     argv = ["--quick", "--precision", "fp32", "--output-dir", str(root / "run"), "--work-dir", str(root / "work"),
             "--no-progress"]
     start = time.perf_counter()
-    assert main(argv) == 0
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    QUICK_OUTPUT.update(out=out.getvalue(), err=err.getvalue())
+    sys.stdout.write(QUICK_OUTPUT["out"])  # shown by pytest when a test fails
+    sys.stderr.write(QUICK_OUTPUT["err"])
+    assert code == 0
     return root / "run", argv, time.perf_counter() - start
+
+
+QUICK_OUTPUT: dict[str, str] = {}  # what the quick run printed (stdout, stderr)
 
 
 def _read(path: Path):
@@ -153,6 +164,35 @@ def test_timings_cover_every_phase(quick_run):
     for method in ALL:
         unit = timings["units"][f"{method}/seed-0"]
         assert unit["training"] > 0 and unit["generation"] > 0 and unit["evaluation"] > 0
+
+
+@pytest.mark.slow
+def test_no_progress_means_no_progress_bars(quick_run):
+    """--no-progress: the console gets the [penn] lines, not TRL's or datasets' progress bars."""
+    assert "[penn] train trl seed 0" in QUICK_OUTPUT["out"]
+    for bar in ("Computing reference log probs", "Tokenizing train dataset", "Adding EOS"):
+        assert bar not in QUICK_OUTPUT["err"] and bar not in QUICK_OUTPUT["out"], bar
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_keeps_its_run_level_timings(quick_run, tmp_path, monkeypatch):
+    """The run-level phases (loading, reference log-probs, ODPO's offsets) are saved before the first unit trains,
+    so a run stopped inside a unit still records them; the finished run's metrics.json has the same times."""
+    from dpolab.experiments.penn import pipeline
+
+    run, argv, _ = quick_run
+    assert _read(run / "timings.json") == _read(run / "metrics.json")["timings"]["run"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_unit", interrupted)
+    fresh = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--output-dir", str(fresh), "--methods", "dpo,odpo"])
+    timings = _read(fresh / "timings.json")
+    assert timings["load model"] > 0 and timings["odpo offsets"] > 0
+    assert not (fresh / "metrics.json").exists()
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The experiment from start to end, resumable:
 
     load the data and the model (the stand-in replaces GPT-2 loudly)          -> config.json
-    reference log-probs of the training pairs, once (cached on disk)
+    reference log-probs of the training pairs, once (cached on disk); the run-level times so far -> timings.json
     for every unit (method, seed) and the reference:                            units/<name>/seed-<s>/
         done.json present, same settings?  skip.   Otherwise:
         train a copy of the initial weights (checkpoints in the work folder: resumes)  -> history.json/.csv
@@ -350,6 +350,7 @@ def run(exp: Experiment) -> Path:
         with timer("odpo offsets") if any(u.method == "odpo" for u in todo) else contextlib.nullcontext():
             inputs.odpo_offsets = odpo_offsets(train_rows, exp.hyper.odpo_alpha)
         inputs.notes.append(odpo_note(inputs.odpo_offsets))
+    _save_run_timings(out, timer)  # now, so an interrupted run keeps the time of its run-level phases
     for unit in todo:
         run_unit(unit, exp, inputs, prompts, out, work, settings[unit])
 
@@ -383,11 +384,21 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def _save_run_timings(out: Path, timer: Timer) -> dict[str, float]:
+    """Merge this invocation's run-level phase times into timings.json (earlier invocations' phases are kept;
+    a phase this invocation timed replaces its earlier time) and return the merged times."""
+    path = out / "timings.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if not old and (out / "metrics.json").exists():  # a run folder from before timings.json existed
+        old = json.loads((out / "metrics.json").read_text()).get("timings", {}).get("run", {})
+    merged = {**old, **timer.seconds}
+    atomic_write_text(path, json.dumps(merged, indent=1))
+    return merged
+
+
 def _save_run_files(out, exp, timer, unit_metrics, pooled, frontier, inputs) -> None:
     """metrics.json (pooled and per-unit metrics, timings), metrics.csv, frontier.json."""
-    old = json.loads((out / "metrics.json").read_text()).get("timings", {}).get("run", {}) \
-        if (out / "metrics.json").exists() else {}
-    timings = {"run": {**old, **timer.seconds},
+    timings = {"run": _save_run_timings(out, timer),
                "units": {f"{u.name}/seed-{u.seed}": m["timings"] for u, m in unit_metrics.items()}}
     points = [{"method": m, "beta": b, "unit": u.name, "seed": u.seed,
                **{k: unit_metrics[u]["summary"][k] for k in ("alignment", "kl", "perplexity_ref")}}

@@ -168,8 +168,8 @@ def write_report(out: str | Path) -> Path:
         spec_rows.append([label(m), METHODS[m].about, _num(unit["beta"]), hp, str(steps), extra])
     lines += _table(["method", "objective", "beta", "optimisation", "steps run", "other"], spec_rows) + [""]
 
-    lines += ["## Wall time", "", "Seconds on this machine, per phase. Units done by an earlier invocation keep the "
-              "times recorded when they ran; a training resumed from a checkpoint counts only its resumed part; a "
+    lines += ["## Wall time", "", "Seconds per phase, on the machine that ran it. Units done by an earlier invocation "
+              "keep the times recorded when they ran (a run resumed on another machine mixes machines); a training resumed from a checkpoint counts only its resumed part; a "
               "phase missing from the first table (reference log-probs, judging) was served by a cache or by an "
               "earlier invocation.", ""]
     run_t = metrics["timings"]["run"]

@@ -22,8 +22,10 @@ history maps onto the same history table.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -65,6 +67,29 @@ def _progress_callback():
     return Progress()
 
 
+@contextlib.contextmanager
+def _quiet(quiet: bool):
+    """Without progress output: no datasets map bars (TRL tokenizes with them) and no bar from TRL's reference
+    log-prob pass (which reads ``TQDM_DISABLE`` when it starts); both restored afterwards."""
+    import datasets
+
+    if not quiet:
+        yield
+        return
+    was_enabled, saved = datasets.utils.logging.is_progress_bar_enabled(), os.environ.get("TQDM_DISABLE")
+    datasets.utils.logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+        if was_enabled:
+            datasets.utils.logging.enable_progress_bar()
+
+
 def train_trl(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
     """Train a copy of the initial model with TRL's DPOTrainer; returns (policy, history rows).
 
@@ -92,15 +117,16 @@ def train_trl(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
     policy, reference = copy.deepcopy(inputs.model), copy.deepcopy(inputs.model).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data,
-                         processing_class=inputs.tokenizer)
-    trainer.remove_callback(PrinterCallback)  # it prints every log line; the history files hold them
-    if inputs.progress:
-        trainer.add_callback(_progress_callback())
-    last = get_last_checkpoint(work) if Path(work).is_dir() else None
-    if last:
-        print(f"[penn] {unit.name} seed {unit.seed} resumes from {Path(last).name}", flush=True)
-    trainer.train(resume_from_checkpoint=last)
+    with _quiet(not inputs.progress):
+        trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data,
+                             processing_class=inputs.tokenizer)
+        trainer.remove_callback(PrinterCallback)  # it prints every log line; the history files hold them
+        if inputs.progress:
+            trainer.add_callback(_progress_callback())
+        last = get_last_checkpoint(work) if Path(work).is_dir() else None
+        if last:
+            print(f"[penn] {unit.name} seed {unit.seed} resumes from {Path(last).name}", flush=True)
+        trainer.train(resume_from_checkpoint=last)
     history = history_from_log(trainer.state.log_history)
     model = trainer.model
     del trainer, reference
