@@ -169,9 +169,9 @@ def write_report(out: str | Path) -> Path:
     lines += _table(["method", "objective", "beta", "optimisation", "steps run", "other"], spec_rows) + [""]
 
     lines += ["## Wall time", "", "Seconds per phase, on the machine that ran it. Units done by an earlier invocation "
-              "keep the times recorded when they ran (a run resumed on another machine mixes machines); a training resumed from a checkpoint counts only its resumed part; a "
-              "phase missing from the first table (reference log-probs, judging) was served by a cache or by an "
-              "earlier invocation.", ""]
+              "keep the times recorded when they ran (a run resumed on another machine mixes machines); a training "
+              "resumed from a checkpoint counts only its resumed part; a phase missing from the first table "
+              "(reference log-probs, judging) was served by a cache or by an earlier invocation.", ""]
     run_t = metrics["timings"]["run"]
     lines += _table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in run_t.items()]) + [""]
     unit_rows = [[u, *(f"{secs.get(p, 0.0):.1f}" for p in ("training", "generation", "evaluation"))]
