@@ -36,3 +36,145 @@ def test_fuse_activations_keeps_the_model_function():
 def test_native_bf16_answers_for_every_device_kind():
     assert native_bf16(torch.device("meta")) is False
     assert isinstance(native_bf16(torch.device("cpu")), bool)
+
+
+def test_gelu_projection_is_gelu_then_conv1d_in_values_and_gradients():
+    """The fused GELU + projection against torch's GELU followed by transformers' Conv1D, by autograd in float64
+    (torch.autograd.gradcheck: finite differences) and against the plain graph's gradients."""
+    from transformers.pytorch_utils import Conv1D
+
+    from dpolab.train.speedups import GELUProjection, gelu_projection
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    conv = Conv1D(3, 7).double()
+    torch.nn.init.normal_(conv.weight, generator=g)
+    torch.nn.init.normal_(conv.bias, generator=g)
+    assert torch.autograd.gradcheck(gelu_projection, (a, conv.weight, conv.bias))
+    plain = conv(torch.nn.functional.gelu(a, approximate="tanh"))
+    conv.__class__ = GELUProjection
+    fused = conv(a)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    for x, y in zip(torch.autograd.grad(fused.square().sum(), (a, conv.weight, conv.bias)),
+                    torch.autograd.grad(plain.square().sum(), (a, conv.weight, conv.bias))):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_mlp_saves_one_activation_tensor_not_two():
+    """What the fusion is for: the MLP's graph keeps a (tokens x 4D) tensor once, not twice (a and gelu(a)), as
+    against the one-kernel GELU followed by the projection."""
+    model = tiny_gpt2(97, seed=0, n_layer=1)
+    mlp, x = model.transformer.h[0].mlp, torch.randn(3, 8, model.config.n_embd)
+    mlp.act = GELUTanh()
+
+    def saved_bytes() -> int:
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mlp(x.requires_grad_())
+        return sum(seen.values())
+
+    inner = 4 * model.config.n_embd * 3 * 8 * 4  # bytes of one (tokens x 4D) fp32 tensor
+    before = saved_bytes()
+    fuse_activations(model)
+    assert isinstance(mlp.act, torch.nn.Identity)
+    assert before - saved_bytes() == inner
+    assert sorted(dict(mlp.named_parameters())) == ["c_fc.bias", "c_fc.weight", "c_proj.bias", "c_proj.weight"]
+
+
+def test_fused_mlp_under_bf16_autocast_matches_the_plain_one():
+    """Under autocast the products run in bf16 and the gradients come back in the parameters' fp32."""
+    model = tiny_gpt2(97, seed=0, n_layer=1)
+    mlp, x = model.transformer.h[0].mlp, torch.randn(3, 8, model.config.n_embd)
+    mlp.act = GELUTanh()
+    results = []
+    for fuse in (False, True):
+        if fuse:
+            fuse_activations(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mlp(x)
+        grads = torch.autograd.grad(y.float().square().sum(), list(mlp.parameters()))
+        assert all(g.dtype == torch.float32 for g in grads)
+        results.append((y.float(), grads))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y1, y0, rtol=2e-2, atol=2e-2)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+def _tied_case(seed=0):
+    model = tiny_gpt2(97, seed=seed, n_layer=2)
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(seed))
+    return model, ids
+
+
+def test_inplace_tied_embedding_grad_gives_autograds_gradients():
+    """The tied weight's gradient (LM head + lookup rows) and every other gradient equal plain autograd's, for the
+    fused LM head of dpolab.logprobs and for the model's own logits, over two accumulated backwards."""
+    from dpolab.logprobs import linear_log_softmax
+    from dpolab.train.speedups import RowGradEmbedding, inplace_tied_embedding_grad
+
+    def losses(model, ids):
+        hidden = model.transformer(ids).last_hidden_state
+        yield linear_log_softmax(hidden[:, :-1].flatten(0, 1), model.lm_head.weight, None, ids[:, 1:].flatten()).sum()
+        yield model(ids).logits.square().mean()
+
+    grads = []
+    for fused in (False, True):
+        model, ids = _tied_case()
+        if fused:
+            embedding = model.get_input_embeddings()
+            assert inplace_tied_embedding_grad(model)
+            assert model.get_input_embeddings() is embedding and isinstance(embedding, RowGradEmbedding)
+            assert embedding.weight is model.lm_head.weight
+            assert not inplace_tied_embedding_grad(model)  # once
+            assert "transformer.wte.weight" in model.state_dict()
+        for loss in losses(model, ids):
+            loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_inplace_tied_embedding_grad_keeps_the_padding_row_at_zero_and_skips_untied_models():
+    from dpolab.train.speedups import inplace_tied_embedding_grad
+
+    model, ids = _tied_case()
+    model.get_input_embeddings().padding_idx = 5
+    ids[0, :4] = 5
+    plain = torch.autograd.grad(model(ids).logits.square().mean(), model.lm_head.weight)[0]
+    inplace_tied_embedding_grad(model)
+    model(ids).logits.square().mean().backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, plain, rtol=1e-5, atol=1e-7)
+    untied = tiny_gpt2(97, seed=0, n_layer=1)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    assert not inplace_tied_embedding_grad(untied)
+    with torch.no_grad():  # no graph: the plain lookup
+        torch.testing.assert_close(model.transformer.wte(ids), torch.nn.functional.embedding(ids, model.lm_head.weight))
+
+
+def test_inplace_tied_embedding_grad_allocates_no_second_vocabulary_sized_gradient():
+    """What it is for: no dense (V x D) lookup gradient is built in the backward (plain autograd builds one, then
+    sums it into the LM head's), and the weight's gradient is not copied on the way."""
+    from torch.profiler import profile
+
+    from dpolab.logprobs import linear_log_softmax
+    from dpolab.train.speedups import inplace_tied_embedding_grad
+
+    for fused in (False, True):
+        model, ids = _tied_case()
+        if fused:
+            inplace_tied_embedding_grad(model)
+        hidden = model.transformer(ids).last_hidden_state
+        loss = linear_log_softmax(hidden[:, :-1].flatten(0, 1), model.lm_head.weight, None, ids[:, 1:].flatten()).sum()
+        with profile() as prof:
+            loss.backward()
+        ops = [e.name for e in prof.events()]
+        # the position embedding (untied) keeps its dense backward; the tied token embedding's is gone
+        assert ops.count("aten::embedding_dense_backward") == (1 if fused else 2)
+        assert "aten::clone" not in ops

@@ -36,9 +36,10 @@ GPT2_124M = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer":
 QUICK_MODEL = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 256, "n_layer": 4, "n_head": 4}
 ABLATIONS = {  # variant (workers.ABLATIONS) -> what it switches off
     "padded": "shared-prefix packing: the padded 2B-row batch, each prompt computed twice",
-    "python-gelu": "the fused GELU: transformers' seven-operation gelu_new",
+    "python-gelu": "the fused GELU: transformers' seven-operation gelu_new, apart from the projection after it",
     "recompute-head": "the kept softmax: the LM head's logits recomputed in the backward",
     "foreach-adamw": "fused AdamW: torch's default foreach AdamW",
+    "dense-embedding-grad": "the tied embedding's in-place gradient: autograd's dense lookup gradient, summed",
 }
 LOSS_RTOL = 1e-4  # the first two steps' losses of dpolab and TRL must agree to this relative tolerance
 
@@ -250,8 +251,8 @@ def _markdown(result: dict, text: str, lines: list[str]) -> str:
         "defaults except `bf16=False` (fp32 like ours), `gradient_checkpointing=False` (its default recomputes "
         "activations: slower here), an explicit `ref_model` and a sequential sampler; it runs the reference model in "
         "every step unless `precompute_ref_log_probs` (its own row). dpolab.train runs with its defaults: shared-prefix "
-        "packing, the fused LM head with its softmax kept, the fused GELU, fused AdamW, reference log-probs "
-        "precomputed (before the timed steps).",
+        "packing, the fused LM head with its softmax kept, the fused GELU folded into the MLP's projection, the tied "
+        "embedding's gradient added in place, fused AdamW, reference log-probs precomputed (before the timed steps).",
         "", text, "", *[f"- {line}" for line in lines if line],
         f"- minimal work per pair {t['minimal_flops_per_pair'] / 1e9:.1f} GFLOP (``dpolab/bench/flops.py``); "
         f"the ceiling is the best fp32 `torch.mm` of this run.", "", "```",

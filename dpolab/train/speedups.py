@@ -4,6 +4,13 @@
   a pass over the (tokens x 3072) MLP activations, four of them saved for the backward; torch's
   ``gelu(approximate="tanh")`` is the same function, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in one
   kernel that saves only its input (make bench, GPT-2 124M on 2 cores: 4.98 -> 4.37 s per step, 3.44 -> 2.94 GiB).
+  In GPT-2's MLP the GELU and the projection after it are one function, ``gelu_projection``: the autograd graph
+  of ``c_proj(gelu(a))`` keeps both a and gelu(a) (two tokens x 3072 tensors per layer); this one keeps a alone
+  and recomputes gelu(a) in the backward, for the weight's gradient.
+- ``inplace_tied_embedding_grad``: where the input embedding is the LM head's weight (GPT-2, SmolLM2), autograd sums
+  that weight's two gradients, the LM head's dense (V x D) one and the lookup's, which is a second dense (V x D)
+  tensor of zeros with one row per looked-up token added: at the end of the backward, when every other gradient is
+  already held, 150 MB more for GPT-2. Here the lookup's rows are added in place into ``weight.grad`` instead.
 - ``fused_adamw``: AdamW's fused kernel updates each tensor in one pass, without foreach temporaries.
 
 Packing (``dpolab.data.packing``) and the fused LM head (``dpolab.logprobs.linear_log_softmax``) live with the data
@@ -13,8 +20,11 @@ and the log-probs they compute.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
 
-__all__ = ["fuse_activations", "fused_adamw", "native_bf16"]
+__all__ = ["fuse_activations", "fused_adamw", "native_bf16", "gelu_projection", "GELUProjection",
+           "inplace_tied_embedding_grad", "RowGradEmbedding"]
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -27,19 +37,131 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+class _GELUProjection(torch.autograd.Function):
+    """y = gelu_tanh(a) W + b (GPT-2's Conv1D layout: W is (in, out)), saving a alone. With g = gelu_tanh(a):
+    dW = g^T dy, db = sum dy, da = gelu_tanh'(a) * (dy W^T)."""
+
+    @staticmethod
+    def forward(ctx, a, weight, bias):
+        g = F.gelu(a, approximate="tanh")
+        y = torch.addmm(bias, g.reshape(-1, g.shape[-1]), weight) if bias is not None else g.reshape(-1, g.shape[-1]) @ weight
+        ctx.mm_dtype = y.dtype  # the products' dtype (bf16 under autocast)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(a, weight)
+        return y.view(*a.shape[:-1], weight.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        a, weight = ctx.saved_tensors
+        mm = ctx.mm_dtype
+        dy = grad_y.reshape(-1, grad_y.shape[-1]).to(mm)
+        a2 = a.reshape(-1, a.shape[-1])
+        grad_a = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_g = dy @ weight.to(mm).t()
+            grad_a = torch.ops.aten.gelu_backward(grad_g.to(a.dtype), a2, approximate="tanh").view(a.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = (F.gelu(a2, approximate="tanh").to(mm).t() @ dy).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = dy.sum(0, dtype=torch.promote_types(mm, torch.float32)).to(ctx.bias_dtype)
+        return grad_a, grad_w, grad_b
+
+
+def gelu_projection(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``gelu_tanh(a) @ weight + bias`` with a's activations saved once (module docstring). Shapes: a (..., n),
+    weight (n, m), bias (m,) -> (..., m)."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (a, weight, bias)):
+        g = F.gelu(a, approximate="tanh")
+        return (torch.addmm(bias, g.reshape(-1, g.shape[-1]), weight) if bias is not None
+                else g.reshape(-1, g.shape[-1]) @ weight).view(*a.shape[:-1], weight.shape[1])
+    return _GELUProjection.apply(a, weight, bias)
+
+
+class GELUProjection(Conv1D):
+    """GPT-2's ``mlp.c_proj`` (a Conv1D: ``weight`` (in, out), ``bias``) preceded by the MLP's GELU. ``fuse_activations``
+    turns a Conv1D into one by changing its class: the same module, parameters, state-dict keys and hooks (a hook
+    on it now sees the GELU's input)."""
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return gelu_projection(a, self.weight, self.bias)
+
+
 def fuse_activations(model: torch.nn.Module) -> int:
-    """Replace every ``transformers.activations.NewGELUActivation`` in ``model`` (in place) by the fused
-    ``GELUTanh`` (transformers' own ``gelu_pytorch_tanh``); returns how many were replaced. The model computes the
-    same function, to float rounding; its config still says ``gelu_new``, so a saved model reloads as before."""
+    """In place: in every GPT-2 MLP (``c_fc``, ``act``, ``c_proj``), fold the GELU into the projection after it
+    (``GELUProjection``; the MLP's ``act`` becomes the identity; both by a change of class, so the modules and
+    their hooks stay); elsewhere, replace a
+    ``transformers.activations.NewGELUActivation`` by the fused ``GELUTanh`` (transformers' own
+    ``gelu_pytorch_tanh``). Returns how many GELUs were replaced. The model computes the same function, to float
+    rounding; its config still says ``gelu_new`` and its state dict has the same keys, so a saved model reloads as
+    before."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
     replaced = 0
     for module in model.modules():
+        if type(getattr(module, "act", None)) in (NewGELUActivation, GELUTanh) and \
+                type(getattr(module, "c_proj", None)) is Conv1D and hasattr(module, "c_fc"):
+            module.c_proj.__class__, module.act.__class__ = GELUProjection, torch.nn.Identity
+            replaced += 1
+            continue
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:
                 setattr(module, name, GELUTanh())
                 replaced += 1
     return replaced
+
+
+class _RowsIntoGrad(torch.autograd.Function):
+    """weight[ids] forward; backward adds the incoming gradient's rows into ``weight.grad`` in place (creating it if
+    need be) and returns no gradient for the weight, which is not an input of the graph here. ``anchor`` (an empty
+    leaf that requires grad) is what puts the lookup in the graph."""
+
+    @staticmethod
+    def forward(ctx, anchor, ids, holder, padding_idx):
+        ctx.holder, ctx.padding_idx = holder, padding_idx
+        ctx.save_for_backward(ids)
+        return F.embedding(ids, holder[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        weight = ctx.holder[0]
+        rows, grads = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.padding_idx is not None:  # nn.Embedding's rule: the padding row gets no gradient
+            keep = rows != ctx.padding_idx
+            rows, grads = rows[keep], grads[keep]
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, rows, grads.to(weight.grad.dtype))
+        return None, None, None, None
+
+
+class RowGradEmbedding(torch.nn.Embedding):
+    """An ``nn.Embedding`` whose weight gradient is added into ``weight.grad`` in place (``_RowsIntoGrad``).
+    ``inplace_tied_embedding_grad`` turns an embedding into one by changing its class, so the module, its parameter,
+    its state-dict key and its hooks stay what they were. Only for a weight whose gradient no hook watches as it is
+    accumulated: not under DistributedDataParallel, which reduces a gradient when autograd has accumulated it."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return F.embedding(ids, self.weight, self.padding_idx)
+        anchor = torch.empty(0, device=self.weight.device, requires_grad=True)
+        return _RowsIntoGrad.apply(anchor, ids, (self.weight,), self.padding_idx)
+
+
+def inplace_tied_embedding_grad(model: torch.nn.Module) -> bool:
+    """In place: if ``model``'s input embedding is a plain ``nn.Embedding`` whose weight is the LM head's, make it a
+    ``RowGradEmbedding``; returns whether it did. The gradients are the same sums, to float rounding."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return False
+    embedding, head = get_in(), get_out()
+    if type(embedding) is not torch.nn.Embedding or head is None or head.weight is not embedding.weight \
+            or embedding.max_norm is not None or embedding.sparse or embedding.scale_grad_by_freq:
+        return False
+    embedding.__class__ = RowGradEmbedding
+    return True
 
 
 def fused_adamw(model: torch.nn.Module, device: torch.device) -> bool | None:
