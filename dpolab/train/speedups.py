@@ -20,6 +20,7 @@ and the log-probs they compute.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
@@ -37,18 +38,24 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def _gelu_then_project(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gelu_tanh(a) @ weight + bias, (..., n) -> (..., m): the forward of ``gelu_projection``, graph or not."""
+    g = F.gelu(a, approximate="tanh").reshape(-1, a.shape[-1])
+    y = torch.addmm(bias, g, weight) if bias is not None else g @ weight
+    return y.view(*a.shape[:-1], weight.shape[1])
+
+
 class _GELUProjection(torch.autograd.Function):
     """y = gelu_tanh(a) W + b (GPT-2's Conv1D layout: W is (in, out)), saving a alone. With g = gelu_tanh(a):
     dW = g^T dy, db = sum dy, da = gelu_tanh'(a) * (dy W^T)."""
 
     @staticmethod
     def forward(ctx, a, weight, bias):
-        g = F.gelu(a, approximate="tanh")
-        y = torch.addmm(bias, g.reshape(-1, g.shape[-1]), weight) if bias is not None else g.reshape(-1, g.shape[-1]) @ weight
+        y = _gelu_then_project(a, weight, bias)
         ctx.mm_dtype = y.dtype  # the products' dtype (bf16 under autocast)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(a, weight)
-        return y.view(*a.shape[:-1], weight.shape[1])
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -72,9 +79,7 @@ def gelu_projection(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """``gelu_tanh(a) @ weight + bias`` with a's activations saved once (module docstring). Shapes: a (..., n),
     weight (n, m), bias (m,) -> (..., m)."""
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (a, weight, bias)):
-        g = F.gelu(a, approximate="tanh")
-        return (torch.addmm(bias, g.reshape(-1, g.shape[-1]), weight) if bias is not None
-                else g.reshape(-1, g.shape[-1]) @ weight).view(*a.shape[:-1], weight.shape[1])
+        return _gelu_then_project(a, weight, bias)
     return _GELUProjection.apply(a, weight, bias)
 
 
@@ -141,10 +146,13 @@ class RowGradEmbedding(torch.nn.Embedding):
     """An ``nn.Embedding`` whose weight gradient is added into ``weight.grad`` in place (``_RowsIntoGrad``).
     ``inplace_tied_embedding_grad`` turns an embedding into one by changing its class, so the module, its parameter,
     its state-dict key and its hooks stay what they were. Only for a weight whose gradient no hook watches as it is
-    accumulated: not under DistributedDataParallel, which reduces a gradient when autograd has accumulated it."""
+    accumulated: with several processes (DistributedDataParallel reduces a gradient when autograd has accumulated it)
+    it is a plain lookup."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+        # under DDP: autograd's own accumulation, which its reducer watches
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed or not (torch.is_grad_enabled() and self.weight.requires_grad):
             return F.embedding(ids, self.weight, self.padding_idx)
         anchor = torch.empty(0, device=self.weight.device, requires_grad=True)
         return _RowsIntoGrad.apply(anchor, ids, (self.weight,), self.padding_idx)
