@@ -153,7 +153,7 @@ class RowGradEmbedding(torch.nn.Embedding):
         # under DDP: autograd's own accumulation, which its reducer watches
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed or not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return F.embedding(ids, self.weight, self.padding_idx)
+            return super().forward(ids)
         anchor = torch.empty(0, device=self.weight.device, requires_grad=True)
         return _RowsIntoGrad.apply(anchor, ids, (self.weight,), self.padding_idx)
 
