@@ -178,3 +178,108 @@ def test_inplace_tied_embedding_grad_allocates_no_second_vocabulary_sized_gradie
         # the position embedding (untied) keeps its dense backward; the tied token embedding's is gone
         assert ops.count("aten::embedding_dense_backward") == (1 if fused else 2)
         assert "aten::clone" not in ops
+
+
+# --- the layer norm's output recomputed by the linear after it ---------------------------------------------------
+
+
+def _norm_then_conv(dtype=torch.float64, seed=0):
+    from transformers.pytorch_utils import Conv1D
+
+    g = torch.Generator().manual_seed(seed)
+    norm, conv = torch.nn.LayerNorm(7).to(dtype), Conv1D(5, 7).to(dtype)
+    for p in (norm.weight, norm.bias, conv.weight, conv.bias):
+        torch.nn.init.normal_(p, generator=g)
+    x = torch.randn(2, 6, 7, dtype=dtype, generator=g, requires_grad=True)
+    return torch.nn.Sequential(norm, conv), x
+
+
+def test_recomputed_norm_is_layer_norm_then_conv1d_in_values_and_gradients():
+    """A SourcedLayerNorm feeding a NormInputConv1D against nn.LayerNorm then transformers' Conv1D: finite
+    differences (gradcheck, float64) and the plain graph's gradients for x and all four parameters."""
+    from dpolab.train.speedups import NormInputConv1D, SourcedLayerNorm
+
+    pair, x = _norm_then_conv()
+    inputs = (x, *pair.parameters())
+    plain = pair(x)
+    plain_grads = torch.autograd.grad(plain.square().sum(), inputs)
+    pair[0].__class__, pair[1].__class__ = SourcedLayerNorm, NormInputConv1D
+    names = [n for n, _ in pair.named_parameters()]
+
+    def fused(x, *params):
+        return torch.func.functional_call(pair, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(fused, inputs)
+    out = pair(x)
+    assert "NormInputLinear" in type(out.grad_fn).__name__  # the recomputing path, not the plain Conv1D
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out.square().sum(), inputs), plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_norm_output_changed_in_place_or_transformed_is_not_recomputed():
+    """The linear recomputes the norm only from the norm's untouched output: after an in-place change, or fed another
+    tensor, it is a plain Conv1D, and the gradients are autograd's."""
+    from dpolab.train.speedups import NormInputConv1D, SourcedLayerNorm
+
+    pair, x = _norm_then_conv()
+    norm, conv = pair
+    for change in (lambda y: y.mul_(3.0), lambda y: y * 3.0):
+        reference = conv(norm(x).mul(3.0))
+        grads = torch.autograd.grad(reference.square().sum(), (x, *pair.parameters()))
+        norm.__class__, conv.__class__ = SourcedLayerNorm, NormInputConv1D
+        out = conv(change(norm(x)))
+        assert "NormInputLinear" not in type(out.grad_fn).__name__
+        for a, b in zip(torch.autograd.grad(out.square().sum(), (x, *pair.parameters())), grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        norm.__class__, conv.__class__ = torch.nn.LayerNorm, type(conv).__mro__[1]
+
+
+def test_recompute_layer_norms_keeps_the_model_function_and_saves_one_tensor_per_norm_less():
+    """What it is for: per block, the graph no longer keeps the outputs of ln_1 and ln_2 (two tokens x D tensors),
+    while the model's logits and every parameter's gradient stay the same."""
+    from dpolab.train.speedups import recompute_layer_norms
+
+    model = tiny_gpt2(97, seed=0, n_layer=3)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(ids).logits
+        return logits, torch.autograd.grad(logits.square().mean(), list(model.parameters())), sum(seen.values())
+
+    before, grads_before, bytes_before = run()
+    assert recompute_layer_norms(model) == 6  # ln_1 -> c_attn and ln_2 -> c_fc in each of 3 blocks
+    after, grads_after, bytes_after = run()
+    assert bytes_before - bytes_after == 6 * ids.numel() * model.config.n_embd * 4
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_after, grads_before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert recompute_layer_norms(model) == 0  # idempotent
+    assert sorted(model.state_dict()) == sorted(tiny_gpt2(97, seed=0, n_layer=3).state_dict())
+
+
+def test_recomputed_norm_under_bf16_autocast_matches_the_plain_one():
+    from dpolab.train.speedups import NormInputConv1D, SourcedLayerNorm
+
+    results = []
+    for fused in (False, True):
+        pair, x = _norm_then_conv(torch.float32)
+        if fused:
+            pair[0].__class__, pair[1].__class__ = SourcedLayerNorm, NormInputConv1D
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = pair(x)
+        grads = torch.autograd.grad(y.float().square().sum(), (x, *pair.parameters()))
+        assert all(g.dtype == torch.float32 for g in grads)
+        results.append((y.float(), grads))
+    (y0, g0), (y1, g1) = results
+    assert y1.dtype == y0.dtype
+    torch.testing.assert_close(y1, y0, rtol=1e-2, atol=1e-2)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)

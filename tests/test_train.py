@@ -238,18 +238,21 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
 
 SPEEDUPS_OFF = {"padded": {"packing": False}, "python-gelu": {"fuse_activations": False},
                 "foreach-adamw": {"fused_optimizer": False}, "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
+                "saved-layer-norms": {"recompute_layer_norms": False},
                 "all-off": {"packing": False, "fuse_activations": False, "fused_optimizer": False,
-                            "inplace_tied_embedding_grad": False}}
+                            "inplace_tied_embedding_grad": False, "recompute_layer_norms": False}}
 
 
 @pytest.mark.parametrize("loss, off", [("dpo", "padded"), ("ipo", "padded"), ("dpo", "python-gelu"),
                                        ("dpo", "foreach-adamw"), ("dpo", "dense-embedding-grad"),
+                                       ("dpo", "saved-layer-norms"),
                                        ("dpo", "all-off")])
 def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off):
-    """Each speed-up (packing, eq. 6.9; the fused GELU; fused AdamW; the tied embedding's in-place gradient) changes how
-    the step is computed, not what: the same history and weights as with it switched off, to float tolerance, over 8
-    steps of AdamW (sum log-probs, and mean for IPO). Not DPOP: at step 1 its penalty max(0, log pi_ref(y_w) -
-    log pi(y_w)) sits exactly at its kink, where float rounding alone decides whether its gradient is on."""
+    """Each speed-up (packing, eq. 6.9; the fused GELU; fused AdamW; the tied embedding's in-place gradient; the layer
+    norms recomputed in the backward) changes how the step is computed, not what: the same history and weights as
+    with it switched off, to float tolerance, over 8 steps of AdamW (sum log-probs, and mean for IPO). Not DPOP: at
+    step 1 its penalty max(0, log pi_ref(y_w) - log pi(y_w)) sits exactly at its kink, where float rounding alone
+    decides whether its gradient is on."""
     runs = []
     for overrides in (SPEEDUPS_OFF[off], {}):
         model = make_tiny_gpt2(small_tokenizer)

@@ -40,6 +40,7 @@ ABLATIONS = {  # variant (workers.ABLATIONS) -> what it switches off
     "recompute-head": "the kept softmax: the LM head's logits recomputed in the backward",
     "foreach-adamw": "fused AdamW: torch's default foreach AdamW",
     "dense-embedding-grad": "the tied embedding's in-place gradient: autograd's dense lookup gradient, summed",
+    "saved-layer-norms": "the recomputed layer norms: each norm's output kept for the linear after it",
 }
 LOSS_RTOL = 1e-4  # the first two steps' losses of dpolab and TRL must agree to this relative tolerance
 

@@ -57,6 +57,7 @@ def _step_seconds(ends: list[float], warmup: int) -> list[float]:
 # dpolab.train with one speed-up switched off: variant -> TrainConfig fields ("recompute-head" is a module setting)
 ABLATIONS = {"padded": {"packing": False}, "python-gelu": {"fuse_activations": False},
              "foreach-adamw": {"fused_optimizer": False}, "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
+             "saved-layer-norms": {"recompute_layer_norms": False},
              "recompute-head": {}, "bf16": {"precision": "bf16"}}  # bf16: not an ablation, reported apart
 
 

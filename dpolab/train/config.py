@@ -53,6 +53,7 @@ class TrainConfig:
     # --- speed-ups that change no number beyond float rounding (dpolab/train/speedups.py; `make bench` measures them)
     fuse_activations: bool = True  # GPT-2's Python GELU -> torch's fused tanh GELU, folded into the MLP's projection
     inplace_tied_embedding_grad: bool = True  # a tied input embedding adds its rows into weight.grad (one process only)
+    recompute_layer_norms: bool = True  # GPT-2: the linear after a layer norm keeps the norm's input, not its output
     fused_optimizer: bool = True  # AdamW's fused kernel where torch has it (CPU, CUDA)
     seed: int = 0  # seeds the data order and the torch/numpy/python RNGs
     disable_dropout: bool = True  # set every nn.Dropout's p to 0, as TRL does: the reference log-probs have no dropout

@@ -46,7 +46,7 @@ from ..files import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, loss_parameters
 from .reference import examples_hash, precompute_reference_logps
-from .speedups import fuse_activations, fused_adamw, inplace_tied_embedding_grad, native_bf16
+from .speedups import fuse_activations, fused_adamw, inplace_tied_embedding_grad, native_bf16, recompute_layer_norms
 
 __all__ = ["train", "TrainResult", "NonFiniteError", "warmup_cosine", "epoch_order", "METRICS"]
 
@@ -61,7 +61,7 @@ _SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
 # tolerance with packing on or off).
 _RESUMABLE_CHANGES = {"resume", "progress", "save_steps", "save_total_limit", "ref_cache_dir", "use_ref_cache", "output_dir",
                       "packing", "packed_row_tokens", "fuse_activations", "fused_optimizer",
-                      "inplace_tied_embedding_grad"}
+                      "inplace_tied_embedding_grad", "recompute_layer_norms"}
 
 
 class NonFiniteError(FloatingPointError):
@@ -291,6 +291,8 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
             fuse_activations(ref_model)
     if config.inplace_tied_embedding_grad:  # a plain lookup under DDP (speedups.RowGradEmbedding)
         inplace_tied_embedding_grad(model)
+    if config.recompute_layer_norms:  # the reference runs without gradients: nothing to keep there
+        recompute_layer_norms(model)
     example_params = _example_loss_kwargs(example_loss_kwargs, n, config.loss, config.loss_kwargs, device)
     data_hash = _fingerprint(examples, example_params)
     model.to(device)

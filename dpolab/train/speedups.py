@@ -11,6 +11,10 @@
   that weight's two gradients, the LM head's dense (V x D) one and the lookup's, which is a second dense (V x D)
   tensor of zeros with one row per looked-up token added: at the end of the backward, when every other gradient is
   already held, 150 MB more for GPT-2. Here the lookup's rows are added in place into ``weight.grad`` instead.
+- ``recompute_layer_norms``: in GPT-2's blocks, the linear after each layer norm (``ln_1`` -> ``attn.c_attn``,
+  ``ln_2`` -> ``mlp.c_fc``) keeps its input, the norm's output, for its weight's gradient, while the norm keeps its
+  own input for its backward: two (tokens x 768) tensors per norm. Here the linear keeps the norm's input alone and
+  recomputes the norm's output in the backward (one cheap normalisation per norm).
 - ``fused_adamw``: AdamW's fused kernel updates each tensor in one pass, without foreach temporaries.
 
 Packing (``dpolab.data.packing``) and the fused LM head (``dpolab.logprobs.linear_log_softmax``) live with the data
@@ -25,7 +29,8 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 __all__ = ["fuse_activations", "fused_adamw", "native_bf16", "gelu_projection", "GELUProjection",
-           "inplace_tied_embedding_grad", "RowGradEmbedding"]
+           "inplace_tied_embedding_grad", "RowGradEmbedding", "recompute_layer_norms", "SourcedLayerNorm",
+           "NormInputConv1D"]
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -114,6 +119,80 @@ def fuse_activations(model: torch.nn.Module) -> int:
                 setattr(module, name, GELUTanh())
                 replaced += 1
     return replaced
+
+
+_NORM_SOURCE = "_dpolab_norm_source"  # a SourcedLayerNorm's output carries (its version, x, the norm's arguments)
+
+
+class SourcedLayerNorm(torch.nn.LayerNorm):
+    """An ``nn.LayerNorm`` whose output remembers its input and the norm's arguments (as the attribute
+    ``_NORM_SOURCE``), so that the ``NormInputConv1D`` it feeds can recompute it in the backward instead of keeping
+    it. The norm's own function, gradients and saved tensors are ``nn.LayerNorm``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if torch.is_grad_enabled() and y.requires_grad:
+            setattr(y, _NORM_SOURCE, (y._version, x, self.weight, self.bias, tuple(self.normalized_shape), self.eps))
+        return y
+
+
+class _NormInputLinear(torch.autograd.Function):
+    """out = y W + b with y = layer_norm(x) (GPT-2's Conv1D layout: W is (in, out)), keeping x, not y:
+    dy = dout W^T, dW = y^T dout with y recomputed from x, db = sum dout. x is the norm's input, which the norm's
+    own backward keeps anyway; it is an input here only to be saved, and gets no gradient from this function."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, x, norm_weight, norm_bias, norm_shape, eps):
+        y2 = y.reshape(-1, y.shape[-1])
+        out = torch.addmm(bias, y2, weight) if bias is not None else y2 @ weight
+        ctx.mm_dtype, ctx.y_dtype = out.dtype, y.dtype  # the product's dtype (bf16 under autocast)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.norm_shape, ctx.eps = norm_shape, eps
+        ctx.save_for_backward(weight, x, norm_weight, norm_bias)
+        return out.view(*y.shape[:-1], weight.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        weight, x, norm_weight, norm_bias = ctx.saved_tensors
+        mm = ctx.mm_dtype
+        dout = grad_out.reshape(-1, grad_out.shape[-1]).to(mm)
+        grad_y = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (dout @ weight.to(mm).t()).to(ctx.y_dtype).view(*x.shape[:-1], weight.shape[0])
+        if ctx.needs_input_grad[1]:
+            y = F.layer_norm(x, ctx.norm_shape, norm_weight, norm_bias, ctx.eps).to(ctx.y_dtype)
+            grad_w = (y.reshape(-1, y.shape[-1]).to(mm).t() @ dout).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = dout.sum(0, dtype=torch.promote_types(mm, torch.float32)).to(ctx.bias_dtype)
+        return grad_y, grad_w, grad_b, None, None, None, None, None
+
+
+class NormInputConv1D(Conv1D):
+    """A GPT-2 ``Conv1D`` that, fed the untouched output of a ``SourcedLayerNorm``, keeps the norm's input instead
+    of its own (``_NormInputLinear``); fed anything else, it is a plain Conv1D. ``recompute_layer_norms`` turns a
+    Conv1D into one by changing its class: the same module, parameters, state-dict keys and hooks."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        source = getattr(y, _NORM_SOURCE, None)
+        if source is None or source[0] != y._version or not torch.is_grad_enabled():  # changed in place: plain
+            return super().forward(y)
+        return _NormInputLinear.apply(y, self.weight, self.bias, *source[1:])
+
+
+def recompute_layer_norms(model: torch.nn.Module) -> int:
+    """In place: in every GPT-2 block, make ``ln_1`` and ``ln_2`` ``SourcedLayerNorm`` and the linears they feed
+    (``attn.c_attn``, ``mlp.c_fc``) ``NormInputConv1D``, by a change of class; returns how many norm-linear pairs it
+    converted. The model computes the same function with the same gradients, to float rounding; only what autograd
+    keeps for the backward changes."""
+    pairs = 0
+    for block in model.modules():
+        for norm_name, owner_name, linear_name in (("ln_1", "attn", "c_attn"), ("ln_2", "mlp", "c_fc")):
+            norm, linear = getattr(block, norm_name, None), getattr(getattr(block, owner_name, None), linear_name, None)
+            if type(norm) is torch.nn.LayerNorm and type(linear) is Conv1D:
+                norm.__class__, linear.__class__ = SourcedLayerNorm, NormInputConv1D
+                pairs += 1
+    return pairs
 
 
 class _RowsIntoGrad(torch.autograd.Function):
