@@ -253,7 +253,8 @@ def _markdown(result: dict, text: str, lines: list[str]) -> str:
         "activations: slower here), an explicit `ref_model` and a sequential sampler; it runs the reference model in "
         "every step unless `precompute_ref_log_probs` (its own row). dpolab.train runs with its defaults: shared-prefix "
         "packing, the fused LM head with its softmax kept, the fused GELU folded into the MLP's projection, the tied "
-        "embedding's gradient added in place, fused AdamW, reference log-probs precomputed (before the timed steps).",
+        "embedding's gradient added in place, the layer norms' outputs recomputed in the backward, fused AdamW, "
+        "reference log-probs precomputed (before the timed steps).",
         "", text, "", *[f"- {line}" for line in lines if line],
         f"- minimal work per pair {t['minimal_flops_per_pair'] / 1e9:.1f} GFLOP (``dpolab/bench/flops.py``); "
         f"the ceiling is the best fp32 `torch.mm` of this run.", "", "```",
