@@ -283,3 +283,19 @@ def test_recomputed_norm_under_bf16_autocast_matches_the_plain_one():
     torch.testing.assert_close(y1, y0, rtol=1e-2, atol=1e-2)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+def test_recomputed_norm_follows_the_norms_own_dtype():
+    """CUDA's autocast runs layer_norm in fp32 even for a bf16 input: the backward recomputes the norm in fp32 too, so
+    the weight gradient is the one of the fp32 output the forward used, exactly."""
+    from dpolab.train.speedups import _NormInputLinear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 8, generator=g).bfloat16().requires_grad_()
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    weight, bias = torch.randn(8, 5, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)
+    y = torch.nn.functional.layer_norm(x.float(), (8,), w, b, 1e-5)  # fp32, from a bf16 input
+    out = _NormInputLinear.apply(y, weight, bias, x, w, b, (8,), 1e-5)
+    plain = torch.addmm(bias, y.detach().reshape(-1, 8), weight)
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), weight)[0],
+                               torch.autograd.grad(plain.square().sum(), weight)[0], rtol=0, atol=0)

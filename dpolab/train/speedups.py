@@ -161,7 +161,9 @@ class _NormInputLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_y = (dout @ weight.to(mm).t()).to(ctx.y_dtype).view(*x.shape[:-1], weight.shape[0])
         if ctx.needs_input_grad[1]:
-            y = F.layer_norm(x, ctx.norm_shape, norm_weight, norm_bias, ctx.eps).to(ctx.y_dtype)
+            wide = torch.promote_types(x.dtype, ctx.y_dtype)  # as autocast ran the norm (fp32 from bf16 under CUDA's)
+            y = F.layer_norm(x.to(wide), ctx.norm_shape, None if norm_weight is None else norm_weight.to(wide),
+                             None if norm_bias is None else norm_bias.to(wide), ctx.eps).to(ctx.y_dtype)
             grad_w = (y.reshape(-1, y.shape[-1]).to(mm).t() @ dout).to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = dout.sum(0, dtype=torch.promote_types(mm, torch.float32)).to(ctx.bias_dtype)
