@@ -43,11 +43,28 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def _conv1d(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """GPT-2's Conv1D product, inp @ weight + bias: (..., n), (n, m), (m,) -> (..., m)."""
+    flat = inp.reshape(-1, inp.shape[-1])
+    out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+    return out.view(*inp.shape[:-1], weight.shape[1])
+
+
+def _conv1d_param_grads(ctx, recompute_input, dout: torch.Tensor, weight: torch.Tensor):
+    """(dW, db) = (inp^T dout, sum dout) for a Conv1D product inside an autograd Function whose inputs 1 and 2 are
+    weight and bias, and whose ctx holds ``mm_dtype`` (the products' dtype) and ``bias_dtype``. ``recompute_input()``
+    gives the (tokens, n) input the forward did not keep; it runs only if dW is needed."""
+    grad_w = grad_b = None
+    if ctx.needs_input_grad[1]:
+        grad_w = (recompute_input().to(ctx.mm_dtype).t() @ dout).to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_b = dout.sum(0, dtype=torch.promote_types(ctx.mm_dtype, torch.float32)).to(ctx.bias_dtype)
+    return grad_w, grad_b
+
+
 def _gelu_then_project(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """gelu_tanh(a) @ weight + bias, (..., n) -> (..., m): the forward of ``gelu_projection``, graph or not."""
-    g = F.gelu(a, approximate="tanh").reshape(-1, a.shape[-1])
-    y = torch.addmm(bias, g, weight) if bias is not None else g @ weight
-    return y.view(*a.shape[:-1], weight.shape[1])
+    return _conv1d(F.gelu(a, approximate="tanh"), weight, bias)
 
 
 class _GELUProjection(torch.autograd.Function):
@@ -69,14 +86,11 @@ class _GELUProjection(torch.autograd.Function):
         mm = ctx.mm_dtype
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(mm)
         a2 = a.reshape(-1, a.shape[-1])
-        grad_a = grad_w = grad_b = None
+        grad_a = None
         if ctx.needs_input_grad[0]:
             grad_g = dy @ weight.to(mm).t()
             grad_a = torch.ops.aten.gelu_backward(grad_g.to(a.dtype), a2, approximate="tanh").view(a.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = (F.gelu(a2, approximate="tanh").to(mm).t() @ dy).to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = dy.sum(0, dtype=torch.promote_types(mm, torch.float32)).to(ctx.bias_dtype)
+        grad_w, grad_b = _conv1d_param_grads(ctx, lambda: F.gelu(a2, approximate="tanh"), dy, weight)
         return grad_a, grad_w, grad_b
 
 
@@ -143,13 +157,12 @@ class _NormInputLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, weight, bias, x, norm_weight, norm_bias, norm_shape, eps):
-        y2 = y.reshape(-1, y.shape[-1])
-        out = torch.addmm(bias, y2, weight) if bias is not None else y2 @ weight
+        out = _conv1d(y, weight, bias)
         ctx.mm_dtype, ctx.y_dtype = out.dtype, y.dtype  # the product's dtype (bf16 under autocast)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.norm_shape, ctx.eps = norm_shape, eps
         ctx.save_for_backward(weight, x, norm_weight, norm_bias)
-        return out.view(*y.shape[:-1], weight.shape[1])
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -157,16 +170,17 @@ class _NormInputLinear(torch.autograd.Function):
         weight, x, norm_weight, norm_bias = ctx.saved_tensors
         mm = ctx.mm_dtype
         dout = grad_out.reshape(-1, grad_out.shape[-1]).to(mm)
-        grad_y = grad_w = grad_b = None
+        grad_y = None
         if ctx.needs_input_grad[0]:
             grad_y = (dout @ weight.to(mm).t()).to(ctx.y_dtype).view(*x.shape[:-1], weight.shape[0])
-        if ctx.needs_input_grad[1]:
-            wide = torch.promote_types(x.dtype, ctx.y_dtype)  # as autocast ran the norm (fp32 from bf16 under CUDA's)
+
+        def norm_output():  # in the wider dtype, as autocast ran the norm (fp32 from bf16 under CUDA's)
+            wide = torch.promote_types(x.dtype, ctx.y_dtype)
             y = F.layer_norm(x.to(wide), ctx.norm_shape, None if norm_weight is None else norm_weight.to(wide),
                              None if norm_bias is None else norm_bias.to(wide), ctx.eps).to(ctx.y_dtype)
-            grad_w = (y.reshape(-1, y.shape[-1]).to(mm).t() @ dout).to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = dout.sum(0, dtype=torch.promote_types(mm, torch.float32)).to(ctx.bias_dtype)
+            return y.reshape(-1, y.shape[-1])
+
+        grad_w, grad_b = _conv1d_param_grads(ctx, norm_output, dout, weight)
         return grad_y, grad_w, grad_b, None, None, None, None, None
 
 
