@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .matmul import matmul, uses_onednn
+
 __all__ = [
     "Reduction",
     "selective_log_softmax",
@@ -193,20 +195,25 @@ def _mm_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> torch.Tensor:
-    """out = a @ b (``first``) or out += a @ b; the product in a's dtype, the result in out's (no copy if equal)."""
-    if a.dtype == out.dtype:
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool, onednn: bool = True) -> torch.Tensor:
+    """out = a @ b (``first``) or out += a @ b; the product in a's dtype (``dpolab.matmul``, or torch's own ``mm``
+    without ``onednn``), the result in out's."""
+    if a.dtype == out.dtype and not (onednn and uses_onednn(a, b)):  # written in place
         return torch.mm(a, b, out=out) if first else torch.addmm(out, a, b, out=out)
-    product = a @ b
+    product = matmul(a, b)
     return out.copy_(product) if first else out.add_(product)
 
 
-def _logits_t(out: torch.Tensor, weight, bias, hidden_t: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
-    """out (v1-v0, n) <- W[v0:v1] h^T + b[v0:v1]: the logits of vocabulary rows v0..v1-1 for every token, transposed
-    (vocabulary x token), so that each product writes one contiguous block. ``hidden_t`` is h^T in the products'
-    dtype."""
-    _mm_into(out, weight[v0:v1].to(hidden_t.dtype), hidden_t, first=True)
-    return out if bias is None else out.add_(bias[v0:v1, None].to(out.dtype))
+def _spans(total: int, size: int) -> list[tuple[int, int]]:
+    """[(0, size), (size, 2 size), ..., (.., total)]: the blocks of ``size`` that cover range(total)."""
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _logits_t(weight, bias, hidden_t: torch.Tensor, v0: int, v1: int, acc: torch.dtype) -> torch.Tensor:
+    """W[v0:v1] h^T + b[v0:v1], (v1-v0, n) in ``acc`` (at least fp32): the logits of vocabulary rows v0..v1-1 for
+    every token, transposed (vocabulary x token). ``hidden_t`` is h^T in the products' dtype."""
+    z = matmul(weight[v0:v1].to(hidden_t.dtype), hidden_t).to(acc)
+    return z if bias is None else z.add_(bias[v0:v1, None].to(acc))
 
 
 class _LinearLogSoftmax(torch.autograd.Function):
@@ -215,42 +222,40 @@ class _LinearLogSoftmax(torch.autograd.Function):
         d log pi(y_t) / d logits_t = onehot(y_t) - softmax(logits_t)                                    (6.8)
 
     so with g_t the incoming gradient, dlogits = g (onehot - p), dh = dlogits W, dW = dlogits^T h, db = sum dlogits.
-    The logits are computed transposed, (V, n), ``VOCAB_CHUNK`` vocabulary rows per product: each chunk's max m_c,
-    exp(z - m_c) and its sums are taken while the chunk is in cache, and log-sum-exp combines the chunks,
-    lse = max_c m_c + log sum_c exp(m_c - max_c m_c) sum_v exp(z_v - m_c). With ``keep`` (one block of all n tokens)
-    the exponentials are kept for the backward, where p = exp(z - m_c) exp(m_c - lse): three products per token
-    in all. Without, tokens go in blocks of ``chunk_size`` and each block's chunks are recomputed in the backward
-    (four products, one (VOCAB_CHUNK, chunk_size) block of memory). The one-hot term of (6.8) is a gather and an
-    index_add, outside the loops.
+    The logits are computed transposed, vocabulary x token, ``vocab_chunk`` vocabulary rows c per product: each
+    chunk's max m_c, exp(z - m_c) and its sums are taken while the chunk is in cache, and log-sum-exp combines the
+    chunks (6.10): lse = M + log sum_c exp(m_c - M) sum_{v in c} exp(z_v - m_c), M = max_c m_c. With ``keep`` (one
+    block of all n tokens) the chunks' exp(z - m_c) are kept for the backward, where p = exp(z - m_c) exp(m_c - lse):
+    three products per token in all. Without, tokens go in blocks of ``chunk_size`` and each block's chunks are
+    recomputed in the backward (four products; one (vocab_chunk x chunk_size) chunk alive at a time). The one-hot
+    term of (6.8) is a gather and an index_add, outside the loops.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int, keep: bool, vocab_chunk: int):
         (n, _), vocab = hidden.shape, weight.shape[0]
         mm, acc = _mm_dtype(hidden), torch.promote_types(hidden.dtype, torch.float32)  # products; softmax, gradients
-        step = n if keep else chunk_size  # tokens per block
-        blocks = [(t, min(t + step, n)) for t in range(0, n, step)]
-        chunks = [(v, min(v + vocab_chunk, vocab)) for v in range(0, vocab, vocab_chunk)]
-        # keep: exp(z - m_c) of every chunk, (V, n); else one chunk's, in a flat buffer viewed contiguous per block
-        exp_t = hidden.new_empty(vocab * n if keep else min(vocab_chunk, vocab) * blocks[0][1], dtype=acc)
+        chunks = _spans(vocab, vocab_chunk)
         m = hidden.new_empty((len(chunks), n), dtype=acc)  # each chunk's max, per token
         sums = torch.empty_like(m)
         picked = hidden.new_empty(n, dtype=acc)  # z[label]
         label_chunk = torch.div(labels, vocab_chunk, rounding_mode="floor")
-        for t0, t1 in blocks:
+        # with keep: each chunk's exp(z - m_c), (c, n), in one (V, n) buffer (one allocation, released as a whole)
+        kept = hidden.new_empty((vocab, n), dtype=acc) if keep else None
+        for t0, t1 in _spans(n, n if keep else chunk_size):
             h_t = hidden[t0:t1].t().to(mm)
             for i, (v0, v1) in enumerate(chunks):
-                out = exp_t.view(vocab, n)[v0:v1] if keep else exp_t[: (v1 - v0) * (t1 - t0)].view(v1 - v0, t1 - t0)
+                z = _logits_t(weight, bias, h_t, v0, v1, acc)  # (c, tokens)
                 cols = (label_chunk[t0:t1] == i).nonzero().flatten()
-                m_i = m[i, t0:t1]
-                _logits_t(out, weight, bias, h_t, v0, v1)
-                picked[t0 + cols] = out[labels[t0 + cols] - v0, cols]
-                torch.amax(out, 0, out=m_i)
-                torch.sum(out.sub_(m_i).exp_(), 0, out=sums[i, t0:t1])
+                picked[t0 + cols] = z[labels[t0 + cols] - v0, cols]
+                m_i = torch.amax(z, 0, out=m[i, t0:t1])
+                sums[i, t0:t1] = z.sub_(m_i).exp_().sum(0)
+                if keep:
+                    kept[v0:v1] = z
         top = m.amax(0)
-        lse = top + (m - top).exp_().mul_(sums).sum(0).log_()
+        lse = top + (m - top).exp_().mul_(sums).sum(0).log_()  # (6.10)
         ctx.chunk_size, ctx.keep, ctx.vocab_chunk, ctx.mm_dtype, ctx.used = chunk_size, keep, vocab_chunk, mm, False
-        ctx.save_for_backward(hidden, weight, bias, labels, m, lse, *((exp_t.view(vocab, n),) if keep else ()))
+        ctx.save_for_backward(hidden, weight, bias, labels, m, lse, *([kept] if keep else []))
         return picked - lse
 
     @staticmethod
@@ -262,30 +267,27 @@ class _LinearLogSoftmax(torch.autograd.Function):
         hidden, weight, bias, labels, m, lse, *kept = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         mm, acc = ctx.mm_dtype, m.dtype
-        (n, width), vocab, vc = hidden.shape, weight.shape[0], ctx.vocab_chunk
+        (n, width), vocab = hidden.shape, weight.shape[0]
         g = grad_out.to(acc)
         grad_h = hidden.new_empty((n, width), dtype=acc) if need_h else None
         grad_w = weight.new_empty(weight.shape, dtype=acc) if need_w else None
         grad_b = weight.new_zeros(vocab, dtype=acc) if need_b else None
-        scratch = None if ctx.keep else hidden.new_empty(min(vc, vocab) * min(ctx.chunk_size, n), dtype=acc)
-        step = n if ctx.keep else ctx.chunk_size
-        blocks = [(t, min(t + step, n)) for t in range(0, n, step)]
-        for t0, t1 in blocks:
+        for t0, t1 in _spans(n, n if ctx.keep else ctx.chunk_size):
             h = hidden[t0:t1].to(mm)
+            h_t = h.t().contiguous() if need_w else None  # dW = d h: oneDNN takes h^T with tokens contiguous
             coef = (m[:, t0:t1] - lse[t0:t1]).exp_().mul_(-g[t0:t1])  # -g exp(m_c - lse): p = exp(z - m_c) exp(m_c - lse)
-            for i, (v0, v1) in enumerate((v, min(v + vc, vocab)) for v in range(0, vocab, vc)):
-                if ctx.keep:
-                    e = kept[0][v0:v1]  # exp(z - m_c), overwritten in place
+            for i, (v0, v1) in enumerate(_spans(vocab, ctx.vocab_chunk)):
+                if ctx.keep:  # exp(z - m_c), overwritten in place
+                    e = kept[0][v0:v1]
                 else:  # recomputed exactly as the forward computed it
-                    e = scratch[: (v1 - v0) * (t1 - t0)].view(v1 - v0, t1 - t0)
-                    e = _logits_t(e, weight, bias, h.t(), v0, v1).sub_(m[i, t0:t1]).exp_()
+                    e = _logits_t(weight, bias, h.t(), v0, v1, acc).sub_(m[i, t0:t1]).exp_()
                 d = e.mul_(coef[i]).to(mm)  # (c, tokens): -g p, the softmax term of (6.8), transposed
                 if need_w:
-                    _mm_into(grad_w[v0:v1], d, h, first=t0 == 0)
+                    _mm_into(grad_w[v0:v1], d, h_t.t(), first=t0 == 0)
                 if need_b:
                     grad_b[v0:v1] += d.to(acc).sum(1)
-                if need_h:
-                    _mm_into(grad_h[t0:t1], d.t(), weight[v0:v1].to(mm), first=i == 0)
+                if need_h:  # the sum runs down both operands' rows: torch's mm, where oneDNN would copy both
+                    _mm_into(grad_h[t0:t1], d.t(), weight[v0:v1].to(mm), first=i == 0, onednn=False)
         g_col = g[:, None]  # the one-hot term of (6.8): + g_t at each token's label
         if need_h:
             grad_h += g_col * weight[labels].to(acc)

@@ -7,12 +7,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpolab.bench.__main__ import check_same_start, run_worker
-from dpolab.bench.flops import matmul_ceiling, matmul_weights, pair_flops
+from dpolab.bench.flops import _products, matmul_ceiling, matmul_weights, pair_flops
 from dpolab.data.packing import PackedPreferenceCollator
 from dpolab.logprobs import packed_logps
 from helpers import tiny_gpt2
 
 TINY = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 32, "n_layer": 1, "n_head": 2}
+
+
+def _onednn_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """oneDNN's X W^T (dpolab.matmul), which torch's counter does not know: X (m, k), W (n, k) -> 2 m k n."""
+    (m, k), (n, _) = x_shape, w_shape
+    return 2 * m * k * n
 
 
 def test_pair_flops_matrix_products_equal_torch_flop_counter():
@@ -23,11 +29,13 @@ def test_pair_flops_matrix_products_equal_torch_flop_counter():
     ex = [{"prompt_ids": list(range(3, 3 + P)), "chosen_ids": list(range(20, 20 + C)),
            "rejected_ids": list(range(40, 40 + R)), "index": 0}]
     batch = PackedPreferenceCollator(pad_token_id=1)(ex)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.mkldnn._linear_pointwise: _onednn_flops}) \
+            as counter:
         chosen, rejected = packed_logps(model, batch)
         (chosen - rejected).sum().backward()
     counts = counter.get_flop_counts()["Global"]
-    products = sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm", "bmm"))
+    products = sum(v for op, v in counts.items()
+                   if op.__name__.split(".")[0] in ("mm", "addmm", "bmm", "_linear_pointwise"))
     V, D, L = 501, 32, 2
     body_and_head = 3 * (2 * matmul_weights(model) * (P + C + R) + 2 * V * D * (C + R))
     assert products == body_and_head
@@ -36,10 +44,22 @@ def test_pair_flops_matrix_products_equal_torch_flop_counter():
     assert pair_flops(model, P, C, R) == body_and_head + 3 * 4 * D * L * visible
 
 
-def test_matmul_ceiling_reports_the_best_shape():
+def test_matmul_ceiling_reports_the_best_shape_and_library():
     out = matmul_ceiling([(64, 64, 64), (128, 128, 128)], seconds=0.05)
     assert out["flops_per_s"] == max(r["flops_per_s"] for r in out["all"]) > 0
     assert out["shape"] in ([64, 64, 64], [128, 128, 128])
+    libraries = {"torch.mm", "oneDNN"} if torch.backends.mkldnn.is_available() else {"torch.mm"}
+    assert {r["library"] for r in out["all"]} == libraries and len(out["all"]) == 2 * len(libraries)
+
+
+def test_the_ceilings_products_compute_the_product():
+    """Each library's timed product is a @ b (oneDNN's takes b stored transposed, as it is fastest)."""
+    torch.manual_seed(0)
+    products = _products(7, 5, 3)
+    results = {name: product().clone() for name, product in products.items()}
+    for name, value in results.items():
+        torch.testing.assert_close(value, results["torch.mm"], msg=name)
+    assert results["torch.mm"].shape == (7, 3)
 
 
 @pytest.mark.slow

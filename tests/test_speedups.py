@@ -172,12 +172,14 @@ def test_inplace_tied_embedding_grad_allocates_no_second_vocabulary_sized_gradie
             inplace_tied_embedding_grad(model)
         hidden = model.transformer(ids).last_hidden_state
         loss = linear_log_softmax(hidden[:, :-1].flatten(0, 1), model.lm_head.weight, None, ids[:, 1:].flatten()).sum()
-        with profile() as prof:
+        with profile(record_shapes=True) as prof:
             loss.backward()
         ops = [e.name for e in prof.events()]
         # the position embedding (untied) keeps its dense backward; the tied token embedding's is gone
         assert ops.count("aten::embedding_dense_backward") == (1 if fused else 2)
-        assert "aten::clone" not in ops
+        vocabulary_sized = [e.input_shapes for e in prof.events() if e.name == "aten::clone" and
+                            any(97 in shape for shape in e.input_shapes if isinstance(shape, list))]
+        assert vocabulary_sized == []  # no copy of the weight or of its gradient
 
 
 # --- the layer norm's output recomputed by the linear after it ---------------------------------------------------
@@ -287,10 +289,14 @@ def test_recomputed_norm_under_bf16_autocast_matches_the_plain_one():
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
 
 
-def test_recomputed_norm_follows_the_norms_own_dtype():
+def test_recomputed_norm_follows_the_norms_own_dtype(monkeypatch):
     """CUDA's autocast runs layer_norm in fp32 even for a bf16 input: the backward recomputes the norm in fp32 too, so
-    the weight gradient is the one of the fp32 output the forward used, exactly."""
+    the weight gradient is the one of the fp32 output the forward used, exactly (with torch's own products on both
+    sides: oneDNN's differ from them by rounding)."""
+    import dpolab.matmul
     from dpolab.train.speedups import _NormInputLinear
+
+    monkeypatch.setattr(dpolab.matmul, "ONEDNN", False)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 6, 8, generator=g).bfloat16().requires_grad_()

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dpolab.matmul
 from conftest import dpolab_command, make_tiny_gpt2, run_command, subprocess_env
 from dpolab.data.collate import tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
@@ -238,23 +239,26 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
 
 SPEEDUPS_OFF = {"padded": {"packing": False}, "python-gelu": {"fuse_activations": False},
                 "foreach-adamw": {"fused_optimizer": False}, "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
-                "saved-layer-norms": {"recompute_layer_norms": False},
+                "saved-layer-norms": {"recompute_layer_norms": False}, "mkl-products": {},
                 "all-off": {"packing": False, "fuse_activations": False, "fused_optimizer": False,
                             "inplace_tied_embedding_grad": False, "recompute_layer_norms": False}}
+MODULE_OFF = {"mkl-products", "all-off"}  # dpolab.matmul.ONEDNN = False: a module setting, not a config field
 
 
 @pytest.mark.parametrize("loss, off", [("dpo", "padded"), ("ipo", "padded"), ("dpo", "python-gelu"),
                                        ("dpo", "foreach-adamw"), ("dpo", "dense-embedding-grad"),
-                                       ("dpo", "saved-layer-norms"),
+                                       ("dpo", "saved-layer-norms"), ("dpo", "mkl-products"),
                                        ("dpo", "all-off")])
-def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off):
+def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off, monkeypatch):
     """Each speed-up (packing, eq. 6.9; the fused GELU; fused AdamW; the tied embedding's in-place gradient; the layer
-    norms recomputed in the backward) changes how the step is computed, not what: the same history and weights as
+    norms recomputed in the backward; oneDNN's products) changes how the step is computed, not what: the same history
+    and weights as
     with it switched off, to float tolerance, over 8 steps of AdamW (sum log-probs, and mean for IPO). Not DPOP: at
     step 1 its penalty max(0, log pi_ref(y_w) - log pi(y_w)) sits exactly at its kink, where float rounding alone
     decides whether its gradient is on."""
     runs = []
-    for overrides in (SPEEDUPS_OFF[off], {}):
+    for overrides, onednn in ((SPEEDUPS_OFF[off], off not in MODULE_OFF), ({}, True)):
+        monkeypatch.setattr(dpolab.matmul, "ONEDNN", onednn)
         model = make_tiny_gpt2(small_tokenizer)
         reduction = "mean" if loss == "ipo" else "sum"
         history = train(model, small_tokenizer, rows, config(batch_size=8, epochs=2, loss=loss, reduction=reduction,

@@ -10,7 +10,8 @@ vocabulary of V:
             + 2 V D (C + R)                            the LM head where a label is scored, nowhere else
     minimal = 3 x forward                              the backward costs two products per forward product
 
-No padding, no reference model (its log-probs are a constant of the data), no recomputation. Elementwise work
+No padding, no reference model (its log-probs are a constant of the data), no recomputation. The ceiling is the
+fastest fp32 product of torch's libraries (MKL's sgemm through ``torch.mm``, oneDNN's) at the model's shapes. Elementwise work
 (layer norms, GELU, softmax, AdamW) is not counted: it is memory-bound, and what it costs is part of the gap
 between an implementation and this limit. ``fraction_of_limit`` = pairs/s achieved / (ceiling / minimal FLOPs).
 """
@@ -44,21 +45,33 @@ def pair_flops(model: torch.nn.Module, prompt: int, chosen: int, rejected: int) 
     return 3.0 * forward
 
 
+def _products(m: int, k: int, n: int) -> dict:
+    """The fp32 products of an (m, k) and a (k, n) matrix this machine offers, each in its best layout: torch's ``mm``
+    (MKL's sgemm on x86) and, where torch has it, oneDNN's (``dpolab.matmul``; its second operand stored (n, k))."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out, w = torch.empty(m, n), b.t().contiguous()
+    products = {"torch.mm": lambda: torch.mm(a, b, out=out)}
+    if torch.backends.mkldnn.is_available():
+        products["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+    return products
+
+
 def matmul_ceiling(shapes: list[tuple[int, int, int]], seconds: float = 0.6) -> dict:
-    """The highest fp32 FLOP/s of ``torch.mm`` over ``shapes`` (m, k, n): each shape timed for ~``seconds`` after
-    a warm-up, its median taken; returns the best shape, its FLOP/s and all of them."""
+    """The highest fp32 FLOP/s of a matrix product over ``shapes`` (m, k, n) and over the libraries torch offers
+    (``_products``): each timed for ~``seconds`` after a warm-up, its median taken; returns the best shape, its
+    library, its FLOP/s and all of them."""
     results = []
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        out = torch.empty(m, n)
-        for _ in range(3):
-            torch.mm(a, b, out=out)
-        times, start = [], time.perf_counter()
-        while time.perf_counter() - start < seconds or len(times) < 5:
-            t = time.perf_counter()
-            torch.mm(a, b, out=out)
-            times.append(time.perf_counter() - t)
-        results.append({"shape": [m, k, n], "flops_per_s": 2.0 * m * k * n / statistics.median(times)})
+        for library, product in _products(m, k, n).items():
+            for _ in range(3):
+                product()
+            times, start = [], time.perf_counter()
+            while time.perf_counter() - start < seconds or len(times) < 5:
+                t = time.perf_counter()
+                product()
+                times.append(time.perf_counter() - t)
+            results.append({"shape": [m, k, n], "library": library,
+                            "flops_per_s": 2.0 * m * k * n / statistics.median(times)})
     best = max(results, key=lambda r: r["flops_per_s"])
-    return {"flops_per_s": best["flops_per_s"], "shape": best["shape"], "all": results,
+    return {"flops_per_s": best["flops_per_s"], "shape": best["shape"], "library": best["library"], "all": results,
             "threads": torch.get_num_threads()}

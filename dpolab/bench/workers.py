@@ -54,22 +54,25 @@ def _step_seconds(ends: list[float], warmup: int) -> list[float]:
     return [b - a for a, b in zip(ends[warmup - 1 :], ends[warmup:])]
 
 
-# dpolab.train with one speed-up switched off: variant -> TrainConfig fields ("recompute-head" is a module setting)
+# dpolab.train with one speed-up switched off: variant -> TrainConfig fields ("recompute-head" and "mkl-products"
+# are module settings)
 ABLATIONS = {"padded": {"packing": False}, "python-gelu": {"fuse_activations": False},
              "foreach-adamw": {"fused_optimizer": False}, "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
              "saved-layer-norms": {"recompute_layer_norms": False},
-             "recompute-head": {}, "bf16": {"precision": "bf16"}}  # bf16: not an ablation, reported apart
+             "recompute-head": {}, "mkl-products": {}, "bf16": {"precision": "bf16"}}  # bf16: reported apart
 
 
 def train_dpolab(spec: dict) -> dict:
     """dpolab.train on the spec's pairs; ``spec["variant"]`` switches one optimisation off (an ablation)."""
-    from .. import logprobs
+    from .. import logprobs, matmul
     from ..models import gpt2_tokenizer
     from ..train import TrainConfig, train
 
     variant = spec.get("variant", "dpolab")
     if variant == "recompute-head":
         logprobs.KEEP_SOFTMAX_BYTES = 0  # the LM head's chunks recomputed in the backward (4 products, not 3)
+    if variant == "mkl-products":
+        matmul.ONEDNN = False  # torch's own products in dpolab's autograd functions
     tokenizer = gpt2_tokenizer()
     rows, _ = _rows(spec)
     policy = _model(spec, seed=0)

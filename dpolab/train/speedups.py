@@ -16,6 +16,8 @@
   own input for its backward: two (tokens x 768) tensors per norm. Here the linear keeps the norm's input alone and
   recomputes the norm's output in the backward (one cheap normalisation per norm).
 - ``fused_adamw``: AdamW's fused kernel updates each tensor in one pass, without foreach temporaries.
+- The products inside these autograd functions go through ``dpolab.matmul``: oneDNN's fp32 kernels on a CPU (faster
+  than torch's MKL sgemm here), torch's own elsewhere.
 
 Packing (``dpolab.data.packing``) and the fused LM head (``dpolab.logprobs.linear_log_softmax``) live with the data
 and the log-probs they compute.
@@ -27,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
+
+from ..matmul import matmul
 
 __all__ = ["fuse_activations", "fused_adamw", "native_bf16", "gelu_projection", "GELUProjection",
            "inplace_tied_embedding_grad", "RowGradEmbedding", "recompute_layer_norms", "SourcedLayerNorm",
@@ -45,8 +49,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def _conv1d(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GPT-2's Conv1D product, inp @ weight + bias: (..., n), (n, m), (m,) -> (..., m)."""
-    flat = inp.reshape(-1, inp.shape[-1])
-    out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+    out = matmul(inp.reshape(-1, inp.shape[-1]), weight, bias)
     return out.view(*inp.shape[:-1], weight.shape[1])
 
 
@@ -56,7 +59,7 @@ def _conv1d_param_grads(ctx, recompute_input, dout: torch.Tensor, weight: torch.
     gives the (tokens, n) input the forward did not keep; it runs only if dW is needed."""
     grad_w = grad_b = None
     if ctx.needs_input_grad[1]:
-        grad_w = (recompute_input().to(ctx.mm_dtype).t() @ dout).to(weight.dtype)
+        grad_w = matmul(recompute_input().to(ctx.mm_dtype).t(), dout).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = dout.sum(0, dtype=torch.promote_types(ctx.mm_dtype, torch.float32)).to(ctx.bias_dtype)
     return grad_w, grad_b
@@ -88,7 +91,7 @@ class _GELUProjection(torch.autograd.Function):
         a2 = a.reshape(-1, a.shape[-1])
         grad_a = None
         if ctx.needs_input_grad[0]:
-            grad_g = dy @ weight.to(mm).t()
+            grad_g = matmul(dy, weight.to(mm).t())
             grad_a = torch.ops.aten.gelu_backward(grad_g.to(a.dtype), a2, approximate="tanh").view(a.shape)
         grad_w, grad_b = _conv1d_param_grads(ctx, lambda: F.gelu(a2, approximate="tanh"), dy, weight)
         return grad_a, grad_w, grad_b
@@ -172,7 +175,7 @@ class _NormInputLinear(torch.autograd.Function):
         dout = grad_out.reshape(-1, grad_out.shape[-1]).to(mm)
         grad_y = None
         if ctx.needs_input_grad[0]:
-            grad_y = (dout @ weight.to(mm).t()).to(ctx.y_dtype).view(*x.shape[:-1], weight.shape[0])
+            grad_y = matmul(dout, weight.to(mm).t()).to(ctx.y_dtype).view(*x.shape[:-1], weight.shape[0])
 
         def norm_output():  # in the wider dtype, as autocast ran the norm (fp32 from bf16 under CUDA's)
             wide = torch.promote_types(x.dtype, ctx.y_dtype)

@@ -1,0 +1,65 @@
+"""dpolab.matmul: oneDNN's fp32 products where they apply, torch's elsewhere, the same numbers either way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dpolab.matmul
+from dpolab.matmul import matmul, uses_onednn
+
+ONEDNN_HERE = torch.backends.mkldnn.is_available()
+
+
+def _operands(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    a, b, bias = (torch.randn(*shape, generator=g, dtype=dtype) for shape in ((9, 6), (6, 4), (4,)))
+    return a, b, bias
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "a-transposed", "b-transposed", "both-transposed"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_is_the_product_in_every_layout(layout, with_bias):
+    """Against float64 arithmetic: a @ b + bias to fp32 rounding, whichever strides the operands have."""
+    a64, b64, bias64 = _operands()
+    a, b = a64.float(), b64.float()
+    if layout in ("a-transposed", "both-transposed"):
+        a = a.t().contiguous().t()
+    if layout in ("b-transposed", "both-transposed"):
+        b = b.t().contiguous().t()
+    bias = bias64.float() if with_bias else None
+    assert uses_onednn(a, b, bias) == ONEDNN_HERE
+    expected = a64 @ b64 + (bias64 if with_bias else 0)
+    torch.testing.assert_close(matmul(a, b, bias).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_where_onednn_does_not_apply_torch_multiplies(monkeypatch):
+    a, b, bias = (t.float() for t in _operands())
+    assert not uses_onednn(a.double(), b.double())  # not fp32
+    assert not uses_onednn(a.bfloat16(), b.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: torch's own op
+        assert not uses_onednn(a, b)
+        assert matmul(a, b).dtype == torch.bfloat16
+    leaf = a.clone().requires_grad_()
+    assert not uses_onednn(leaf, b)  # a graph to record: oneDNN's op has no autograd formula
+    matmul(leaf, b, bias).square().sum().backward()
+    torch.testing.assert_close(leaf.grad, 2 * (a @ b + bias) @ b.t())
+    with torch.no_grad():
+        assert uses_onednn(leaf, b) == ONEDNN_HERE
+    assert not uses_onednn(a[:0], b)  # empty
+    monkeypatch.setattr(dpolab.matmul, "ONEDNN", False)
+    assert not uses_onednn(a, b)
+    torch.testing.assert_close(matmul(a, b, bias), torch.addmm(bias, a, b))
+
+
+@pytest.mark.skipif(not ONEDNN_HERE, reason="this torch has no oneDNN")
+def test_onednn_kernels_are_not_cached_unless_the_user_says(monkeypatch):
+    """Training shapes change every batch and each cached kernel holds memory: dpolab asks oneDNN not to cache,
+    unless the user set the capacity."""
+    a, b, _ = (t.float() for t in _operands())
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    matmul(a, b)
+    assert dpolab.matmul.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    matmul(a, b)
+    assert dpolab.matmul.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
