@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dpolab.bench.__main__ import check_same_start, run_worker
+from dpolab.bench.__main__ import check_same_start
 from dpolab.bench.flops import _products, matmul_ceiling, matmul_weights, pair_flops
+from dpolab.bench.lockstep import run_lockstep
 from dpolab.data.packing import PackedPreferenceCollator
 from dpolab.logprobs import packed_logps
 from helpers import tiny_gpt2
@@ -67,12 +68,21 @@ def test_the_ceilings_products_compute_the_product():
 def test_trl_and_dpolab_workers_start_from_the_same_weights_and_loss():
     """The harness's own check, on a 1-layer GPT-2: TRL's DPOTrainer and dpolab.train, each in its own process, on
     the same pairs in the same order, report the same initial weights and the same loss at steps 1 and 2."""
-    spec = {"model": TINY, "batch_size": 16, "beta": 0.1, "lr": 1e-3, "warmup_steps": 2, "timed_steps": 1,
+    spec = {"model": TINY, "batch_size": 16, "beta": 0.1, "lr": 1e-3, "warmup_steps": 2, "timed_steps": 2,
             "threads": 1, "ceiling_tokens": 64}
-    trl, ours = run_worker("trl", {**spec, "variant": "trl"}, 600), run_worker("dpolab", spec, 600)
+    trl, ours = run_lockstep([("trl", {**spec, "variant": "trl"}), ("dpolab", spec)], steps=4, timeout=600)
     check_same_start(trl, ours)
     assert abs(trl["losses"][0] - 0.6931) > 1e-3  # two different random models: not the trivial log 2
-    assert len(trl["step_seconds"]) == len(ours["step_seconds"]) == 1
+    assert len(trl["step_seconds"]) == len(ours["step_seconds"]) == 2
+    # lockstep: after the warm-up step 1, no step of one process overlaps a step of the other
+    steps = sorted([*trl["step_intervals"][1:4], *ours["step_intervals"][1:4]])
+    assert len(steps) == 6 and all(a[1] <= b[0] for a, b in zip(steps, steps[1:]))
+    assert trl["step_seconds"] == [end - start for start, end in trl["step_intervals"][2:4]]
     assert trl["peak_rss_bytes"] > 0 and ours["peak_rss_bytes"] > 0
     with pytest.raises(AssertionError, match="step 1"):
         check_same_start(trl, {**ours, "losses": [ours["losses"][0] * 1.01, *ours["losses"][1:]]})
+
+
+def test_lockstep_reports_a_worker_that_dies():
+    with pytest.raises(RuntimeError, match=r"bench worker no-such-kind .*stopped with status 1(.|\n)*KeyError"):
+        run_lockstep([("no-such-kind", {"warmup_steps": 2})], steps=3, timeout=120)

@@ -1,16 +1,19 @@
 """``python -m dpolab.bench`` (``make bench``): dpolab's trainer against TRL's DPOTrainer, side by side.
 
     ceiling          the fp32 matmul ceiling of this machine, now                      (flops.py)
-    repeat R times:  TRL DPOTrainer, then dpolab.train, each in its own process        (workers.py)
+    repeat R times:  TRL DPOTrainer and dpolab.train in lockstep, each in its own process (lockstep.py, workers.py)
                      same random GPT-2, same pairs in the same order, same hyperparameters
                      assert: the same initial weights, the same loss at steps 1 and 2
-    once:            TRL with precompute_ref_log_probs; ablations (one optimisation off each); bf16 autocast;
-                     generation; reference log-probs
+    once each:       in lockstep with dpolab.train as shipped: TRL with precompute_ref_log_probs; the ablations (one
+                     optimisation off each); bf16 autocast
+    then:            generation; reference log-probs; the ceiling again
     print            the table, then speedup_vs_trl, peak_rss_ratio_vs_trl, fraction_of_limit
     write            <out>/bench.json and <out>/bench.md (the table the README links to)
 
-Figures are medians: of the timed steps within a run, then of the R runs. ``--quick`` runs a 4-layer, 256-wide
-GPT-2 with GPT-2's vocabulary, one repeat, no ablations: about a minute.
+Lockstep: the two processes take turns, one optimizer step each, so that neighbouring steps meet the same machine
+(it is shared and noisy). Step times are medians of the timed steps within a run; a ratio is taken within each run,
+then its median over the R runs; every other figure is the median over the runs. ``--quick`` runs a 4-layer,
+256-wide GPT-2 with GPT-2's vocabulary, one repeat, no ablations: about a minute.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..train.speedups import native_bf16
+from .lockstep import run_lockstep, worker_argv, worker_env
 
 __all__ = ["main", "spec_for"]
 
@@ -58,11 +62,9 @@ def run_worker(kind: str, spec: dict, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-               "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "dpolab.bench.workers", kind, str(spec_path), str(out_path)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(worker_argv(kind, spec_path, out_path), env=worker_env(), capture_output=True, text=True,
+                              timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"bench worker {kind} ({spec.get('variant', kind)}) failed with status "
                                f"{proc.returncode}:\n{proc.stderr[-4000:]}")
@@ -118,11 +120,11 @@ def check_same_start(trl: dict, ours: dict) -> None:
 
 
 def table(rows: list[tuple[str, dict]], ceiling: float) -> str:
-    head = (f"| run | s/step | pairs/s | tokens/s | peak RSS | useful GFLOP/s | share of ceiling ({ceiling / 1e9:.0f} "
-            "GFLOP/s) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    lines = [f"| {name} | {r['seconds_per_step']:.2f} | {r['pairs_per_s']:.2f} | {r['tokens_per_s']:,.0f} | "
-             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['useful_flops_per_s'] / 1e9:.0f} | {r['share_of_ceiling']:.0%} |"
-             for name, r in rows]
+    head = (f"| run | s/step | s/step ÷ dpolab's, same run | pairs/s | tokens/s | peak RSS | useful GFLOP/s | share of "
+            f"ceiling ({ceiling / 1e9:.0f} GFLOP/s) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [f"| {name} | {r['seconds_per_step']:.2f} | {r.get('vs_dpolab', 1):.2f} | {r['pairs_per_s']:.2f} | "
+             f"{r['tokens_per_s']:,.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['useful_flops_per_s'] / 1e9:.0f} | "
+             f"{r['share_of_ceiling']:.0%} |" for name, r in rows]
     return "\n".join([head, *lines])
 
 
@@ -161,44 +163,55 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = [run_worker("ceiling", spec, args.timeout)]
     say(f"matmul ceiling {ceilings[0]['flops_per_s'] / 1e9:.0f} GFLOP/s at {ceilings[0]['shape']} "
         f"({ceilings[0]['library']})")
+    steps = args.warmup + args.steps
+
+    def paired(variant: str, kind: str = "dpolab") -> tuple[dict, dict]:
+        """One run of ``variant`` in lockstep with dpolab as shipped: (the variant's result, dpolab's)."""
+        other, ours = run_lockstep([(kind, {**spec, "variant": variant}), ("dpolab", {**spec, "variant": "dpolab"})],
+                                   steps, args.timeout)
+        say(f"{variant}: {statistics.median(other['step_seconds']):.2f} s/step, peak "
+            f"{other['peak_rss_bytes'] / 2**30:.2f} GiB; dpolab in the same run "
+            f"{statistics.median(ours['step_seconds']):.2f} s/step, peak {ours['peak_rss_bytes'] / 2**30:.2f} GiB")
+        return other, ours
+
     runs = {"trl": [], "dpolab": []}
     for r in range(repeats):
-        for kind in ("trl", "dpolab"):
-            runs[kind].append(run_worker(kind, {**spec, "variant": kind}, args.timeout))
-            say(f"repeat {r + 1}: {kind} {statistics.median(runs[kind][-1]['step_seconds']):.2f} s/step, "
-                f"peak {runs[kind][-1]['peak_rss_bytes'] / 2**30:.2f} GiB")
-        check_same_start(runs["trl"][-1], runs["dpolab"][-1])
-    extra, trl_precompute = {}, None
+        trl, ours = paired("trl", kind="trl")
+        check_same_start(trl, ours)
+        runs["trl"].append(trl)
+        runs["dpolab"].append(ours)
+    extra = {}  # variant -> (its result, dpolab's in the same lockstep run)
     if ablations:
-        trl_precompute = run_worker("trl", {**spec, "variant": "trl-precompute"}, args.timeout)
-        check_same_start(trl_precompute, runs["dpolab"][-1])
-        say(f"TRL with precompute_ref_log_probs: {statistics.median(trl_precompute['step_seconds']):.2f} s/step")
+        extra["trl-precompute"] = paired("trl-precompute", kind="trl")
+        check_same_start(*extra["trl-precompute"])
         for variant in ABLATIONS:
-            extra[variant] = run_worker("dpolab", {**spec, "variant": variant}, args.timeout)
-            say(f"ablation {variant}: {statistics.median(extra[variant]['step_seconds']):.2f} s/step")
-    bf16 = None
+            extra[variant] = paired(variant)
     if not args.quick and native_bf16(torch.device("cpu")):  # mixed precision, apart from the fp32 comparison
-        bf16 = run_worker("dpolab", {**spec, "variant": "bf16"}, args.timeout)
-        say(f"dpolab bf16 autocast: {statistics.median(bf16['step_seconds']):.2f} s/step")
+        extra["bf16"] = paired("bf16")
     generation = run_worker("generation", spec, args.timeout)
     reference = run_worker("reference", spec, args.timeout)
     ceilings.append(run_worker("ceiling", spec, args.timeout))  # the machine's best, before and after
     best = max(ceilings, key=lambda c: c["flops_per_s"])
     ceiling = best["flops_per_s"]
-    bf16 = bf16 and summarize(bf16, stats, ceiling, spec["batch_size"])
 
-    per_run = {k: [summarize(x, stats, ceiling, spec["batch_size"]) for x in v] for k, v in runs.items()}
+    def summary(result: dict) -> dict:
+        return summarize(result, stats, ceiling, spec["batch_size"])
+
+    per_run = {k: [summary(x) for x in v] for k, v in runs.items()}
     median = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "losses"} | {"losses": v[0]["losses"]}
               for k, v in per_run.items()}
-    rows = [("TRL DPOTrainer", median["trl"]), ("dpolab.train", median["dpolab"])]
-    if trl_precompute:
-        rows.insert(1, ("TRL DPOTrainer, precompute_ref_log_probs", summarize(trl_precompute, stats, ceiling,
-                                                                              spec["batch_size"])))
-    rows += [(f"dpolab without {ABLATIONS[v].split(':')[0]}", summarize(x, stats, ceiling, spec["batch_size"]))
-             for v, x in extra.items()]
-    speedup = median["dpolab"]["pairs_per_s"] / median["trl"]["pairs_per_s"]
-    rss_ratio = median["dpolab"]["peak_rss_bytes"] / median["trl"]["peak_rss_bytes"]
+    # the ratios are taken within each lockstep run, then their median over the runs
+    speedup = statistics.median(o["pairs_per_s"] / t["pairs_per_s"] for o, t in zip(per_run["dpolab"], per_run["trl"]))
+    rss_ratio = statistics.median(o["peak_rss_bytes"] / t["peak_rss_bytes"]
+                                  for o, t in zip(per_run["dpolab"], per_run["trl"]))
     fraction = median["dpolab"]["share_of_ceiling"]
+    versus = {v: summary(x) | {"vs_dpolab": summary(x)["seconds_per_step"] / summary(ours)["seconds_per_step"]}
+              for v, (x, ours) in extra.items()}
+    rows = [("TRL DPOTrainer", median["trl"] | {"vs_dpolab": speedup}), ("dpolab.train", median["dpolab"])]
+    if "trl-precompute" in versus:
+        rows.insert(1, ("TRL DPOTrainer, precompute_ref_log_probs", versus["trl-precompute"]))
+    rows += [(f"dpolab without {ABLATIONS[v].split(':')[0]}", versus[v]) for v in ABLATIONS if v in versus]
+    bf16 = versus.get("bf16")
     text = table(rows, ceiling)
     gen_line = (f"generation: {generation['prompts']} prompts x {spec['generation_tokens']} new tokens in "
                 f"{generation['seconds']:.1f} s ({generation['new_tokens'] / generation['seconds']:,.0f} new tokens/s, "
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{k} {v['pairs'] / v['seconds']:.1f} pairs/s" for k, v in reference["layouts"].items())
     bf16_line = "" if bf16 is None else (
         f"bf16 autocast (not part of the fp32 comparison): {bf16['seconds_per_step']:.2f} s/step, "
-        f"{bf16['pairs_per_s']:.2f} pairs/s, {bf16['pairs_per_s'] / median['trl']['pairs_per_s']:.2f}x TRL's fp32, "
+        f"{bf16['pairs_per_s']:.2f} pairs/s, {1 / bf16['vs_dpolab']:.2f}x dpolab's fp32 in the same run, "
         f"peak RSS {bf16['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(text)
     if bf16_line:
@@ -220,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"spec": spec, "tokens": stats, "ceilings": ceilings, "ceiling_flops_per_s": ceiling,
               "ceiling_library": best["library"], "ceiling_shape": best["shape"],
-              "runs": runs, "per_run": per_run, "median": median, "ablations": extra, "trl_precompute": trl_precompute, "generation": generation,
+              "runs": runs, "per_run": per_run, "median": median, "paired_runs": extra, "versus": versus,
+              "generation": generation,
               "reference": reference, "bf16": bf16, "speedup_vs_trl": speedup, "peak_rss_ratio_vs_trl": rss_ratio,
               "fraction_of_limit": fraction, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "versions": _versions(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -249,8 +263,12 @@ def _markdown(result: dict, text: str, lines: list[str]) -> str:
         f"{s['batch_size']} Penn pairs per step: prompt {t['prompt_tokens']['min']}-{t['prompt_tokens']['max']}, "
         f"chosen {t['chosen_tokens']['min']}-{t['chosen_tokens']['max']}, rejected {t['rejected_tokens']['min']}-"
         f"{t['rejected_tokens']['max']} tokens (EOS included); the padded layout is "
-        f"{t['padded_layout_padding_share']:.0%} padding. Medians of {s['timed_steps']} timed steps after "
-        f"{s['warmup_steps']} warm-up steps, then of {len(result['runs']['trl'])} runs; each run in its own process.",
+        f"{t['padded_layout_padding_share']:.0%} padding. Each run is two processes in lockstep (``dpolab/bench/"
+        f"lockstep.py``): they take turns, one optimizer step each, so that neighbouring steps meet the same machine. "
+        f"Medians of {s['timed_steps']} timed steps after {s['warmup_steps']} warm-up steps; TRL against dpolab: "
+        f"{len(result['runs']['trl'])} runs, each ratio taken within a run, then the median over the runs (every "
+        "other figure of those two rows is the median over the runs); every other row: one run beside dpolab as "
+        "shipped, and its time divided by dpolab's in that run.",
         "", f"Both: DPO (sigmoid) loss at beta {s['beta']}, AdamW at a constant lr {s['lr']:g}, gradient clipping at 1.0, "
         "the same pairs in the same order, the same loss at steps 1 and 2 (asserted). TRL's DPOTrainer runs with its "
         "defaults except `bf16=False` (fp32 like ours), `gradient_checkpointing=False` (its default recomputes "

@@ -2,10 +2,10 @@
 
 Every worker builds the same inputs from the spec: a GPT-2 of the spec's size with random weights (policy: seed 0,
 reference: seed 1, so the first step's loss is not the trivial log 2), GPT-2's tokenizer, and the first
-``steps x batch_size`` Penn training pairs in dpolab's step order. A training worker times each optimizer step as
-the interval between the ends of consecutive steps (loading, collation, forward, backward, clipping, AdamW and
-logging included) and reports its peak resident memory (``ru_maxrss``: the process's high-water mark, model
-building included). It writes one JSON file; nothing else leaves the process.
+``steps x batch_size`` Penn training pairs in dpolab's step order. A training worker times each optimizer step from
+its start to its end (collation, forward, backward, clipping, AdamW and logging included; ``lockstep.Gate``: in
+lockstep, from the coordinator's "go") and reports its peak resident memory (``ru_maxrss``: the process's high-water
+mark, model building included). It writes one JSON file; nothing else leaves the process.
 """
 
 from __future__ import annotations
@@ -49,9 +49,14 @@ def _weights_digest(model) -> str:
     return weights_hash(model)[:16]
 
 
-def _step_seconds(ends: list[float], warmup: int) -> list[float]:
-    """Durations of the steps after the warm-up: step i lasts from the end of step i-1 to its own end."""
-    return [b - a for a, b in zip(ends[warmup - 1 :], ends[warmup:])]
+def _gate(spec: dict):
+    from .lockstep import Gate
+
+    return Gate(*spec.get("gate", (None, None)))
+
+
+def _timings(gate, spec: dict) -> dict:
+    return {"step_seconds": gate.step_seconds(spec["warmup_steps"]), "step_intervals": gate.intervals()}
 
 
 # dpolab.train with one speed-up switched off: variant -> TrainConfig fields ("recompute-head" and "mkl-products"
@@ -81,16 +86,15 @@ def train_dpolab(spec: dict) -> dict:
     config = TrainConfig(loss="dpo", beta=spec["beta"], learning_rate=spec["lr"], min_learning_rate=spec["lr"],
                          batch_size=spec["batch_size"], epochs=1, max_steps=steps, seed=0, use_ref_cache=False,
                          progress=False, **ABLATIONS.get(variant, {}))
-    ends, losses = [], []
+    gate, losses = _gate(spec), []
 
     def on_step(row):
-        ends.append(time.perf_counter())
         losses.append(row["loss"])
+        gate.step_done()
 
     # the reference is built inside the call and dropped by train() once its log-probs are computed
     train(policy, tokenizer, rows, config, ref_model=_model(spec, seed=1), on_step=on_step)
-    return {"step_seconds": _step_seconds(ends, spec["warmup_steps"]), "losses": losses,
-            "peak_rss_bytes": _peak_rss_bytes(), "initial_weights": digest}
+    return {**_timings(gate, spec), "losses": losses, "peak_rss_bytes": _peak_rss_bytes(), "initial_weights": digest}
 
 
 def train_trl(spec: dict) -> dict:
@@ -109,11 +113,11 @@ def train_trl(spec: dict) -> dict:
     policy = _model(spec, seed=0)
     digest = _weights_digest(policy)
     reference = _model(spec, seed=1).eval()
-    ends = []
+    gate = _gate(spec)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+            gate.step_done()
 
     with tempfile.TemporaryDirectory() as work:
         args = DPOConfig(
@@ -130,8 +134,8 @@ def train_trl(spec: dict) -> dict:
         del reference
         trainer.train()
         log = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
-    return {"step_seconds": _step_seconds(ends, spec["warmup_steps"]), "losses": [float(e["loss"]) for e in log],
-            "peak_rss_bytes": _peak_rss_bytes(), "initial_weights": digest}
+    return {**_timings(gate, spec), "losses": [float(e["loss"]) for e in log], "peak_rss_bytes": _peak_rss_bytes(),
+            "initial_weights": digest}
 
 
 def ceiling(spec: dict) -> dict:
