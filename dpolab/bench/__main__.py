@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if ablations:
         extra["trl-precompute"] = paired("trl-precompute", kind="trl")
         check_same_start(*extra["trl-precompute"])
+        extra["same"] = paired("dpolab")  # dpolab beside itself: how far apart one run's two sides land by chance
         for variant in ABLATIONS:
             extra[variant] = paired(variant)
     if not args.quick and native_bf16(torch.device("cpu")):  # mixed precision, apart from the fp32 comparison
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("TRL DPOTrainer", median["trl"] | {"vs_dpolab": speedup}), ("dpolab.train", median["dpolab"])]
     if "trl-precompute" in versus:
         rows.insert(1, ("TRL DPOTrainer, precompute_ref_log_probs", versus["trl-precompute"]))
+    if "same" in versus:
+        rows.append(("dpolab as shipped, beside itself (the noise floor of one run)", versus["same"]))
     rows += [(f"dpolab without {ABLATIONS[v].split(':')[0]}", versus[v]) for v in ABLATIONS if v in versus]
     bf16 = versus.get("bf16")
     text = table(rows, ceiling)
@@ -268,7 +271,8 @@ def _markdown(result: dict, text: str, lines: list[str]) -> str:
         f"Medians of {s['timed_steps']} timed steps after {s['warmup_steps']} warm-up steps; TRL against dpolab: "
         f"{len(result['runs']['trl'])} runs, each ratio taken within a run, then the median over the runs (every "
         "other figure of those two rows is the median over the runs); every other row: one run beside dpolab as "
-        "shipped, and its time divided by dpolab's in that run.",
+        "shipped, and its time divided by dpolab's in that run (dpolab beside itself shows how far such a one-run "
+        "ratio strays from 1 by chance).",
         "", f"Both: DPO (sigmoid) loss at beta {s['beta']}, AdamW at a constant lr {s['lr']:g}, gradient clipping at 1.0, "
         "the same pairs in the same order, the same loss at steps 1 and 2 (asserted). TRL's DPOTrainer runs with its "
         "defaults except `bf16=False` (fp32 like ours), `gradient_checkpointing=False` (its default recomputes "
