@@ -33,42 +33,77 @@ def _add_train(commands) -> None:
     from .train import TrainConfig
 
     d = TrainConfig()
-    p = commands.add_parser("train", help="fine-tune a causal LM on preference pairs (DPO, DPOP, SFT, ...)",
-                            description="Fine-tune a causal LM on preference pairs with one loss of dpolab.losses. "
-                                        "Defaults: the seed article's hyperparameters.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny (the tiny Penn world), gpt2, smollm2-135m, auto, "
-                   "a local folder or a hub id (resolved by dpolab.models.load_model)")
-    p.add_argument("--data", default="penn", help="penn (the shipped Penn set's train split), a .json/.jsonl file "
-                   "of prompt/chosen/rejected rows, or a Hugging Face dataset name")
+    p = commands.add_parser(
+        "train",
+        help="fine-tune a causal LM on preference pairs (DPO, DPOP, SFT, ...)",
+        description="Fine-tune a causal LM on preference pairs with one loss of dpolab.losses. "
+        "Defaults: the seed article's hyperparameters.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (the tiny Penn world), gpt2, smollm2-135m, auto, "
+        "a local folder or a hub id (resolved by dpolab.models.load_model)",
+    )
+    p.add_argument(
+        "--data",
+        default="penn",
+        help="penn (the shipped Penn set's train split), a .json/.jsonl file "
+        "of prompt/chosen/rejected rows, or a Hugging Face dataset name",
+    )
     p.add_argument("--split", default="train", help="the split to train on when --data holds several")
     p.add_argument("--loss", default=d.loss, choices=sorted(LOSSES), help="the preference loss")
     p.add_argument("--beta", type=float, default=d.beta, help="beta: KL strength, scales the implicit rewards")
     p.add_argument("--dpop-lambda", type=float, default=5.0, help="DPOP's lambda (used with --loss dpop)")
-    p.add_argument("--loss-param", type=_loss_param, action="append", default=[], metavar="KEY=VALUE",
-                   help="another parameter of the loss, e.g. label_smoothing=0.1 or kl_coef=0.1 (repeatable)")
-    p.add_argument("--reduction", default=d.reduction, choices=["sum", "mean"],
-                   help="sum (log pi(y|x)) or per-token mean of the completion log-probs")
+    p.add_argument(
+        "--loss-param",
+        type=_loss_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another parameter of the loss, e.g. label_smoothing=0.1 or kl_coef=0.1 (repeatable)",
+    )
+    p.add_argument(
+        "--reduction",
+        default=d.reduction,
+        choices=["sum", "mean"],
+        help="sum (log pi(y|x)) or per-token mean of the completion log-probs",
+    )
     p.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr", type=float, default=d.min_learning_rate, help="learning rate at the end of the cosine decay")
+    p.add_argument(
+        "--min-lr", type=float, default=d.min_learning_rate, help="learning rate at the end of the cosine decay"
+    )
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (0: no clipping)")
+    p.add_argument(
+        "--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (0: no clipping)"
+    )
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training pairs")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per optimizer step (all processes)")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum_steps, help="micro-batches per optimizer step")
-    p.add_argument("--max-length", type=int, default=None, help="max tokens of prompt + completion (None: the model's context)")
+    p.add_argument(
+        "--max-length", type=int, default=None, help="max tokens of prompt + completion (None: the model's context)"
+    )
     p.add_argument("--max-prompt-length", type=int, default=None, help="max prompt tokens (the prompt's start is cut)")
-    p.add_argument("--keep-dropout", action="store_true", help="train with the model's dropout (TRL's disable_dropout=False)")
+    p.add_argument(
+        "--keep-dropout", action="store_true", help="train with the model's dropout (TRL's disable_dropout=False)"
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data order and the RNGs")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda", "mps"], help="where to train")
-    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on CUDA when supported, else fp32")
+    p.add_argument(
+        "--precision",
+        default=d.precision,
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 autocast on CUDA when supported, else fp32",
+    )
     p.add_argument("--output-dir", default="runs/train", help="checkpoints, history.json/.csv, config.json, model/")
     p.add_argument("--save-steps", type=int, default=None, help="checkpoint every this many steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    p.add_argument("--ref-cache-dir", default=None, help="cache of reference log-probs (default: $DPOLAB_CACHE/ref-logps)")
+    p.add_argument(
+        "--ref-cache-dir", default=None, help="cache of reference log-probs (default: $DPOLAB_CACHE/ref-logps)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -94,13 +129,31 @@ def train_config(args: argparse.Namespace):
     if args.loss == "dpop":
         loss_kwargs.setdefault("dpop_lambda", args.dpop_lambda)
     return TrainConfig(
-        loss=args.loss, beta=args.beta, loss_kwargs=loss_kwargs, reduction=args.reduction, learning_rate=args.lr,
-        min_learning_rate=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm or None, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, grad_accum_steps=args.grad_accum, max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length, disable_dropout=not args.keep_dropout, seed=args.seed,
-        device=args.device, precision=args.precision, output_dir=args.output_dir, save_steps=args.save_steps,
-        resume=args.resume, ref_cache_dir=args.ref_cache_dir, progress=not args.no_progress)
+        loss=args.loss,
+        beta=args.beta,
+        loss_kwargs=loss_kwargs,
+        reduction=args.reduction,
+        learning_rate=args.lr,
+        min_learning_rate=args.min_lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum_steps=args.grad_accum,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        disable_dropout=not args.keep_dropout,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        output_dir=args.output_dir,
+        save_steps=args.save_steps,
+        resume=args.resume,
+        ref_cache_dir=args.ref_cache_dir,
+        progress=not args.no_progress,
+    )
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -112,9 +165,12 @@ def _train(args: argparse.Namespace) -> None:
     data = _load_data(args.data, args.split)
     rank0, world_size = int(os.environ.get("RANK", "0")) == 0, int(os.environ.get("WORLD_SIZE", "1"))
     if rank0:
-        print(f"dpolab train: {info.name} ({info.n_params / 1e6:.1f}M parameters{', FALLBACK' if info.fallback else ''}), "
-              f"{len(data)} pairs, loss {config.loss}, on {world_size} process{'es' * (world_size > 1)}, "
-              f"output {config.output_dir}", flush=True)
+        print(
+            f"dpolab train: {info.name} ({info.n_params / 1e6:.1f}M parameters{', FALLBACK' if info.fallback else ''}), "
+            f"{len(data)} pairs, loss {config.loss}, on {world_size} process{'es' * (world_size > 1)}, "
+            f"output {config.output_dir}",
+            flush=True,
+        )
     result = train(model, tokenizer, data, config)
     if rank0:
         if result.resumed_from_step:

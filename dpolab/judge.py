@@ -141,8 +141,10 @@ class OfflineJudge:
             return
         prompts, texts = [x for x, _ in new], [y for _, y in new]
         nll = -completion_logps(
-            self.reference_model, *encode_continuations(self.tokenizer, prompts, texts),
-            pad_token_id=self.tokenizer.pad_token_id, reduction="mean",
+            self.reference_model,
+            *encode_continuations(self.tokenizer, prompts, texts),
+            pad_token_id=self.tokenizer.pad_token_id,
+            reduction="mean",
         )
         cosine = relevance(prompts, texts, self._embedder or default_embedder())
         for i, (x, y, penn) in enumerate(zip(prompts, texts, penn_flags(texts))):
@@ -240,7 +242,8 @@ class EndpointJudge:
         if missing:
             raise ValueError(f"the endpoint judge needs {' and '.join(missing)} set in the environment")
         return cls(
-            os.environ["DPOLAB_JUDGE_BASE_URL"], os.environ["DPOLAB_JUDGE_MODEL"],
+            os.environ["DPOLAB_JUDGE_BASE_URL"],
+            os.environ["DPOLAB_JUDGE_MODEL"],
             timeout=_env_number("DPOLAB_JUDGE_TIMEOUT", 60.0),
             max_retries=int(_env_number("DPOLAB_JUDGE_MAX_RETRIES", 3)),
         )
@@ -404,9 +407,17 @@ def judge_pairwise(
                     answer = JudgeAnswer(final[key]["status"], final[key]["verdict"], final[key]["raw"])
                 else:
                     answer = judge.compare(prompt, text_a, text_b)
-                    record = {"key": key, "judge": judge.id, "prompt_index": i, "method_a": a, "method_b": b,
-                              "status": answer.status, "verdict": answer.verdict, "raw": answer.raw,
-                              "time": time.time()}
+                    record = {
+                        "key": key,
+                        "judge": judge.id,
+                        "prompt_index": i,
+                        "method_a": a,
+                        "method_b": b,
+                        "status": answer.status,
+                        "verdict": answer.verdict,
+                        "raw": answer.raw,
+                        "time": time.time(),
+                    }
                     _append(path, record)
                     if answer.status != "failed":
                         final[key] = record
@@ -417,13 +428,28 @@ def judge_pairwise(
                             f"the {len(final)} judgments made so far are kept in {path}: fix the judge and rerun "
                             "to resume"
                         )
-                records.append({"prompt_index": i, "method_a": a, "method_b": b, "status": answer.status,
-                                "verdict": answer.verdict, "raw": answer.raw})
+                records.append(
+                    {
+                        "prompt_index": i,
+                        "method_a": a,
+                        "method_b": b,
+                        "status": answer.status,
+                        "verdict": answer.verdict,
+                        "raw": answer.raw,
+                    }
+                )
     wins, n_valid, counts = _tally(records, methods)
     with np.errstate(invalid="ignore", divide="ignore"):
         win_rate = np.where(n_valid > 0, wins / n_valid, np.nan)
     decisive = counts["A"] + counts["B"]
     return WinRates(
-        methods, win_rate, n_valid, counts["malformed"], counts["failed"], len(records),
-        counts["A"] / decisive if decisive else math.nan, str(path), records,
+        methods,
+        win_rate,
+        n_valid,
+        counts["malformed"],
+        counts["failed"],
+        len(records),
+        counts["A"] / decisive if decisive else math.nan,
+        str(path),
+        records,
     )

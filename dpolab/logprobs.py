@@ -179,7 +179,9 @@ def concatenated_logps(
         position_ids=batch.get("position_ids"),
     )
     if logps.shape[0] % 2:
-        raise ValueError(f"a concatenated batch has an even number of rows (chosen then rejected), got {logps.shape[0]}")
+        raise ValueError(
+            f"a concatenated batch has an even number of rows (chosen then rejected), got {logps.shape[0]}"
+        )
     return logps.chunk(2)
 
 
@@ -275,7 +277,9 @@ class _LinearLogSoftmax(torch.autograd.Function):
         for t0, t1 in _spans(n, n if ctx.keep else ctx.chunk_size):
             h = hidden[t0:t1].to(mm)
             h_t = h.t().contiguous() if need_w else None  # dW = d h: oneDNN takes h^T with tokens contiguous
-            coef = (m[:, t0:t1] - lse[t0:t1]).exp_().mul_(-g[t0:t1])  # -g exp(m_c - lse): p = exp(z - m_c) exp(m_c - lse)
+            coef = (
+                (m[:, t0:t1] - lse[t0:t1]).exp_().mul_(-g[t0:t1])
+            )  # -g exp(m_c - lse): p = exp(z - m_c) exp(m_c - lse)
             for i, (v0, v1) in enumerate(_spans(vocab, ctx.vocab_chunk)):
                 if ctx.keep:  # exp(z - m_c), overwritten in place
                     e = kept[0][v0:v1]
@@ -302,8 +306,13 @@ class _LinearLogSoftmax(torch.autograd.Function):
 
 
 def linear_log_softmax(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    chunk_size: int = 1024, keep_softmax_bytes: int | None = None, vocab_chunk: int | None = None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    keep_softmax_bytes: int | None = None,
+    vocab_chunk: int | None = None,
 ) -> torch.Tensor:
     """log_softmax(hidden @ weight.T + bias)[i, labels[i]] for every row i, never the full log-softmax.
 
@@ -321,8 +330,9 @@ def linear_log_softmax(
         return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
     bad = ((labels < 0) | (labels >= weight.shape[0])).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(f"labels out of the vocabulary [0, {weight.shape[0]}) at rows {bad[:10]}: "
-                         f"{labels[bad[:10]].tolist()}")
+        raise ValueError(
+            f"labels out of the vocabulary [0, {weight.shape[0]}) at rows {bad[:10]}: {labels[bad[:10]].tolist()}"
+        )
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     budget = KEEP_SOFTMAX_BYTES if keep_softmax_bytes is None else keep_softmax_bytes
     keep = grad and hidden.shape[0] * weight.shape[0] * 4 <= budget  # without gradients: nothing kept, no graph
@@ -341,8 +351,10 @@ def shared_prefix_mask(batch: dict[str, torch.Tensor], implementation: str, dtyp
     transformers passes a prepared 4D mask to the attention as it is.
     """
     if implementation not in _MASK_KINDS:
-        raise ValueError(f"packed batches need attn_implementation in {_MASK_KINDS}, got {implementation!r}: load "
-                         "the model with attn_implementation='sdpa', or train with packing=False")
+        raise ValueError(
+            f"packed batches need attn_implementation in {_MASK_KINDS}, got {implementation!r}: load "
+            "the model with attn_implementation='sdpa', or train with packing=False"
+        )
     seg, pos, branch = batch["segment_ids"], batch["position_ids"], batch["branch_ids"]
     same_segment = seg[:, :, None] == seg[:, None, :]  # (R, L, L)
     causal = pos[:, None, :] <= pos[:, :, None]  # key position <= query position
@@ -354,7 +366,10 @@ def shared_prefix_mask(batch: dict[str, torch.Tensor], implementation: str, dtyp
 
 
 def packed_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: Reduction = "sum", chunk_size: int = 1024,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    reduction: Reduction = "sum",
+    chunk_size: int = 1024,
     keep_softmax_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen_logps, rejected_logps)``, each (B,), from one forward over a shared-prefix packed batch.
@@ -368,14 +383,17 @@ def packed_logps(
     counts = torch.bincount(sequence, minlength=n_sequences)
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty or n_sequences % 2:
-        raise ValueError(f"no completion token is scored for sequences {empty[:10]} of the packed batch "
-                         "(0..B-1 chosen, B..2B-1 rejected): an empty prompt and a one-token completion?")
+        raise ValueError(
+            f"no completion token is scored for sequences {empty[:10]} of the packed batch "
+            "(0..B-1 chosen, B..2B-1 rejected): an empty prompt and a one-token completion?"
+        )
     weight, bias = _lm_head(model)
     implementation = getattr(model.config, "_attn_implementation", None) or "eager"
     mask = shared_prefix_mask(batch, implementation, weight.dtype)
     body = model.base_model
-    hidden = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                  use_cache=False).last_hidden_state  # (R, L, D)
+    hidden = body(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+    ).last_hidden_state  # (R, L, D)
     h = hidden.flatten(0, 1)[batch["score_index"]]  # (n, D)
     token_logps = linear_log_softmax(h, weight, bias, batch["labels"], chunk_size, keep_softmax_bytes)
     totals = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device)

@@ -31,10 +31,14 @@ ONEDNN = True  # fp32 products on a CPU through oneDNN (where torch has it)
 def uses_onednn(*tensors: torch.Tensor | None) -> bool:
     """Whether ``matmul`` on these operands (None: absent) runs oneDNN's kernel."""
     present = [t for t in tensors if t is not None]
-    return (ONEDNN and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() for t in present)
-            and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in present)))
+    return (
+        ONEDNN
+        and torch.backends.mkldnn.is_available()
+        and torch._C._get_mkldnn_enabled()
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() for t in present)
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+    )
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -298,7 +298,10 @@ def _load_auto(path: str | None, dtype: torch.dtype, cache_dir: str | None):
         "\n%s\nFALLBACK: GPT-2 124M could not be loaded (%s).\nUsing the offline stand-in SmolLM2-135M-Instruct "
         "(a quantised Llama of GPT-2's scale, NOT GPT-2): results will differ from the article's.\n"
         "To use GPT-2: %s\n%s",
-        "=" * 100, reason, GET_GPT2, "=" * 100,
+        "=" * 100,
+        reason,
+        GET_GPT2,
+        "=" * 100,
     )
     try:
         return (*_load_smollm2(path, dtype, cache_dir), "smollm2-135m", reason)

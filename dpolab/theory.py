@@ -112,7 +112,9 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)
 
 
-def kl_objective(policy_probs: torch.Tensor, ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+def kl_objective(
+    policy_probs: torch.Tensor, ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float
+) -> torch.Tensor:
     """J(pi) = sum_y pi(y|x) r(x, y) - beta KL(pi || pi_ref)   (eq. 1.1). Shapes (..., N) -> (...).
 
     Differentiable in ``policy_probs``, so gradient ascent on it can be compared with ``optimal_policy``.
@@ -131,7 +133,9 @@ def implicit_reward(policy_probs: torch.Tensor, ref_probs: torch.Tensor, beta: f
     return beta * (torch.log(policy_probs) - torch.log(ref_probs))
 
 
-def reward_from_policy(optimal_probs: torch.Tensor, ref_probs: torch.Tensor, beta: float, log_z: torch.Tensor) -> torch.Tensor:
+def reward_from_policy(
+    optimal_probs: torch.Tensor, ref_probs: torch.Tensor, beta: float, log_z: torch.Tensor
+) -> torch.Tensor:
     """r(x, y) = beta log(pi*(y|x) / pi_ref(y|x)) + beta log Z(x)   (eq. 3.1). ``log_z`` has shape (...)."""
     return implicit_reward(optimal_probs, ref_probs, beta) + beta * torch.as_tensor(log_z).unsqueeze(-1)
 
@@ -157,4 +161,3 @@ def plackett_luce_logprob(ranked_rewards: torch.Tensor) -> torch.Tensor:
 def plackett_luce_prob(ranked_rewards: torch.Tensor) -> torch.Tensor:
     """P(tau | x) for rewards listed in ranked order, best first   (eq. 5.1). For K = 2 this is sigma(r1 - r2)."""
     return plackett_luce_logprob(ranked_rewards).exp()
-

@@ -62,7 +62,9 @@ class TinyConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.min_learning_rate <= self.learning_rate:
-            raise ValueError(f"need 0 < min_learning_rate <= learning_rate, got {self.min_learning_rate}, {self.learning_rate}")
+            raise ValueError(
+                f"need 0 < min_learning_rate <= learning_rate, got {self.min_learning_rate}, {self.learning_rate}"
+            )
 
 
 def penn_sentences(rows: Iterable[Mapping[str, str]]) -> list[str]:
@@ -78,8 +80,12 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD)
 
@@ -87,10 +93,19 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096):
 def _model(config: TinyConfig, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = GPT2Config(vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd,
-                      n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=config.dropout,
-                      embd_pdrop=config.dropout, attn_pdrop=config.dropout, bos_token_id=tokenizer.eos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    gpt2 = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return GPT2LMHeadModel(gpt2)
 
 
@@ -104,7 +119,7 @@ def _pretrain(model, token_lists: list[list[int]], config: TinyConfig, pad_id: i
     for _ in range(config.steps):
         if cursor + config.batch_size > len(order):
             order, cursor = rng.permutation(len(token_lists)), 0
-        batch = [token_lists[i] for i in order[cursor:cursor + config.batch_size]]
+        batch = [token_lists[i] for i in order[cursor : cursor + config.batch_size]]
         cursor += config.batch_size
         length = max(map(len, batch))
         input_ids = torch.tensor([ids + [pad_id] * (length - len(ids)) for ids in batch])  # (B, L)
@@ -148,20 +163,29 @@ def build_tiny_penn_world(path: Path, config: TinyConfig, sentences: list[str]) 
     token_lists = [tokenizer(s + EOS)["input_ids"] for s in sentences]
     too_long = [i for i, ids in enumerate(token_lists) if len(ids) > config.n_positions]
     if too_long:
-        raise ValueError(f"sentences {too_long[:10]} (of pairs {sorted({i // 2 for i in too_long})[:10]}) exceed "
-                         f"n_positions={config.n_positions} tokens; raise n_positions")
+        raise ValueError(
+            f"sentences {too_long[:10]} (of pairs {sorted({i // 2 for i in too_long})[:10]}) exceed "
+            f"n_positions={config.n_positions} tokens; raise n_positions"
+        )
     losses = _pretrain(model, token_lists, config, tokenizer.pad_token_id)
-    info = {"config": asdict(config), "sentences": len(sentences), "parameters": sum(p.numel() for p in model.parameters()),
-            "first_loss": losses[0], "final_loss": float(np.mean(losses[-20:])), "build_seconds": time.perf_counter() - start,
-            "torch_threads": torch.get_num_threads()}
+    info = {
+        "config": asdict(config),
+        "sentences": len(sentences),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "first_loss": losses[0],
+        "final_loss": float(np.mean(losses[-20:])),
+        "build_seconds": time.perf_counter() - start,
+        "torch_threads": torch.get_num_threads(),
+    }
     with atomic_directory(path, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "build.json").write_text(json.dumps(info, indent=1))
 
 
-def load_tiny_penn_world(config: TinyConfig = TinyConfig(), rows: Iterable[Mapping[str, str]] | None = None,
-                         build: bool = True):
+def load_tiny_penn_world(
+    config: TinyConfig = TinyConfig(), rows: Iterable[Mapping[str, str]] | None = None, build: bool = True
+):
     """``(model, tokenizer)`` of the tiny Penn world, built on first use (~2 minutes) and cached.
 
     Args:

@@ -126,8 +126,10 @@ def _check_pairs(pairs: Preferences, n_prompts: int, n_responses: int) -> None:
     if prompt.numel() == 0:
         raise ValueError("pairs is empty")
     if not (
-        0 <= prompt.min() and prompt.max() < n_prompts
-        and 0 <= min(chosen.min(), rejected.min()) and max(chosen.max(), rejected.max()) < n_responses
+        0 <= prompt.min()
+        and prompt.max() < n_prompts
+        and 0 <= min(chosen.min(), rejected.min())
+        and max(chosen.max(), rejected.max()) < n_responses
     ):
         raise ValueError(f"pairs index outside the ({n_prompts}, {n_responses}) table of ref_probs")
     same = (chosen == rejected).nonzero().flatten()

@@ -53,8 +53,16 @@ def make_tiny_gpt2(tokenizer, n_layer: int = 2, n_embd: int = 64, seed: int = 0,
     """``helpers.tiny_gpt2`` with the vocabulary and special tokens of ``tokenizer`` (64 positions)."""
     from helpers import tiny_gpt2
 
-    return tiny_gpt2(len(tokenizer), seed, n_layer, n_embd, n_positions=64, dropout=dropout,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tiny_gpt2(
+        len(tokenizer),
+        seed,
+        n_layer,
+        n_embd,
+        n_positions=64,
+        dropout=dropout,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def dpolab_command(*args, launcher: tuple[str, ...] = ()) -> list[str]:
@@ -64,8 +72,14 @@ def dpolab_command(*args, launcher: tuple[str, ...] = ()) -> list[str]:
 
 def subprocess_env() -> dict[str, str]:
     """Environment of test subprocesses: one thread each (reproducible, no oversubscription), offline."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def run_command(command: list[str], timeout: float) -> subprocess.CompletedProcess:

@@ -25,16 +25,31 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_gpt2(
-    vocab_size: int, seed: int = 0, n_layer: int = 2, n_embd: int = 32, *, n_positions: int = 128,
-    dropout: float = 0.0, eos_token_id: int = 2, pad_token_id: int = 1,
+    vocab_size: int,
+    seed: int = 0,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    *,
+    n_positions: int = 128,
+    dropout: float = 0.0,
+    eos_token_id: int = 2,
+    pad_token_id: int = 1,
 ) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 sized for unit tests (fp32, CPU); dropout off by default, so that train and
     eval modes agree."""
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=4,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
     return GPT2LMHeadModel(config)
 

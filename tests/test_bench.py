@@ -27,16 +27,22 @@ def test_pair_flops_matrix_products_equal_torch_flop_counter():
     are exactly the body and LM-head terms of pair_flops; the attention term is what remains of pair_flops."""
     model = tiny_gpt2(501, seed=0, n_layer=2, n_embd=32)
     P, C, R = 5, 7, 4
-    ex = [{"prompt_ids": list(range(3, 3 + P)), "chosen_ids": list(range(20, 20 + C)),
-           "rejected_ids": list(range(40, 40 + R)), "index": 0}]
+    ex = [
+        {
+            "prompt_ids": list(range(3, 3 + P)),
+            "chosen_ids": list(range(20, 20 + C)),
+            "rejected_ids": list(range(40, 40 + R)),
+            "index": 0,
+        }
+    ]
     batch = PackedPreferenceCollator(pad_token_id=1)(ex)
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.mkldnn._linear_pointwise: _onednn_flops}) \
-            as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.mkldnn._linear_pointwise: _onednn_flops}) as counter:
         chosen, rejected = packed_logps(model, batch)
         (chosen - rejected).sum().backward()
     counts = counter.get_flop_counts()["Global"]
-    products = sum(v for op, v in counts.items()
-                   if op.__name__.split(".")[0] in ("mm", "addmm", "bmm", "_linear_pointwise"))
+    products = sum(
+        v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm", "bmm", "_linear_pointwise")
+    )
     V, D, L = 501, 32, 2
     body_and_head = 3 * (2 * matmul_weights(model) * (P + C + R) + 2 * V * D * (C + R))
     assert products == body_and_head
@@ -68,8 +74,16 @@ def test_the_ceilings_products_compute_the_product():
 def test_trl_and_dpolab_workers_start_from_the_same_weights_and_loss():
     """The harness's own check, on a 1-layer GPT-2: TRL's DPOTrainer and dpolab.train, each in its own process, on
     the same pairs in the same order, report the same initial weights and the same loss at steps 1 and 2."""
-    spec = {"model": TINY, "batch_size": 16, "beta": 0.1, "lr": 1e-3, "warmup_steps": 2, "timed_steps": 2,
-            "threads": 1, "ceiling_tokens": 64}
+    spec = {
+        "model": TINY,
+        "batch_size": 16,
+        "beta": 0.1,
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "timed_steps": 2,
+        "threads": 1,
+        "ceiling_tokens": 64,
+    }
     trl, ours = run_lockstep([("trl", {**spec, "variant": "trl"}), ("dpolab", spec)], steps=4, timeout=600)
     check_same_start(trl, ours)
     assert abs(trl["losses"][0] - 0.6931) > 1e-3  # two different random models: not the trivial log 2

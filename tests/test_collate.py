@@ -15,8 +15,11 @@ from dpolab.logprobs import concatenated_logps, sequence_logps_from_logits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-EXAMPLE = {"prompt": "The rain kept falling as", "chosen": "we ran across Locust Walk at Penn.",
-           "rejected": "we ran for the last bus home."}
+EXAMPLE = {
+    "prompt": "The rain kept falling as",
+    "chosen": "we ran across Locust Walk at Penn.",
+    "rejected": "we ran for the last bus home.",
+}
 
 
 def test_sequence_is_prompt_space_continuation_eos(small_tokenizer):
@@ -43,12 +46,14 @@ def test_tokenization_matches_trl_dpo_trainer(small_tokenizer, penn, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
     rows = penn["train"].select(range(24))
-    trl_rows = Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
-                                  for r in rows])
+    trl_rows = Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in rows]
+    )
     model = make_tiny_gpt2(small_tokenizer)
     args = DPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none", max_length=None)
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=trl_rows,
-                         processing_class=small_tokenizer)
+    trainer = DPOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=trl_rows, processing_class=small_tokenizer
+    )
     ours = tokenize_preferences(rows, small_tokenizer)
     theirs = trainer.train_dataset
     assert len(theirs) == len(ours) == 24
@@ -64,22 +69,38 @@ def test_collator_matches_trl(small_tokenizer, penn, pad_to_multiple_of):
 
     examples = tokenize_preferences(penn["train"].select(range(5)), small_tokenizer)
     ours = PreferenceCollator(small_tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)(examples)
-    theirs = DataCollatorForPreference(pad_token_id=small_tokenizer.pad_token_id,
-                                       pad_to_multiple_of=pad_to_multiple_of)(examples)
+    theirs = DataCollatorForPreference(
+        pad_token_id=small_tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of
+    )(examples)
     for key in ("input_ids", "attention_mask", "completion_mask"):
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
     assert ours["index"].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_collator_layout_by_hand():
-    examples = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "index": 10},
-                {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11, 12, 13], "index": 3}]
+    examples = [
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "index": 10},
+        {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11, 12, 13], "index": 3},
+    ]
     batch = PreferenceCollator(pad_token_id=0, pad_to_multiple_of=4)(examples)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0], [7, 8, 9, 0, 0, 0, 0, 0],
-                                           [1, 2, 3, 6, 0, 0, 0, 0], [7, 8, 10, 11, 12, 13, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 3 + [0] * 5, [1] * 4 + [0] * 4, [1] * 6 + [0] * 2]
-    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0],
-                                                 [0, 0, 0, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0]]
+    assert batch["input_ids"].tolist() == [
+        [1, 2, 3, 4, 5, 0, 0, 0],
+        [7, 8, 9, 0, 0, 0, 0, 0],
+        [1, 2, 3, 6, 0, 0, 0, 0],
+        [7, 8, 10, 11, 12, 13, 0, 0],
+    ]
+    assert batch["attention_mask"].tolist() == [
+        [1] * 5 + [0] * 3,
+        [1] * 3 + [0] * 5,
+        [1] * 4 + [0] * 4,
+        [1] * 6 + [0] * 2,
+    ]
+    assert batch["completion_mask"].tolist() == [
+        [0, 0, 0, 1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+    ]
     assert batch["index"].tolist() == [10, 3]
 
 
@@ -99,7 +120,9 @@ def test_no_surviving_completion_token_names_the_example(small_tokenizer):
     with pytest.raises(ValueError, match=r"example 2: the prompt has \d+ tokens and max_length is"):
         tokenize_preferences(rows, small_tokenizer, max_length=n_prompt)
     # keeping the prompt's end makes room again
-    assert tokenize_preferences(rows, small_tokenizer, max_length=n_prompt, max_prompt_length=n_prompt - 1)[2]["chosen_ids"]
+    assert tokenize_preferences(rows, small_tokenizer, max_length=n_prompt, max_prompt_length=n_prompt - 1)[2][
+        "chosen_ids"
+    ]
 
 
 def test_bad_rows_are_named(small_tokenizer):
@@ -110,11 +133,13 @@ def test_bad_rows_are_named(small_tokenizer):
 
 
 @settings(max_examples=40, deadline=None)
-@given(prompt=st.text("abcdefgh ,.PenU", min_size=1, max_size=40).filter(lambda s: s.strip()),
-       chosen=st.text("abcdefgh ,.PenU", min_size=1, max_size=40),
-       rejected=st.text("xyzw .", min_size=1, max_size=40),
-       max_length=st.one_of(st.none(), st.integers(20, 60)),
-       max_prompt_length=st.one_of(st.none(), st.integers(1, 19)))
+@given(
+    prompt=st.text("abcdefgh ,.PenU", min_size=1, max_size=40).filter(lambda s: s.strip()),
+    chosen=st.text("abcdefgh ,.PenU", min_size=1, max_size=40),
+    rejected=st.text("xyzw .", min_size=1, max_size=40),
+    max_length=st.one_of(st.none(), st.integers(20, 60)),
+    max_prompt_length=st.one_of(st.none(), st.integers(1, 19)),
+)
 def test_truncation_invariants(small_tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
     """Kept tokens are a suffix of the prompt and a prefix of each completion, within max_length."""
     example = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -125,13 +150,16 @@ def test_truncation_invariants(small_tokenizer, prompt, chosen, rejected, max_le
             tokenize_pair(example, small_tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
         return
     cut = tokenize_pair(example, small_tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
-    assert cut["prompt_ids"] == full["prompt_ids"][len(full["prompt_ids"]) - n:]
+    assert cut["prompt_ids"] == full["prompt_ids"][len(full["prompt_ids"]) - n :]
     for key in ("chosen_ids", "rejected_ids"):
         assert 1 <= len(cut[key]) and cut[key] == full[key][: len(cut[key])]
         if max_length is not None:
             assert n + len(cut[key]) == min(max_length, n + len(full[key]))
     # untruncated, the tokens spell the text back (byte-level BPE is lossless)
-    assert small_tokenizer.decode(full["prompt_ids"] + full["chosen_ids"]) == prompt + " " + chosen + small_tokenizer.eos_token
+    assert (
+        small_tokenizer.decode(full["prompt_ids"] + full["chosen_ids"])
+        == prompt + " " + chosen + small_tokenizer.eos_token
+    )
 
 
 def test_padded_batch_gives_each_pair_its_unpadded_logps(small_tokenizer, penn):

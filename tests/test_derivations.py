@@ -77,7 +77,9 @@ def test_stationary_point_matches_theory_numerically():
     fn = sp.lambdify([s.pi_ref, s.r, s.beta], pis, modules="math")
     for seed in range(10):
         ref, rewards, b = random_inputs(seed, 4)
-        torch.testing.assert_close(torch.tensor(fn(ref.tolist(), rewards.tolist(), b), dtype=DTYPE), theory.optimal_policy(ref, rewards, b))
+        torch.testing.assert_close(
+            torch.tensor(fn(ref.tolist(), rewards.tolist(), b), dtype=DTYPE), theory.optimal_policy(ref, rewards, b)
+        )
 
 
 def test_symbolic_objective_and_partition_match_theory_numerically():
@@ -87,8 +89,12 @@ def test_symbolic_objective_and_partition_match_theory_numerically():
     for seed in range(10):
         ref, rewards, b = random_inputs(seed, 3)
         policy = torch.softmax(torch.randn(3, generator=torch.Generator().manual_seed(seed + 50), dtype=DTYPE), -1)
-        assert J(policy.tolist(), ref.tolist(), rewards.tolist(), b) == pytest.approx(theory.kl_objective(policy, ref, rewards, b).item(), rel=1e-12, abs=1e-12)
-        assert Z(ref.tolist(), rewards.tolist(), b) == pytest.approx(theory.partition(ref, rewards, b).item(), rel=1e-12)
+        assert J(policy.tolist(), ref.tolist(), rewards.tolist(), b) == pytest.approx(
+            theory.kl_objective(policy, ref, rewards, b).item(), rel=1e-12, abs=1e-12
+        )
+        assert Z(ref.tolist(), rewards.tolist(), b) == pytest.approx(
+            theory.partition(ref, rewards, b).item(), rel=1e-12
+        )
 
 
 # --- notebook 02 ------------------------------------------------------------------------------------
@@ -105,7 +111,12 @@ def test_objective_identity_needs_sum_to_one():
     s = d.response_set(3)
     residual = d.objective_identity_residual(s, use_sum_to_one=False)
     assert d.is_zero(residual - beta * sp.log(d.partition_function(s.pi_ref, s.r)) * (sum(s.pi) - 1))
-    point = {**dict(zip(s.pi, (0.5, 0.5, 0.5))), **dict(zip(s.pi_ref, (0.2, 0.3, 0.5))), **dict(zip(s.r, (3, 0, -1))), beta: 1}
+    point = {
+        **dict(zip(s.pi, (0.5, 0.5, 0.5))),
+        **dict(zip(s.pi_ref, (0.2, 0.3, 0.5))),
+        **dict(zip(s.r, (3, 0, -1))),
+        beta: 1,
+    }
     assert abs(numeric_value(residual, point)) > 0.5  # off the simplex the identity is false
 
 
@@ -116,7 +127,12 @@ def test_reversed_kl_is_not_the_identity():
     pi_star = d.optimal_policy(s.pi_ref, s.r)
     wrong = (J - (-beta * d.kl(pi_star, s.pi) + beta * sp.log(Z))).subs(d.sum_to_one(s.pi))
     assert not d.is_zero(wrong)
-    point = {**dict(zip(s.pi[:2], (0.1, 0.1))), **dict(zip(s.pi_ref, (0.25, 0.25, 0.5))), **dict(zip(s.r, (3, 0, -3))), beta: 1}
+    point = {
+        **dict(zip(s.pi[:2], (0.1, 0.1))),
+        **dict(zip(s.pi_ref, (0.25, 0.25, 0.5))),
+        **dict(zip(s.r, (3, 0, -3))),
+        beta: 1,
+    }
     assert abs(numeric_value(wrong, point)) > 1
 
 
@@ -169,7 +185,9 @@ def test_reward_from_policy_matches_theory_numerically():
     ref, rewards, b = random_inputs(3, 5)
     pi_star = theory.optimal_policy(ref, rewards, b)
     log_z = theory.log_partition(ref, rewards, b)
-    from_sympy = torch.tensor([fn(a, c, b, math.exp(log_z.item())) for a, c in zip(pi_star.tolist(), ref.tolist())], dtype=DTYPE)
+    from_sympy = torch.tensor(
+        [fn(a, c, b, math.exp(log_z.item())) for a, c in zip(pi_star.tolist(), ref.tolist())], dtype=DTYPE
+    )
     torch.testing.assert_close(from_sympy, theory.reward_from_policy(pi_star, ref, b, log_z))
     torch.testing.assert_close(from_sympy, rewards)
 
@@ -222,7 +240,9 @@ def test_dpo_loss_matches_losses_numerically():
     fn = sp.lambdify([u_w, u_l, beta], d.dpo_loss(u_w, u_l), modules="math")
     g = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (-10 + 3 * torch.randn(16, generator=g, dtype=DTYPE) for _ in range(4))
-    expected = torch.tensor([fn(a - c, b_ - e, 0.5) for a, b_, c, e in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())], dtype=DTYPE)
+    expected = torch.tensor(
+        [fn(a - c, b_ - e, 0.5) for a, b_, c, e in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())], dtype=DTYPE
+    )
     torch.testing.assert_close(losses.preference_loss("dpo", pc, pr, rc, rr, beta=0.5), expected)
 
 

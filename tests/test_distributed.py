@@ -19,9 +19,31 @@ pytestmark = pytest.mark.slow
 def _run(out, model_dir, data, cache, *, processes: int, grad_accum: int) -> subprocess.CompletedProcess:
     # 20 pairs in batches of 8: two full batches and a last one of 4, so each process also meets an uneven shard
     launcher = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}") if processes > 1 else ()
-    command = dpolab_command("train", "--model", model_dir, "--data", data, "--batch-size", 8, "--grad-accum",
-                             grad_accum, "--epochs", 2, "--lr", 1e-3, "--min-lr", 1e-4, "--device", "cpu",
-                             "--no-progress", "--ref-cache-dir", cache, "--output-dir", out, launcher=launcher)
+    command = dpolab_command(
+        "train",
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--batch-size",
+        8,
+        "--grad-accum",
+        grad_accum,
+        "--epochs",
+        2,
+        "--lr",
+        1e-3,
+        "--min-lr",
+        1e-4,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--ref-cache-dir",
+        cache,
+        "--output-dir",
+        out,
+        launcher=launcher,
+    )
     done = run_command(command, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done

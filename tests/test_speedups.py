@@ -14,8 +14,9 @@ def test_fused_gelu_is_transformers_gelu_new():
     x = torch.linspace(-12, 12, 20001, dtype=torch.float64, requires_grad=True)
     fused, plain = GELUTanh()(x), NewGELUActivation()(x)
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(fused.sum(), x)[0], torch.autograd.grad(plain.sum(), x)[0],
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(fused.sum(), x)[0], torch.autograd.grad(plain.sum(), x)[0], rtol=1e-10, atol=1e-12
+    )
 
 
 def test_fuse_activations_keeps_the_model_function():
@@ -55,8 +56,10 @@ def test_gelu_projection_is_gelu_then_conv1d_in_values_and_gradients():
     conv.__class__ = GELUProjection
     fused = conv(a)
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
-    for x, y in zip(torch.autograd.grad(fused.square().sum(), (a, conv.weight, conv.bias)),
-                    torch.autograd.grad(plain.square().sum(), (a, conv.weight, conv.bias))):
+    for x, y in zip(
+        torch.autograd.grad(fused.square().sum(), (a, conv.weight, conv.bias)),
+        torch.autograd.grad(plain.square().sum(), (a, conv.weight, conv.bias)),
+    ):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
@@ -177,8 +180,11 @@ def test_inplace_tied_embedding_grad_allocates_no_second_vocabulary_sized_gradie
         ops = [e.name for e in prof.events()]
         # the position embedding (untied) keeps its dense backward; the tied token embedding's is gone
         assert ops.count("aten::embedding_dense_backward") == (1 if fused else 2)
-        vocabulary_sized = [e.input_shapes for e in prof.events() if e.name == "aten::clone" and
-                            any(97 in shape for shape in e.input_shapes if isinstance(shape, list))]
+        vocabulary_sized = [
+            e.input_shapes
+            for e in prof.events()
+            if e.name == "aten::clone" and any(97 in shape for shape in e.input_shapes if isinstance(shape, list))
+        ]
         assert vocabulary_sized == []  # no copy of the weight or of its gradient
 
 
@@ -305,5 +311,9 @@ def test_recomputed_norm_follows_the_norms_own_dtype(monkeypatch):
     y = torch.nn.functional.layer_norm(x.float(), (8,), w, b, 1e-5)  # fp32, from a bf16 input
     out = _NormInputLinear.apply(y, weight, bias, x, w, b, (8,), 1e-5)
     plain = torch.addmm(bias, y.detach().reshape(-1, 8), weight)
-    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), weight)[0],
-                               torch.autograd.grad(plain.square().sum(), weight)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(out.square().sum(), weight)[0],
+        torch.autograd.grad(plain.square().sum(), weight)[0],
+        rtol=0,
+        atol=0,
+    )

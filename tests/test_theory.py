@@ -46,7 +46,9 @@ def partition_loop(ref, rewards, beta):
 @pytest.mark.parametrize("seed", range(5))
 def test_partition_equals_explicit_loop(seed):
     ref_probs, rewards, beta = random_problem(seed, shape=(4, 7))
-    expected = torch.tensor([partition_loop(q, r, beta) for q, r in zip(ref_probs.tolist(), rewards.tolist())], dtype=DTYPE)
+    expected = torch.tensor(
+        [partition_loop(q, r, beta) for q, r in zip(ref_probs.tolist(), rewards.tolist())], dtype=DTYPE
+    )
     torch.testing.assert_close(theory.partition(ref_probs, rewards, beta), expected)
     torch.testing.assert_close(theory.log_partition(ref_probs, rewards, beta), expected.log())
 
@@ -57,7 +59,12 @@ def test_log_partition_is_exact_where_exp_overflows():
     rewards = torch.tensor([100.0, 99.5, -3.0], dtype=DTYPE)
     beta = 0.01
     mpmath.mp.dps = 50
-    exact = mpmath.log(sum(mpmath.mpf(q) * mpmath.exp(mpmath.mpf(r) / mpmath.mpf(beta)) for q, r in zip(ref_probs.tolist(), rewards.tolist())))
+    exact = mpmath.log(
+        sum(
+            mpmath.mpf(q) * mpmath.exp(mpmath.mpf(r) / mpmath.mpf(beta))
+            for q, r in zip(ref_probs.tolist(), rewards.tolist())
+        )
+    )
     assert theory.log_partition(ref_probs, rewards, beta).item() == pytest.approx(float(exact), rel=1e-13)
     pi_star = theory.optimal_policy(ref_probs, rewards, beta)
     assert torch.isfinite(pi_star).all()
@@ -83,7 +90,9 @@ def test_zero_reference_probability_gives_zero_optimal_probability():
     rewards = torch.tensor([50.0, 0.0, 1.0], dtype=DTYPE)  # the best reward cannot buy mass where pi_ref has none
     pi_star = theory.optimal_policy(ref_probs, rewards, 0.5)
     assert pi_star[0].item() == 0.0
-    torch.testing.assert_close(pi_star[1:], torch.tensor([0.6, 0.4 * math.exp(2.0)], dtype=DTYPE) / (0.6 + 0.4 * math.exp(2.0)))
+    torch.testing.assert_close(
+        pi_star[1:], torch.tensor([0.6, 0.4 * math.exp(2.0)], dtype=DTYPE) / (0.6 + 0.4 * math.exp(2.0))
+    )
 
 
 # --- the optimal policy maximises the objective --------------------------------------------------------
@@ -104,8 +113,12 @@ def test_kl_objective_equals_explicit_loop(seed):
     policy = random_simplex(4, 6, seed=seed + 100)
     policy[0, 2] = 0.0  # a zero entry exercises 0 log 0 = 0
     policy[0] /= policy[0].sum()
-    expected = [kl_objective_loop(p, q, r, beta) for p, q, r in zip(policy.tolist(), ref_probs.tolist(), rewards.tolist())]
-    torch.testing.assert_close(theory.kl_objective(policy, ref_probs, rewards, beta), torch.tensor(expected, dtype=DTYPE))
+    expected = [
+        kl_objective_loop(p, q, r, beta) for p, q, r in zip(policy.tolist(), ref_probs.tolist(), rewards.tolist())
+    ]
+    torch.testing.assert_close(
+        theory.kl_objective(policy, ref_probs, rewards, beta), torch.tensor(expected, dtype=DTYPE)
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -128,7 +141,9 @@ def test_optimal_policy_beats_every_random_policy(seed):
 def test_objective_at_optimum_is_beta_log_partition(seed):
     ref_probs, rewards, beta = random_problem(seed, shape=(5, 4))
     pi_star = theory.optimal_policy(ref_probs, rewards, beta)
-    torch.testing.assert_close(theory.kl_objective(pi_star, ref_probs, rewards, beta), beta * theory.log_partition(ref_probs, rewards, beta))
+    torch.testing.assert_close(
+        theory.kl_objective(pi_star, ref_probs, rewards, beta), beta * theory.log_partition(ref_probs, rewards, beta)
+    )
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -149,14 +164,21 @@ def test_kl_divergence_against_loop_and_its_properties():
     assert (theory.kl_divergence(p, q) > 0).all()
     torch.testing.assert_close(theory.kl_divergence(p, p), torch.zeros(6, dtype=DTYPE))
     # 0 log 0 = 0, but mass where q has none is infinitely far
-    assert theory.kl_divergence(torch.tensor([0.0, 1.0], dtype=DTYPE), torch.tensor([0.5, 0.5], dtype=DTYPE)).item() == pytest.approx(math.log(2))
-    assert theory.kl_divergence(torch.tensor([0.5, 0.5], dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE)).item() == math.inf
+    assert theory.kl_divergence(
+        torch.tensor([0.0, 1.0], dtype=DTYPE), torch.tensor([0.5, 0.5], dtype=DTYPE)
+    ).item() == pytest.approx(math.log(2))
+    assert (
+        theory.kl_divergence(torch.tensor([0.5, 0.5], dtype=DTYPE), torch.tensor([0.0, 1.0], dtype=DTYPE)).item()
+        == math.inf
+    )
 
 
 def test_temperature_limits_numerically():
     ref_probs = torch.tensor([0.1, 0.6, 0.3], dtype=DTYPE)
     rewards = torch.tensor([2.0, 1.0, 0.0], dtype=DTYPE)
-    torch.testing.assert_close(theory.optimal_policy(ref_probs, rewards, 1e-3), torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE))
+    torch.testing.assert_close(
+        theory.optimal_policy(ref_probs, rewards, 1e-3), torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE)
+    )
     torch.testing.assert_close(theory.optimal_policy(ref_probs, rewards, 1e6), ref_probs, atol=1e-5, rtol=0)
 
 
@@ -210,7 +232,9 @@ def test_plackett_luce_probabilities_of_all_rankings_sum_to_one(K):
     total = sum(theory.plackett_luce_prob(rewards[:, list(p)]) for p in perms)
     torch.testing.assert_close(total, torch.ones(7, dtype=DTYPE))
     # the first place alone is softmax(r)
-    first = torch.stack([sum(theory.plackett_luce_prob(rewards[:, list(p)]) for p in perms if p[0] == i) for i in range(K)], -1)
+    first = torch.stack(
+        [sum(theory.plackett_luce_prob(rewards[:, list(p)]) for p in perms if p[0] == i) for i in range(K)], -1
+    )
     torch.testing.assert_close(first, torch.softmax(rewards, -1))
 
 
@@ -231,7 +255,9 @@ def problems(draw):
     B = draw(st.integers(1, 4))
     N = draw(st.integers(2, 6))
     logits = torch.tensor(draw(st.lists(st.lists(finite, min_size=N, max_size=N), min_size=B, max_size=B)), dtype=DTYPE)
-    rewards = torch.tensor(draw(st.lists(st.lists(finite, min_size=N, max_size=N), min_size=B, max_size=B)), dtype=DTYPE)
+    rewards = torch.tensor(
+        draw(st.lists(st.lists(finite, min_size=N, max_size=N), min_size=B, max_size=B)), dtype=DTYPE
+    )
     beta = draw(st.floats(min_value=0.05, max_value=20.0))
     return torch.softmax(logits, -1), rewards, beta
 
@@ -241,10 +267,13 @@ def problems(draw):
 def test_optimal_policy_is_invariant_to_a_per_prompt_reward_shift(problem, shifts):
     ref_probs, rewards, beta = problem
     f_x = torch.tensor(shifts[: rewards.shape[0]], dtype=DTYPE).unsqueeze(-1)  # one shift per prompt, (B, 1)
-    torch.testing.assert_close(theory.optimal_policy(ref_probs, rewards + f_x, beta), theory.optimal_policy(ref_probs, rewards, beta))
+    torch.testing.assert_close(
+        theory.optimal_policy(ref_probs, rewards + f_x, beta), theory.optimal_policy(ref_probs, rewards, beta)
+    )
     # Z moves by exactly exp(f/beta), in log space: log Z + f/beta
     torch.testing.assert_close(
-        theory.log_partition(ref_probs, rewards + f_x, beta), theory.log_partition(ref_probs, rewards, beta) + f_x.squeeze(-1) / beta
+        theory.log_partition(ref_probs, rewards + f_x, beta),
+        theory.log_partition(ref_probs, rewards, beta) + f_x.squeeze(-1) / beta,
     )
 
 
@@ -265,14 +294,18 @@ def test_optimal_policy_changes_under_a_per_response_shift(problem):
 @given(problem=problems(), scale=st.floats(min_value=0.1, max_value=10.0))
 def test_scaling_the_reward_is_dividing_beta(problem, scale):
     ref_probs, rewards, beta = problem
-    torch.testing.assert_close(theory.optimal_policy(ref_probs, scale * rewards, beta), theory.optimal_policy(ref_probs, rewards, beta / scale))
+    torch.testing.assert_close(
+        theory.optimal_policy(ref_probs, scale * rewards, beta), theory.optimal_policy(ref_probs, rewards, beta / scale)
+    )
 
 
 @settings(max_examples=60, deadline=None)
 @given(rewards=st.lists(finite, min_size=2, max_size=6), shift=st.floats(min_value=-1e3, max_value=1e3))
 def test_plackett_luce_is_invariant_to_a_common_shift(rewards, shift):
     r = torch.tensor(rewards, dtype=DTYPE)
-    torch.testing.assert_close(theory.plackett_luce_logprob(r + shift), theory.plackett_luce_logprob(r), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(
+        theory.plackett_luce_logprob(r + shift), theory.plackett_luce_logprob(r), atol=1e-9, rtol=1e-9
+    )
 
 
 # --- batched shapes (..., N) -------------------------------------------------------------------------

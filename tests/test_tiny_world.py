@@ -96,8 +96,15 @@ def test_top_k_inflates_the_rate(tiny_world, penn, reference_rate):
 def test_a_short_dpo_run_makes_the_model_mention_penn(tiny_world, penn, reference_rate, tmp_path):
     model, tokenizer, _ = tiny_world
     policy = copy.deepcopy(model)
-    config = TrainConfig(loss="dpo", beta=0.5, learning_rate=1e-4, batch_size=16, max_steps=40, progress=False,
-                         ref_cache_dir=str(tmp_path))
+    config = TrainConfig(
+        loss="dpo",
+        beta=0.5,
+        learning_rate=1e-4,
+        batch_size=16,
+        max_steps=40,
+        progress=False,
+        ref_cache_dir=str(tmp_path),
+    )
     history = train(policy, tokenizer, penn["train"], config).history
     assert history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert sum(r["rewards/accuracies"] for r in history[-5:]) / 5 > 0.8

@@ -69,7 +69,9 @@ def test_dpo_loss_starts_at_log2_and_decreases(small_tokenizer, rows):
     # pi_theta = pi_ref at step 1: every implicit reward is 0 and the DPO loss is log 2 (eq. 4.2), up to the float
     # rounding between the reference's packed batches and the step's (other rows, other matrix shapes: ~1e-6)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/margins"] == pytest.approx(
+        0, abs=1e-5
+    )
     assert sum(r["loss"] for r in last_epoch) / 4 < 0.45
     assert min(r["rewards/accuracies"] for r in last_epoch) >= 0.75
     assert [r["step"] for r in history] == list(range(1, 33))
@@ -84,14 +86,18 @@ def test_metrics_equal_an_independent_computation(small_tokenizer, rows):
     pc, pr = live_logps(copy.deepcopy(model), examples)
     rc, rr = live_logps(reference, examples)
     beta = 0.3
-    history = train(model, small_tokenizer, data, config(batch_size=16, beta=beta, max_steps=1), ref_model=reference).history
+    history = train(
+        model, small_tokenizer, data, config(batch_size=16, beta=beta, max_steps=1), ref_model=reference
+    ).history
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
     expected = {
         "loss": -F.logsigmoid(chosen_rewards - rejected_rewards).mean(),
-        "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "logps/chosen": pc.mean(), "logps/rejected": pr.mean(),
+        "logps/chosen": pc.mean(),
+        "logps/rejected": pr.mean(),
     }
     assert 0 < expected["rewards/accuracies"] < 1  # a mixed batch, so the accuracy can be wrong either way
     for name, value in expected.items():
@@ -107,7 +113,9 @@ def test_every_registry_loss_trains_with_the_right_reference(small_tokenizer, ro
     examples = tokenize_preferences(data, small_tokenizer)
     pc, pr = live_logps(copy.deepcopy(model), examples)
     rc, rr = live_logps(reference, examples)
-    history = train(model, small_tokenizer, data, config(loss=name, batch_size=12, max_steps=1), ref_model=reference).history
+    history = train(
+        model, small_tokenizer, data, config(loss=name, batch_size=12, max_steps=1), ref_model=reference
+    ).history
     expected = preference_loss(name, pc, pr, rc, rr, beta=0.5).mean()
     assert history[0]["loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
     assert history[0]["logps/rejected"] == pytest.approx(pr.mean().item(), rel=1e-5)
@@ -121,24 +129,44 @@ def test_per_example_loss_parameters_follow_their_pairs(small_tokenizer, rows):
     examples = tokenize_preferences(data, small_tokenizer)
     pc, pr = live_logps(copy.deepcopy(model), examples)
     rc, rr = live_logps(reference, examples)
-    history = train(model, small_tokenizer, data, config(loss="odpo", batch_size=16, max_steps=1), ref_model=reference,
-                    example_loss_kwargs={"offset": offsets.numpy()}).history
+    history = train(
+        model,
+        small_tokenizer,
+        data,
+        config(loss="odpo", batch_size=16, max_steps=1),
+        ref_model=reference,
+        example_loss_kwargs={"offset": offsets.numpy()},
+    ).history
     h = (pc - rc) - (pr - rr)
     expected = -F.logsigmoid(0.5 * h - offsets).mean()
     misaligned = -F.logsigmoid(0.5 * h - offsets.flip(0)).mean()
     assert abs(expected - misaligned) > 1e-2  # the pairing matters, so this test can tell
     assert history[0]["loss"] == pytest.approx(expected.item(), rel=1e-4)
     with pytest.raises(ValueError, match=r"one value per pair \(16\), got shape \(15,\)"):
-        train(make_tiny_gpt2(small_tokenizer), small_tokenizer, data, config(loss="odpo"),
-              example_loss_kwargs={"offset": offsets[:15]})
+        train(
+            make_tiny_gpt2(small_tokenizer),
+            small_tokenizer,
+            data,
+            config(loss="odpo"),
+            example_loss_kwargs={"offset": offsets[:15]},
+        )
     with pytest.raises(ValueError, match="dpo takes"):
-        train(make_tiny_gpt2(small_tokenizer), small_tokenizer, data, config(loss="dpo"),
-              example_loss_kwargs={"offset": offsets})
+        train(
+            make_tiny_gpt2(small_tokenizer),
+            small_tokenizer,
+            data,
+            config(loss="dpo"),
+            example_loss_kwargs={"offset": offsets},
+        )
 
 
 def test_learning_rate_warms_up_then_decays_to_the_minimum(small_tokenizer, rows):
-    history = train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows,
-                    config(epochs=2, warmup_steps=2, learning_rate=1e-3, min_learning_rate=1e-5)).history
+    history = train(
+        make_tiny_gpt2(small_tokenizer),
+        small_tokenizer,
+        rows,
+        config(epochs=2, warmup_steps=2, learning_rate=1e-3, min_learning_rate=1e-5),
+    ).history
     lrs = [r["learning_rate"] for r in history]
     assert len(lrs) == 8
     assert lrs[:2] == pytest.approx([5e-4, 1e-3])  # linear warm-up, no wasted zero-lr step
@@ -150,8 +178,12 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum(small_tokenizer, rows
 
 
 def test_learning_rate_without_warmup_starts_at_the_peak(small_tokenizer, rows):
-    history = train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows,
-                    config(epochs=1, learning_rate=1e-3, min_learning_rate=1e-7)).history
+    history = train(
+        make_tiny_gpt2(small_tokenizer),
+        small_tokenizer,
+        rows,
+        config(epochs=1, learning_rate=1e-3, min_learning_rate=1e-7),
+    ).history
     assert [r["learning_rate"] for r in history] == pytest.approx([1e-3, 7.5e-4 + 2.5e-8, 2.5e-4 + 7.5e-8, 1e-7])
 
 
@@ -212,7 +244,9 @@ def test_a_separate_reference_is_not_kept_during_training(small_tokenizer, rows)
 
     model = make_tiny_gpt2(small_tokenizer)
     seen = []
-    model.transformer.register_forward_pre_hook(lambda m, a: seen.append(alive[0]() is None) if torch.is_grad_enabled() else None)
+    model.transformer.register_forward_pre_hook(
+        lambda m, a: seen.append(alive[0]() is None) if torch.is_grad_enabled() else None
+    )
     train(model, small_tokenizer, rows, config(max_steps=2), ref_model=make_reference())
     assert seen == [True, True]
 
@@ -226,8 +260,9 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
     runs = []
     for accum in (1, 2):
         model = make_tiny_gpt2(small_tokenizer)
-        history = train(model, small_tokenizer, rows, config(batch_size=16, grad_accum_steps=accum, epochs=2,
-                                                             packing=False)).history
+        history = train(
+            model, small_tokenizer, rows, config(batch_size=16, grad_accum_steps=accum, epochs=2, packing=False)
+        ).history
         runs.append((params(model), history))
     (p1, h1), (p2, h2) = runs
     for name in p1:  # Adam turns float noise in gradients ~eps into O(lr) noise in a few coordinates: atol 2e-5
@@ -237,18 +272,37 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
             assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-5), key
 
 
-SPEEDUPS_OFF = {"padded": {"packing": False}, "python-gelu": {"fuse_activations": False},
-                "foreach-adamw": {"fused_optimizer": False}, "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
-                "saved-layer-norms": {"recompute_layer_norms": False}, "mkl-products": {},
-                "all-off": {"packing": False, "fuse_activations": False, "fused_optimizer": False,
-                            "inplace_tied_embedding_grad": False, "recompute_layer_norms": False}}
+SPEEDUPS_OFF = {
+    "padded": {"packing": False},
+    "python-gelu": {"fuse_activations": False},
+    "foreach-adamw": {"fused_optimizer": False},
+    "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
+    "saved-layer-norms": {"recompute_layer_norms": False},
+    "mkl-products": {},
+    "all-off": {
+        "packing": False,
+        "fuse_activations": False,
+        "fused_optimizer": False,
+        "inplace_tied_embedding_grad": False,
+        "recompute_layer_norms": False,
+    },
+}
 MODULE_OFF = {"mkl-products", "all-off"}  # dpolab.matmul.ONEDNN = False: a module setting, not a config field
 
 
-@pytest.mark.parametrize("loss, off", [("dpo", "padded"), ("ipo", "padded"), ("dpo", "python-gelu"),
-                                       ("dpo", "foreach-adamw"), ("dpo", "dense-embedding-grad"),
-                                       ("dpo", "saved-layer-norms"), ("dpo", "mkl-products"),
-                                       ("dpo", "all-off")])
+@pytest.mark.parametrize(
+    "loss, off",
+    [
+        ("dpo", "padded"),
+        ("ipo", "padded"),
+        ("dpo", "python-gelu"),
+        ("dpo", "foreach-adamw"),
+        ("dpo", "dense-embedding-grad"),
+        ("dpo", "saved-layer-norms"),
+        ("dpo", "mkl-products"),
+        ("dpo", "all-off"),
+    ],
+)
 def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off, monkeypatch):
     """Each speed-up (packing, eq. 6.9; the fused GELU; fused AdamW; the tied embedding's in-place gradient; the layer
     norms recomputed in the backward; oneDNN's products) changes how the step is computed, not what: the same history
@@ -261,8 +315,9 @@ def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off, monke
         monkeypatch.setattr(dpolab.matmul, "ONEDNN", onednn)
         model = make_tiny_gpt2(small_tokenizer)
         reduction = "mean" if loss == "ipo" else "sum"
-        history = train(model, small_tokenizer, rows, config(batch_size=8, epochs=2, loss=loss, reduction=reduction,
-                                                             **overrides)).history
+        history = train(
+            model, small_tokenizer, rows, config(batch_size=8, epochs=2, loss=loss, reduction=reduction, **overrides)
+        ).history
         runs.append((params(model), history))
     (p1, h1), (p2, h2) = runs
     for r1, r2 in zip(h1, h2, strict=True):
@@ -302,8 +357,12 @@ def test_gradient_clipping(small_tokenizer, rows, clipped):
     scale = 1.0 if clip is None else clip / (norm + 1e-6)
     expected = _adam_first_step(model, {n: g * scale for n, g in grads.items()}, lr=lr)
     before = params(model)
-    history = train(model, small_tokenizer, data, config(batch_size=8, max_steps=1, learning_rate=lr,
-                                                         min_learning_rate=lr, max_grad_norm=clip)).history
+    history = train(
+        model,
+        small_tokenizer,
+        data,
+        config(batch_size=8, max_steps=1, learning_rate=lr, min_learning_rate=lr, max_grad_norm=clip),
+    ).history
     assert history[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)  # reported before clipping
     for name, p in model.named_parameters():
         # coordinates whose true gradient is 0 (e.g. attention key biases) carry float noise ~1e-10, and Adam
@@ -373,7 +432,9 @@ def test_non_finite_loss_names_step_and_example_and_keeps_the_last_checkpoint(sm
 def test_non_finite_gradient_names_step_and_batch(small_tokenizer, rows):
     model = make_tiny_gpt2(small_tokenizer)
     calls = []
-    model.transformer.ln_f.weight.register_hook(lambda g: (calls.append(1), g * (float("inf") if len(calls) == 2 else 1))[1])
+    model.transformer.ln_f.weight.register_hook(
+        lambda g: (calls.append(1), g * (float("inf") if len(calls) == 2 else 1))[1]
+    )
     with pytest.raises(NonFiniteError, match=r"step 2: the gradient \(norm (inf|nan)\) is not finite") as info:
         train(model, small_tokenizer, rows, config(batch_size=8))
     assert len(info.value.indices) == 8 and len(set(info.value.indices)) == 8
@@ -383,22 +444,25 @@ def test_non_finite_gradient_names_step_and_batch(small_tokenizer, rows):
 # --- config -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"loss": "dpoo"}, "unknown loss 'dpoo'"),
-    ({"loss": "dpo", "loss_kwargs": {"dpop_lambda": 5}}, r"dpo does not take \['dpop_lambda'\]"),
-    ({"beta": 0}, "beta must be a finite number > 0"),
-    ({"beta": float("nan")}, "beta must be a finite number > 0"),
-    ({"learning_rate": -1e-4}, "learning_rate must be"),
-    ({"min_learning_rate": 1e-3}, r"min_learning_rate must be in \[0, learning_rate"),
-    ({"batch_size": 0}, "batch_size must be an int >= 1"),
-    ({"grad_accum_steps": 32}, "cannot exceed batch_size"),
-    ({"reduction": "avg"}, "reduction must be 'sum' or 'mean'"),
-    ({"max_length": 16, "max_prompt_length": 16}, "must be < max_length"),
-    ({"precision": "fp16"}, "precision must be one of"),
-    ({"save_steps": 10}, "need an output_dir"),
-    ({"max_grad_norm": 0.0}, "max_grad_norm must be a finite number > 0"),
-    ({"adam_betas": (0.9, 1.0)}, "adam_betas must be two numbers in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"loss": "dpoo"}, "unknown loss 'dpoo'"),
+        ({"loss": "dpo", "loss_kwargs": {"dpop_lambda": 5}}, r"dpo does not take \['dpop_lambda'\]"),
+        ({"beta": 0}, "beta must be a finite number > 0"),
+        ({"beta": float("nan")}, "beta must be a finite number > 0"),
+        ({"learning_rate": -1e-4}, "learning_rate must be"),
+        ({"min_learning_rate": 1e-3}, r"min_learning_rate must be in \[0, learning_rate"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1"),
+        ({"grad_accum_steps": 32}, "cannot exceed batch_size"),
+        ({"reduction": "avg"}, "reduction must be 'sum' or 'mean'"),
+        ({"max_length": 16, "max_prompt_length": 16}, "must be < max_length"),
+        ({"precision": "fp16"}, "precision must be one of"),
+        ({"save_steps": 10}, "need an output_dir"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be a finite number > 0"),
+        ({"adam_betas": (0.9, 1.0)}, "adam_betas must be two numbers in"),
+    ],
+)
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
@@ -443,7 +507,12 @@ def test_checkpoint_holds_everything_and_loads_with_weights_only(small_tokenizer
     model = make_tiny_gpt2(small_tokenizer)
     train(model, small_tokenizer, rows, config(epochs=1, output_dir=str(tmp_path), save_steps=2))
     last = latest_checkpoint(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000004", "config.json", "history.csv", "history.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-00000004",
+        "config.json",
+        "history.csv",
+        "history.json",
+    ]
     assert sorted(p.name for p in last.iterdir()) == ["model.safetensors", "step.json", "trainer_state.pt"]
     state = torch.load(last / "trainer_state.pt", weights_only=True)
     assert state["step"] == 4 and set(state) >= {"optimizer", "scheduler", "rng", "history", "config", "data_hash"}
@@ -457,14 +526,37 @@ def test_checkpoint_holds_everything_and_loads_with_weights_only(small_tokenizer
     with pytest.raises(FileExistsError, match="resume=True"):
         train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, config(epochs=1, output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="config changed"):
-        train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, config(epochs=1, output_dir=str(tmp_path),
-                                                                               resume=True, beta=0.1))
+        train(
+            make_tiny_gpt2(small_tokenizer),
+            small_tokenizer,
+            rows,
+            config(epochs=1, output_dir=str(tmp_path), resume=True, beta=0.1),
+        )
 
 
 def _train_command(out: Path, model_dir: Path, data: Path, cache: Path, *extra: str) -> list[str]:
-    return dpolab_command("train", "--model", model_dir, "--data", data, "--epochs", 3, "--batch-size", 4, "--lr", 1e-3,
-                          "--keep-dropout", "--save-steps", 3, "--no-progress", "--ref-cache-dir", cache,
-                          "--output-dir", out, *extra)
+    return dpolab_command(
+        "train",
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--epochs",
+        3,
+        "--batch-size",
+        4,
+        "--lr",
+        1e-3,
+        "--keep-dropout",
+        "--save-steps",
+        3,
+        "--no-progress",
+        "--ref-cache-dir",
+        cache,
+        "--output-dir",
+        out,
+        *extra,
+    )
 
 
 @pytest.mark.slow
@@ -477,8 +569,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     total = len(json.loads((full / "history.json").read_text()))
 
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(_train_command(broken, model_dir, data, cache), env=subprocess_env(), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            _train_command(broken, model_dir, data, cache), env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + 240
     while latest_checkpoint(broken) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -51,10 +51,19 @@ LOSS_RTOL = 1e-4  # the first two steps' losses of dpolab and TRL must agree to 
 
 
 def spec_for(args: argparse.Namespace) -> dict:
-    return {"model": QUICK_MODEL if args.quick else GPT2_124M, "batch_size": 16, "beta": 0.1, "lr": 1e-5,
-            "warmup_steps": args.warmup, "timed_steps": args.steps, "threads": args.threads,
-            "generation_prompts": 125, "generation_tokens": 30, "reference_pairs": 128 if args.quick else 256,
-            "ceiling_tokens": 768}
+    return {
+        "model": QUICK_MODEL if args.quick else GPT2_124M,
+        "batch_size": 16,
+        "beta": 0.1,
+        "lr": 1e-5,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "threads": args.threads,
+        "generation_prompts": 125,
+        "generation_tokens": 30,
+        "reference_pairs": 128 if args.quick else 256,
+        "ceiling_tokens": 768,
+    }
 
 
 def run_worker(kind: str, spec: dict, timeout: float) -> dict:
@@ -63,11 +72,14 @@ def run_worker(kind: str, spec: dict, timeout: float) -> dict:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
         start = time.perf_counter()
-        proc = subprocess.run(worker_argv(kind, spec_path, out_path), env=worker_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            worker_argv(kind, spec_path, out_path), env=worker_env(), capture_output=True, text=True, timeout=timeout
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"bench worker {kind} ({spec.get('variant', kind)}) failed with status "
-                               f"{proc.returncode}:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(
+                f"bench worker {kind} ({spec.get('variant', kind)}) failed with status "
+                f"{proc.returncode}:\n{proc.stderr[-4000:]}"
+            )
         result = json.loads(out_path.read_text())
         result["wall_seconds"] = time.perf_counter() - start
         return result
@@ -87,14 +99,18 @@ def _token_stats(spec: dict) -> dict:
     lengths = [(len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
     flops = [pair_flops(model, *t) for t in lengths]
     b = spec["batch_size"]
-    steps = [order[i * b:(i + 1) * b] for i in range(len(order) // b)]
+    steps = [order[i * b : (i + 1) * b] for i in range(len(order) // b)]
     padded = [PreferenceCollator(tokenizer.pad_token_id)([examples[j] for j in s])["attention_mask"] for s in steps]
-    return {"pairs": len(examples), "prompt_tokens": _range([t[0] for t in lengths]),
-            "chosen_tokens": _range([t[1] for t in lengths]), "rejected_tokens": _range([t[2] for t in lengths]),
-            "tokens_per_pair": statistics.mean(2 * p + c + r for p, c, r in lengths),  # both sequences, no padding
-            "minimal_flops_per_pair": statistics.mean(flops),
-            "padded_layout_padding_share": float(sum(1 - m.float().mean() for m in padded) / len(padded)),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "pairs": len(examples),
+        "prompt_tokens": _range([t[0] for t in lengths]),
+        "chosen_tokens": _range([t[1] for t in lengths]),
+        "rejected_tokens": _range([t[2] for t in lengths]),
+        "tokens_per_pair": statistics.mean(2 * p + c + r for p, c, r in lengths),  # both sequences, no padding
+        "minimal_flops_per_pair": statistics.mean(flops),
+        "padded_layout_padding_share": float(sum(1 - m.float().mean() for m in padded) / len(padded)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _range(values: list[int]) -> dict:
@@ -104,15 +120,23 @@ def _range(values: list[int]) -> dict:
 def summarize(result: dict, stats: dict, ceiling: float, batch_size: int) -> dict:
     step = statistics.median(result["step_seconds"])
     pairs = batch_size / step
-    return {"seconds_per_step": step, "pairs_per_s": pairs, "tokens_per_s": pairs * stats["tokens_per_pair"],
-            "peak_rss_bytes": result["peak_rss_bytes"], "useful_flops_per_s": pairs * stats["minimal_flops_per_pair"],
-            "share_of_ceiling": pairs * stats["minimal_flops_per_pair"] / ceiling, "losses": result["losses"][:3]}
+    return {
+        "seconds_per_step": step,
+        "pairs_per_s": pairs,
+        "tokens_per_s": pairs * stats["tokens_per_pair"],
+        "peak_rss_bytes": result["peak_rss_bytes"],
+        "useful_flops_per_s": pairs * stats["minimal_flops_per_pair"],
+        "share_of_ceiling": pairs * stats["minimal_flops_per_pair"] / ceiling,
+        "losses": result["losses"][:3],
+    }
 
 
 def check_same_start(trl: dict, ours: dict) -> None:
     """Same initial weights and the same loss at the first two steps (the second after one identical AdamW step)."""
     if trl["initial_weights"] != ours["initial_weights"]:
-        raise AssertionError(f"initial weights differ: TRL {trl['initial_weights']} vs dpolab {ours['initial_weights']}")
+        raise AssertionError(
+            f"initial weights differ: TRL {trl['initial_weights']} vs dpolab {ours['initial_weights']}"
+        )
     for i in range(2):
         a, b = trl["losses"][i], ours["losses"][i]
         if abs(a - b) > LOSS_RTOL * abs(a):
@@ -120,11 +144,16 @@ def check_same_start(trl: dict, ours: dict) -> None:
 
 
 def table(rows: list[tuple[str, dict]], ceiling: float) -> str:
-    head = (f"| run | s/step | s/step ÷ dpolab's, same run | pairs/s | tokens/s | peak RSS | useful GFLOP/s | share of "
-            f"ceiling ({ceiling / 1e9:.0f} GFLOP/s) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    lines = [f"| {name} | {r['seconds_per_step']:.2f} | {r.get('vs_dpolab', 1):.2f} | {r['pairs_per_s']:.2f} | "
-             f"{r['tokens_per_s']:,.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['useful_flops_per_s'] / 1e9:.0f} | "
-             f"{r['share_of_ceiling']:.0%} |" for name, r in rows]
+    head = (
+        f"| run | s/step | s/step ÷ dpolab's, same run | pairs/s | tokens/s | peak RSS | useful GFLOP/s | share of "
+        f"ceiling ({ceiling / 1e9:.0f} GFLOP/s) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    lines = [
+        f"| {name} | {r['seconds_per_step']:.2f} | {r.get('vs_dpolab', 1):.2f} | {r['pairs_per_s']:.2f} | "
+        f"{r['tokens_per_s']:,.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['useful_flops_per_s'] / 1e9:.0f} | "
+        f"{r['share_of_ceiling']:.0%} |"
+        for name, r in rows
+    ]
     return "\n".join([head, *lines])
 
 
@@ -133,16 +162,22 @@ def say(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpolab.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dpolab.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="a 4-layer, 256-wide GPT-2; 1 repeat, no ablations")
     p.add_argument("--repeats", type=int, default=None, help="TRL/dpolab pairs of runs [default: 3; 1 with --quick]")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker [default: torch's]")
     p.add_argument("--no-ablations", action="store_true", help="skip the one-optimisation-off runs")
-    p.add_argument("--out", default=None, help="folder for bench.json and bench.md [default: results/bench; "
-                   "runs/bench-quick with --quick]")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for bench.json and bench.md [default: results/bench; runs/bench-quick with --quick]",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per worker")
     return p
 
@@ -157,21 +192,28 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("runs/bench-quick" if args.quick else "results/bench"))
     spec = spec_for(args)
     stats = _token_stats(spec)
-    say(f"GPT-2 {stats['parameters'] / 1e6:.1f}M, random weights; {spec['batch_size']} Penn pairs per step, "
+    say(
+        f"GPT-2 {stats['parameters'] / 1e6:.1f}M, random weights; {spec['batch_size']} Penn pairs per step, "
         f"prompt {stats['prompt_tokens']}, chosen {stats['chosen_tokens']}, rejected {stats['rejected_tokens']} tokens; "
-        f"{repeats} repeat(s) of {args.warmup} + {args.steps} steps")
+        f"{repeats} repeat(s) of {args.warmup} + {args.steps} steps"
+    )
     ceilings = [run_worker("ceiling", spec, args.timeout)]
-    say(f"matmul ceiling {ceilings[0]['flops_per_s'] / 1e9:.0f} GFLOP/s at {ceilings[0]['shape']} "
-        f"({ceilings[0]['library']})")
+    say(
+        f"matmul ceiling {ceilings[0]['flops_per_s'] / 1e9:.0f} GFLOP/s at {ceilings[0]['shape']} "
+        f"({ceilings[0]['library']})"
+    )
     steps = args.warmup + args.steps
 
     def paired(variant: str, kind: str = "dpolab") -> tuple[dict, dict]:
         """One run of ``variant`` in lockstep with dpolab as shipped: (the variant's result, dpolab's)."""
-        other, ours = run_lockstep([(kind, {**spec, "variant": variant}), ("dpolab", {**spec, "variant": "dpolab"})],
-                                   steps, args.timeout)
-        say(f"{variant}: {statistics.median(other['step_seconds']):.2f} s/step, peak "
+        other, ours = run_lockstep(
+            [(kind, {**spec, "variant": variant}), ("dpolab", {**spec, "variant": "dpolab"})], steps, args.timeout
+        )
+        say(
+            f"{variant}: {statistics.median(other['step_seconds']):.2f} s/step, peak "
             f"{other['peak_rss_bytes'] / 2**30:.2f} GiB; dpolab in the same run "
-            f"{statistics.median(ours['step_seconds']):.2f} s/step, peak {ours['peak_rss_bytes'] / 2**30:.2f} GiB")
+            f"{statistics.median(ours['step_seconds']):.2f} s/step, peak {ours['peak_rss_bytes'] / 2**30:.2f} GiB"
+        )
         return other, ours
 
     runs = {"trl": [], "dpolab": []}
@@ -199,15 +241,20 @@ def main(argv: list[str] | None = None) -> int:
         return summarize(result, stats, ceiling, spec["batch_size"])
 
     per_run = {k: [summary(x) for x in v] for k, v in runs.items()}
-    median = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "losses"} | {"losses": v[0]["losses"]}
-              for k, v in per_run.items()}
+    median = {
+        k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "losses"} | {"losses": v[0]["losses"]}
+        for k, v in per_run.items()
+    }
     # the ratios are taken within each lockstep run, then their median over the runs
     speedup = statistics.median(o["pairs_per_s"] / t["pairs_per_s"] for o, t in zip(per_run["dpolab"], per_run["trl"]))
-    rss_ratio = statistics.median(o["peak_rss_bytes"] / t["peak_rss_bytes"]
-                                  for o, t in zip(per_run["dpolab"], per_run["trl"]))
+    rss_ratio = statistics.median(
+        o["peak_rss_bytes"] / t["peak_rss_bytes"] for o, t in zip(per_run["dpolab"], per_run["trl"])
+    )
     fraction = median["dpolab"]["share_of_ceiling"]
-    versus = {v: summary(x) | {"vs_dpolab": summary(x)["seconds_per_step"] / summary(ours)["seconds_per_step"]}
-              for v, (x, ours) in extra.items()}
+    versus = {
+        v: summary(x) | {"vs_dpolab": summary(x)["seconds_per_step"] / summary(ours)["seconds_per_step"]}
+        for v, (x, ours) in extra.items()
+    }
     rows = [("TRL DPOTrainer", median["trl"] | {"vs_dpolab": speedup}), ("dpolab.train", median["dpolab"])]
     if "trl-precompute" in versus:
         rows.insert(1, ("TRL DPOTrainer, precompute_ref_log_probs", versus["trl-precompute"]))
@@ -216,15 +263,23 @@ def main(argv: list[str] | None = None) -> int:
     rows += [(f"dpolab without {ABLATIONS[v].split(':')[0]}", versus[v]) for v in ABLATIONS if v in versus]
     bf16 = versus.get("bf16")
     text = table(rows, ceiling)
-    gen_line = (f"generation: {generation['prompts']} prompts x {spec['generation_tokens']} new tokens in "
-                f"{generation['seconds']:.1f} s ({generation['new_tokens'] / generation['seconds']:,.0f} new tokens/s, "
-                "batched, KV cache)")
+    gen_line = (
+        f"generation: {generation['prompts']} prompts x {spec['generation_tokens']} new tokens in "
+        f"{generation['seconds']:.1f} s ({generation['new_tokens'] / generation['seconds']:,.0f} new tokens/s, "
+        "batched, KV cache)"
+    )
     ref_line = "reference log-probs: " + ", ".join(
-        f"{k} {v['pairs'] / v['seconds']:.1f} pairs/s" for k, v in reference["layouts"].items())
-    bf16_line = "" if bf16 is None else (
-        f"bf16 autocast (not part of the fp32 comparison): {bf16['seconds_per_step']:.2f} s/step, "
-        f"{bf16['pairs_per_s']:.2f} pairs/s, {1 / bf16['vs_dpolab']:.2f}x dpolab's fp32 in the same run, "
-        f"peak RSS {bf16['peak_rss_bytes'] / 2**30:.2f} GiB")
+        f"{k} {v['pairs'] / v['seconds']:.1f} pairs/s" for k, v in reference["layouts"].items()
+    )
+    bf16_line = (
+        ""
+        if bf16 is None
+        else (
+            f"bf16 autocast (not part of the fp32 comparison): {bf16['seconds_per_step']:.2f} s/step, "
+            f"{bf16['pairs_per_s']:.2f} pairs/s, {1 / bf16['vs_dpolab']:.2f}x dpolab's fp32 in the same run, "
+            f"peak RSS {bf16['peak_rss_bytes'] / 2**30:.2f} GiB"
+        )
+    )
     print(text)
     if bf16_line:
         print(bf16_line)
@@ -234,13 +289,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak_rss_ratio_vs_trl={rss_ratio:.3f}")
     print(f"fraction_of_limit={fraction:.3f}")
 
-    result = {"spec": spec, "tokens": stats, "ceilings": ceilings, "ceiling_flops_per_s": ceiling,
-              "ceiling_library": best["library"], "ceiling_shape": best["shape"],
-              "runs": runs, "per_run": per_run, "median": median, "paired_runs": extra, "versus": versus,
-              "generation": generation,
-              "reference": reference, "bf16": bf16, "speedup_vs_trl": speedup, "peak_rss_ratio_vs_trl": rss_ratio,
-              "fraction_of_limit": fraction, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "versions": _versions(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    result = {
+        "spec": spec,
+        "tokens": stats,
+        "ceilings": ceilings,
+        "ceiling_flops_per_s": ceiling,
+        "ceiling_library": best["library"],
+        "ceiling_shape": best["shape"],
+        "runs": runs,
+        "per_run": per_run,
+        "median": median,
+        "paired_runs": extra,
+        "versus": versus,
+        "generation": generation,
+        "reference": reference,
+        "bf16": bf16,
+        "speedup_vs_trl": speedup,
+        "peak_rss_ratio_vs_trl": rss_ratio,
+        "fraction_of_limit": fraction,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": _versions(),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
     from ..files import atomic_write_text
 
     atomic_write_text(out / "bench.json", json.dumps(result, indent=1))
@@ -257,38 +327,51 @@ def _versions() -> dict:
 
 def _markdown(result: dict, text: str, lines: list[str]) -> str:
     s, t = result["spec"], result["tokens"]
-    return "\n".join([
-        "# `make bench`: dpolab.train against TRL's DPOTrainer", "",
-        f"Measured {result['finished_at']} on {result['machine']['cpus']} CPU cores ({result['machine']['platform']}), "
-        f"torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
-        f"trl {result['versions']['trl']}; fp32 on both sides.", "",
-        f"GPT-2 ({t['parameters'] / 1e6:.1f}M parameters, random weights; the reference another random GPT-2), "
-        f"{s['batch_size']} Penn pairs per step: prompt {t['prompt_tokens']['min']}-{t['prompt_tokens']['max']}, "
-        f"chosen {t['chosen_tokens']['min']}-{t['chosen_tokens']['max']}, rejected {t['rejected_tokens']['min']}-"
-        f"{t['rejected_tokens']['max']} tokens (EOS included); the padded layout is "
-        f"{t['padded_layout_padding_share']:.0%} padding. Each run is two processes in lockstep (``dpolab/bench/"
-        f"lockstep.py``): they take turns, one optimizer step each, so that neighbouring steps meet the same machine. "
-        f"Medians of {s['timed_steps']} timed steps after {s['warmup_steps']} warm-up steps; TRL against dpolab: "
-        f"{len(result['runs']['trl'])} runs, each ratio taken within a run, then the median over the runs (every "
-        "other figure of those two rows is the median over the runs); every other row: one run beside dpolab as "
-        "shipped, and its time divided by dpolab's in that run (dpolab beside itself shows how far such a one-run "
-        "ratio strays from 1 by chance).",
-        "", f"Both: DPO (sigmoid) loss at beta {s['beta']}, AdamW at a constant lr {s['lr']:g}, gradient clipping at 1.0, "
-        "the same pairs in the same order, the same loss at steps 1 and 2 (asserted). TRL's DPOTrainer runs with its "
-        "defaults except `bf16=False` (fp32 like ours), `gradient_checkpointing=False` (its default recomputes "
-        "activations: slower here), an explicit `ref_model` and a sequential sampler; it runs the reference model in "
-        "every step unless `precompute_ref_log_probs` (its own row). dpolab.train runs with its defaults: shared-prefix "
-        "packing, the fused LM head with its softmax kept, the fused GELU folded into the MLP's projection, the tied "
-        "embedding's gradient added in place, the layer norms' outputs recomputed in the backward, the products of "
-        "its autograd functions through oneDNN, fused AdamW, reference log-probs precomputed (before the timed "
-        "steps).",
-        "", text, "", *[f"- {line}" for line in lines if line],
-        f"- minimal work per pair {t['minimal_flops_per_pair'] / 1e9:.1f} GFLOP (``dpolab/bench/flops.py``); "
-        f"the ceiling is the fastest fp32 product of this run ({result['ceiling_library']} at "
-        f"{result['ceiling_shape']}; `torch.mm` and oneDNN timed at the model's shapes, before and after the runs).",
-        "", "```",
-        f"speedup_vs_trl={result['speedup_vs_trl']:.3f}", f"peak_rss_ratio_vs_trl={result['peak_rss_ratio_vs_trl']:.3f}",
-        f"fraction_of_limit={result['fraction_of_limit']:.3f}", "```", ""])
+    return "\n".join(
+        [
+            "# `make bench`: dpolab.train against TRL's DPOTrainer",
+            "",
+            f"Measured {result['finished_at']} on {result['machine']['cpus']} CPU cores ({result['machine']['platform']}), "
+            f"torch {result['versions']['torch']}, transformers {result['versions']['transformers']}, "
+            f"trl {result['versions']['trl']}; fp32 on both sides.",
+            "",
+            f"GPT-2 ({t['parameters'] / 1e6:.1f}M parameters, random weights; the reference another random GPT-2), "
+            f"{s['batch_size']} Penn pairs per step: prompt {t['prompt_tokens']['min']}-{t['prompt_tokens']['max']}, "
+            f"chosen {t['chosen_tokens']['min']}-{t['chosen_tokens']['max']}, rejected {t['rejected_tokens']['min']}-"
+            f"{t['rejected_tokens']['max']} tokens (EOS included); the padded layout is "
+            f"{t['padded_layout_padding_share']:.0%} padding. Each run is two processes in lockstep (``dpolab/bench/"
+            f"lockstep.py``): they take turns, one optimizer step each, so that neighbouring steps meet the same machine. "
+            f"Medians of {s['timed_steps']} timed steps after {s['warmup_steps']} warm-up steps; TRL against dpolab: "
+            f"{len(result['runs']['trl'])} runs, each ratio taken within a run, then the median over the runs (every "
+            "other figure of those two rows is the median over the runs); every other row: one run beside dpolab as "
+            "shipped, and its time divided by dpolab's in that run (dpolab beside itself shows how far such a one-run "
+            "ratio strays from 1 by chance).",
+            "",
+            f"Both: DPO (sigmoid) loss at beta {s['beta']}, AdamW at a constant lr {s['lr']:g}, gradient clipping at 1.0, "
+            "the same pairs in the same order, the same loss at steps 1 and 2 (asserted). TRL's DPOTrainer runs with its "
+            "defaults except `bf16=False` (fp32 like ours), `gradient_checkpointing=False` (its default recomputes "
+            "activations: slower here), an explicit `ref_model` and a sequential sampler; it runs the reference model in "
+            "every step unless `precompute_ref_log_probs` (its own row). dpolab.train runs with its defaults: shared-prefix "
+            "packing, the fused LM head with its softmax kept, the fused GELU folded into the MLP's projection, the tied "
+            "embedding's gradient added in place, the layer norms' outputs recomputed in the backward, the products of "
+            "its autograd functions through oneDNN, fused AdamW, reference log-probs precomputed (before the timed "
+            "steps).",
+            "",
+            text,
+            "",
+            *[f"- {line}" for line in lines if line],
+            f"- minimal work per pair {t['minimal_flops_per_pair'] / 1e9:.1f} GFLOP (``dpolab/bench/flops.py``); "
+            f"the ceiling is the fastest fp32 product of this run ({result['ceiling_library']} at "
+            f"{result['ceiling_shape']}; `torch.mm` and oneDNN timed at the model's shapes, before and after the runs).",
+            "",
+            "```",
+            f"speedup_vs_trl={result['speedup_vs_trl']:.3f}",
+            f"peak_rss_ratio_vs_trl={result['peak_rss_ratio_vs_trl']:.3f}",
+            f"fraction_of_limit={result['fraction_of_limit']:.3f}",
+            "```",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -70,8 +70,14 @@ def matmul_ceiling(shapes: list[tuple[int, int, int]], seconds: float = 0.6) -> 
                 t = time.perf_counter()
                 product()
                 times.append(time.perf_counter() - t)
-            results.append({"shape": [m, k, n], "library": library,
-                            "flops_per_s": 2.0 * m * k * n / statistics.median(times)})
+            results.append(
+                {"shape": [m, k, n], "library": library, "flops_per_s": 2.0 * m * k * n / statistics.median(times)}
+            )
     best = max(results, key=lambda r: r["flops_per_s"])
-    return {"flops_per_s": best["flops_per_s"], "shape": best["shape"], "library": best["library"], "all": results,
-            "threads": torch.get_num_threads()}
+    return {
+        "flops_per_s": best["flops_per_s"],
+        "shape": best["shape"],
+        "library": best["library"],
+        "all": results,
+        "threads": torch.get_num_threads(),
+    }

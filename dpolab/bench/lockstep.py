@@ -33,8 +33,12 @@ def worker_argv(kind: str, spec_path: Path, out_path: Path) -> list[str]:
 
 def worker_env() -> dict[str, str]:
     """The workers' environment: this one, offline, without tokenizers' own threads."""
-    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
+    return {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
+    }
 
 
 class Gate:
@@ -87,8 +91,15 @@ def run_lockstep(jobs: list[tuple[str, dict]], steps: int, timeout: float) -> li
                 spec_path, out_path, err_path = (Path(tmp, f"{i}.{x}") for x in ("spec.json", "out.json", "err"))
                 spec_path.write_text(json.dumps({**spec, "gate": [go_r, done_w]}))
                 with open(err_path, "w") as err:
-                    procs.append(subprocess.Popen(worker_argv(kind, spec_path, out_path), env=worker_env(),
-                                                  stdout=subprocess.DEVNULL, stderr=err, pass_fds=(go_r, done_w)))
+                    procs.append(
+                        subprocess.Popen(
+                            worker_argv(kind, spec_path, out_path),
+                            env=worker_env(),
+                            stdout=subprocess.DEVNULL,
+                            stderr=err,
+                            pass_fds=(go_r, done_w),
+                        )
+                    )
                 os.close(go_r)
                 os.close(done_w)
                 pipes.append((go_w, done_r, out_path, err_path))
@@ -105,8 +116,9 @@ def run_lockstep(jobs: list[tuple[str, dict]], steps: int, timeout: float) -> li
             for (go_w, _, out_path, err_path), proc, label in zip(pipes, procs, labels):
                 os.write(go_w, b"g")  # the last step's "go": finish and write the results
                 if proc.wait(timeout) != 0:
-                    raise RuntimeError(f"bench worker {label} failed with status {proc.returncode}:\n"
-                                       f"{err_path.read_text()[-4000:]}")
+                    raise RuntimeError(
+                        f"bench worker {label} failed with status {proc.returncode}:\n{err_path.read_text()[-4000:]}"
+                    )
                 results.append({**json.loads(out_path.read_text()), "wall_seconds": time.perf_counter() - start})
             return results
         finally:

@@ -61,10 +61,16 @@ def _timings(gate, spec: dict) -> dict:
 
 # dpolab.train with one speed-up switched off: variant -> TrainConfig fields ("recompute-head" and "mkl-products"
 # are module settings)
-ABLATIONS = {"padded": {"packing": False}, "python-gelu": {"fuse_activations": False},
-             "foreach-adamw": {"fused_optimizer": False}, "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
-             "saved-layer-norms": {"recompute_layer_norms": False},
-             "recompute-head": {}, "mkl-products": {}, "bf16": {"precision": "bf16"}}  # bf16: reported apart
+ABLATIONS = {
+    "padded": {"packing": False},
+    "python-gelu": {"fuse_activations": False},
+    "foreach-adamw": {"fused_optimizer": False},
+    "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
+    "saved-layer-norms": {"recompute_layer_norms": False},
+    "recompute-head": {},
+    "mkl-products": {},
+    "bf16": {"precision": "bf16"},
+}  # bf16: reported apart
 
 
 def train_dpolab(spec: dict) -> dict:
@@ -83,9 +89,19 @@ def train_dpolab(spec: dict) -> dict:
     policy = _model(spec, seed=0)
     digest = _weights_digest(policy)
     steps = spec["warmup_steps"] + spec["timed_steps"]
-    config = TrainConfig(loss="dpo", beta=spec["beta"], learning_rate=spec["lr"], min_learning_rate=spec["lr"],
-                         batch_size=spec["batch_size"], epochs=1, max_steps=steps, seed=0, use_ref_cache=False,
-                         progress=False, **ABLATIONS.get(variant, {}))
+    config = TrainConfig(
+        loss="dpo",
+        beta=spec["beta"],
+        learning_rate=spec["lr"],
+        min_learning_rate=spec["lr"],
+        batch_size=spec["batch_size"],
+        epochs=1,
+        max_steps=steps,
+        seed=0,
+        use_ref_cache=False,
+        progress=False,
+        **ABLATIONS.get(variant, {}),
+    )
     gate, losses = _gate(spec), []
 
     def on_step(row):
@@ -108,8 +124,13 @@ def train_trl(spec: dict) -> dict:
     tokenizer = gpt2_tokenizer()
     rows, order = _rows(spec)
     rows = rows.select(order.tolist())
-    data = Dataset.from_dict({"prompt": list(rows["prompt"]), "chosen": [" " + c for c in rows["chosen"]],
-                              "rejected": [" " + r for r in rows["rejected"]]})
+    data = Dataset.from_dict(
+        {
+            "prompt": list(rows["prompt"]),
+            "chosen": [" " + c for c in rows["chosen"]],
+            "rejected": [" " + r for r in rows["rejected"]],
+        }
+    )
     policy = _model(spec, seed=0)
     digest = _weights_digest(policy)
     reference = _model(spec, seed=1).eval()
@@ -121,21 +142,42 @@ def train_trl(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as work:
         args = DPOConfig(
-            output_dir=work, beta=spec["beta"], learning_rate=spec["lr"], lr_scheduler_type="constant",
-            per_device_train_batch_size=spec["batch_size"], max_steps=spec["warmup_steps"] + spec["timed_steps"],
-            train_sampling_strategy="sequential", seed=0, bf16=False, report_to="none", logging_steps=1,
-            save_strategy="no", gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0,
+            output_dir=work,
+            beta=spec["beta"],
+            learning_rate=spec["lr"],
+            lr_scheduler_type="constant",
+            per_device_train_batch_size=spec["batch_size"],
+            max_steps=spec["warmup_steps"] + spec["timed_steps"],
+            train_sampling_strategy="sequential",
+            seed=0,
+            bf16=False,
+            report_to="none",
+            logging_steps=1,
+            save_strategy="no",
+            gradient_checkpointing=False,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
             max_length=spec["model"].get("n_positions", 1024),
             precompute_ref_log_probs=spec.get("variant") == "trl-precompute",
         )
-        trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data,
-                             processing_class=tokenizer, callbacks=[Clock()])
+        trainer = DPOTrainer(
+            model=policy,
+            ref_model=reference,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
         trainer.remove_callback(PrinterCallback)
         del reference
         trainer.train()
         log = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
-    return {**_timings(gate, spec), "losses": [float(e["loss"]) for e in log], "peak_rss_bytes": _peak_rss_bytes(),
-            "initial_weights": digest}
+    return {
+        **_timings(gate, spec),
+        "losses": [float(e["loss"]) for e in log],
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "initial_weights": digest,
+    }
 
 
 def ceiling(spec: dict) -> dict:
@@ -143,8 +185,13 @@ def ceiling(spec: dict) -> dict:
     from .flops import matmul_ceiling
 
     tokens, width, vocab = spec["ceiling_tokens"], spec["model"]["n_embd"], spec["model"]["vocab_size"]
-    shapes = [(tokens, width, 3 * width), (tokens, width, 4 * width), (tokens, 4 * width, width),
-              (tokens, width, min(vocab, 8192)), (2048, 2048, 2048)]
+    shapes = [
+        (tokens, width, 3 * width),
+        (tokens, width, 4 * width),
+        (tokens, 4 * width, width),
+        (tokens, width, min(vocab, 8192)),
+        (2048, 2048, 2048),
+    ]
     return matmul_ceiling(shapes)
 
 
@@ -162,8 +209,12 @@ def generation(spec: dict) -> dict:
     start = time.perf_counter()
     out = generate(model, tokenizer, prompts, config, seed=0)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "prompts": len(prompts), "new_tokens": sum(map(len, out.completion_ids)),
-            "peak_rss_bytes": _peak_rss_bytes()}
+    return {
+        "seconds": seconds,
+        "prompts": len(prompts),
+        "new_tokens": sum(map(len, out.completion_ids)),
+        "peak_rss_bytes": _peak_rss_bytes(),
+    }
 
 
 def reference(spec: dict) -> dict:
@@ -180,15 +231,30 @@ def reference(spec: dict) -> dict:
     out = {}
     for layout in ("packed", "padded"):
         start = time.perf_counter()
-        chosen, _ = ref.precompute_reference_logps(model, examples, tokenizer, batch_size=2 * spec["batch_size"],
-                                                   device=torch.device("cpu"), use_cache=False,
-                                                   packing=layout == "packed")
-        out[layout] = {"seconds": time.perf_counter() - start, "pairs": len(examples), "chosen_sum": float(chosen.sum())}
+        chosen, _ = ref.precompute_reference_logps(
+            model,
+            examples,
+            tokenizer,
+            batch_size=2 * spec["batch_size"],
+            device=torch.device("cpu"),
+            use_cache=False,
+            packing=layout == "packed",
+        )
+        out[layout] = {
+            "seconds": time.perf_counter() - start,
+            "pairs": len(examples),
+            "chosen_sum": float(chosen.sum()),
+        }
     return {"layouts": out}
 
 
-WORKERS = {"dpolab": train_dpolab, "trl": train_trl, "ceiling": ceiling, "generation": generation,
-           "reference": reference}
+WORKERS = {
+    "dpolab": train_dpolab,
+    "trl": train_trl,
+    "ceiling": ceiling,
+    "generation": generation,
+    "reference": reference,
+}
 
 
 def main(argv: list[str]) -> int:

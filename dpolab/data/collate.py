@@ -62,7 +62,9 @@ def tokenize_pair(
     """
     for field in ("prompt", "chosen", "rejected"):
         if not isinstance(example.get(field), str):
-            raise ValueError(f"example {index}: field {field!r} must be a string, got {type(example.get(field)).__name__}")
+            raise ValueError(
+                f"example {index}: field {field!r} must be a string, got {type(example.get(field)).__name__}"
+            )
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos_token: completions end with EOS")
     prompt = example["prompt"]

@@ -39,7 +39,13 @@ def describe(counts: np.ndarray) -> dict[str, float]:
     """Mean, sample sd, min, quartiles (linear interpolation), max."""
     q1, median, q3 = np.percentile(counts, [25, 50, 75])
     return dict(
-        n=len(counts), mean=counts.mean(), sd=counts.std(ddof=1), min=counts.min(), q1=q1, median=median, q3=q3,
+        n=len(counts),
+        mean=counts.mean(),
+        sd=counts.std(ddof=1),
+        min=counts.min(),
+        q1=q1,
+        median=median,
+        q3=q3,
         max=counts.max(),
     )
 
@@ -61,9 +67,13 @@ def compute_stats(data: DatasetDict) -> dict[str, Any]:
         chosen, rejected = by_field["chosen"], by_field["rejected"]
         ks = stats.ks_2samp(chosen, rejected)
         balance[name] = dict(
-            mean_difference=chosen.mean() - rejected.mean(), ks_statistic=ks.statistic, ks_pvalue=ks.pvalue,
-            longer=int((chosen > rejected).sum()), equal=int((chosen == rejected).sum()),
-            shorter=int((chosen < rejected).sum()), max_gap=int(np.abs(chosen - rejected).max()),
+            mean_difference=chosen.mean() - rejected.mean(),
+            ks_statistic=ks.statistic,
+            ks_pvalue=ks.pvalue,
+            longer=int((chosen > rejected).sum()),
+            equal=int((chosen == rejected).sum()),
+            shorter=int((chosen < rejected).sum()),
+            max_gap=int(np.abs(chosen - rejected).max()),
             # accuracy of the length-only rule "prefer the longer ending" (a coin flip on ties): 0.5 = no shortcut
             longer_wins=((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum()) / len(chosen),
         )
@@ -104,39 +114,86 @@ def render_stats(s: dict[str, Any]) -> str:
     out += _table(["topic", "train", "test", "total"], topic_rows)
     out += ["", "### Lengths in words (whitespace-separated)", ""]
     length_rows = [
-        [name, field, d["n"], f"{d['mean']:.2f}", f"{d['sd']:.2f}", d["min"], f"{d['q1']:g}", f"{d['median']:g}",
-         f"{d['q3']:g}", d["max"]]
-        for name, by_field in s["lengths"].items() for field, d in by_field.items()
+        [
+            name,
+            field,
+            d["n"],
+            f"{d['mean']:.2f}",
+            f"{d['sd']:.2f}",
+            d["min"],
+            f"{d['q1']:g}",
+            f"{d['median']:g}",
+            f"{d['q3']:g}",
+            d["max"],
+        ]
+        for name, by_field in s["lengths"].items()
+        for field, d in by_field.items()
     ]
     out += _table(["split", "field", "n", "mean", "sd", "min", "q1", "median", "q3", "max"], length_rows)
-    out += ["", "Chosen against rejected: two-sample Kolmogorov-Smirnov test on the word counts (a large p-value "
-            "means no detectable difference between the two distributions), the pairs where the chosen ending is "
-            "longer, equal or shorter, the largest gap in a pair, and the accuracy of the length-only rule \"prefer "
-            "the longer ending\" (ties count one half; 50% means length carries no signal):", ""]
+    out += [
+        "",
+        "Chosen against rejected: two-sample Kolmogorov-Smirnov test on the word counts (a large p-value "
+        "means no detectable difference between the two distributions), the pairs where the chosen ending is "
+        'longer, equal or shorter, the largest gap in a pair, and the accuracy of the length-only rule "prefer '
+        'the longer ending" (ties count one half; 50% means length carries no signal):',
+        "",
+    ]
     balance_rows = [
-        [name, f"{b['mean_difference']:+.3f}", f"{b['ks_statistic']:.3f}", f"{b['ks_pvalue']:.3f}",
-         b["longer"], b["equal"], b["shorter"], b["max_gap"], f"{b['longer_wins']:.1%}"]
+        [
+            name,
+            f"{b['mean_difference']:+.3f}",
+            f"{b['ks_statistic']:.3f}",
+            f"{b['ks_pvalue']:.3f}",
+            b["longer"],
+            b["equal"],
+            b["shorter"],
+            b["max_gap"],
+            f"{b['longer_wins']:.1%}",
+        ]
         for name, b in s["balance"].items()
     ]
-    header = ["split", "mean chosen - mean rejected", "KS statistic", "KS p-value", "chosen longer", "equal",
-              "chosen shorter", "max gap", "\"prefer the longer\" accuracy"]
+    header = [
+        "split",
+        "mean chosen - mean rejected",
+        "KS statistic",
+        "KS p-value",
+        "chosen longer",
+        "equal",
+        "chosen shorter",
+        "max gap",
+        '"prefer the longer" accuracy',
+    ]
     out += _table(header, balance_rows)
     out += ["", "Word-count distributions, both splits (rows per length):", ""]
     lowest, highest = min(min(h) for h in s["histogram"].values()), max(max(h) for h in s["histogram"].values())
     histogram_rows = [[n, *(s["histogram"][field][n] for field in FIELDS)] for n in range(lowest, highest + 1)]
     out += _table(["words", *FIELDS], histogram_rows)
     out += ["", "### Penn mentions (by `dpolab.data.mentions_penn`)", ""]
-    out += [f"- chosen continuations that mention Penn: {s['chosen_with_penn']} of {n_all}",
-            f"- rejected continuations that mention Penn: {s['rejected_with_penn']} of {n_all}", ""]
-    out += _table(["surface form in chosen", "rows", "share"],
-                  [[form, s["forms"][form], f"{s['forms'][form] / n_all:.1%}"] for form in FORMS])
-    out += ["", "A row counts once for each form it contains (\"Penn\" includes \"Penn's\").", "",
-            f"Rejected continuations with a deliberate look-alike: {s['rejected_with_lookalike']} of {n_all}", ""]
+    out += [
+        f"- chosen continuations that mention Penn: {s['chosen_with_penn']} of {n_all}",
+        f"- rejected continuations that mention Penn: {s['rejected_with_penn']} of {n_all}",
+        "",
+    ]
+    out += _table(
+        ["surface form in chosen", "rows", "share"],
+        [[form, s["forms"][form], f"{s['forms'][form] / n_all:.1%}"] for form in FORMS],
+    )
+    out += [
+        "",
+        'A row counts once for each form it contains ("Penn" includes "Penn\'s").',
+        "",
+        f"Rejected continuations with a deliberate look-alike: {s['rejected_with_lookalike']} of {n_all}",
+        "",
+    ]
     out += _table(["look-alike in rejected", "count"], sorted(s["lookalikes"].items(), key=lambda kv: (-kv[1], kv[0])))
-    out += ["", "### Split disjointness", "",
-            f"- test prompts that are near-duplicates of a train prompt: {s['cross_split_near_duplicates']}",
-            f"- highest token-set Jaccard similarity between a test and a train prompt: "
-            f"{s['max_cross_split_jaccard']:.3f} (near-duplicate threshold {NEAR_DUPLICATE_JACCARD})"]
+    out += [
+        "",
+        "### Split disjointness",
+        "",
+        f"- test prompts that are near-duplicates of a train prompt: {s['cross_split_near_duplicates']}",
+        f"- highest token-set Jaccard similarity between a test and a train prompt: "
+        f"{s['max_cross_split_jaccard']:.3f} (near-duplicate threshold {NEAR_DUPLICATE_JACCARD})",
+    ]
     return "\n".join(out)
 
 

@@ -310,7 +310,7 @@ def _load_with_datasets(
         raise HubUnreachableError(
             f"cannot load the dataset {name!r}: the Hugging Face hub is unreachable ({reason}) and the dataset is "
             "not in the local cache. Pass a local file instead: load_preference_data('pairs.jsonl') for JSON Lines "
-            "or a .json file holding a list of {\"prompt\", \"chosen\", \"rejected\"} objects, or "
+            'or a .json file holding a list of {"prompt", "chosen", "rejected"} objects, or '
             "{'train': 'train.jsonl', 'test': 'test.jsonl'} for several splits."
         ) from err
     options = dict(drop_invalid=drop_invalid, allow_duplicate_prompts=allow_duplicate_prompts)

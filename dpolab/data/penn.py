@@ -34,28 +34,72 @@ _CANDIDATE = re.compile(
 # Word before "Penn" / "Wharton" that makes it a person or a place, not the university or its school.
 _NOT_PENN_BEFORE = {
     # people called Penn: actors, a director, a photographer, the founder of Pennsylvania and his family
-    "sean", "kal", "arthur", "irving", "wright", "chris", "william", "hannah", "admiral",
+    "sean",
+    "kal",
+    "arthur",
+    "irving",
+    "wright",
+    "chris",
+    "william",
+    "hannah",
+    "admiral",
     # places called Penn: Mount Penn, East/West Penn (townships, utilities)
-    "mount", "east", "west",
+    "mount",
+    "east",
+    "west",
     # people called Wharton: the novelist, the founder of the school (a person, not the school)
-    "edith", "joseph",
+    "edith",
+    "joseph",
 }
 _NOT_PENN_AFTER = {
     # other institutions, stations and streets
-    "state", "st", "station", "avenue", "ave", "street", "plaza", "square", "central", "line", "quarter",
+    "state",
+    "st",
+    "station",
+    "avenue",
+    "ave",
+    "street",
+    "plaza",
+    "square",
+    "central",
+    "line",
+    "quarter",
     # places named after William Penn ("Penn's Landing", "Penn's Woods", "Penn's Treaty")
-    "landing", "woods", "treaty", "hills", "valley", "township", "yan", "manor", "creek",
+    "landing",
+    "woods",
+    "treaty",
+    "hills",
+    "valley",
+    "township",
+    "yan",
+    "manor",
+    "creek",
     # people whose first name is Penn
-    "jillette", "badgley",
+    "jillette",
+    "badgley",
     # other things called Wharton
-    "county", "esherick",
+    "county",
+    "esherick",
 }
 # Titles, the only words before a candidate whose full stop is not the end of a sentence ("Dr. Penn").
 _TITLES = {"mr", "mrs", "ms", "dr", "mt"}
 # "X University of Pennsylvania" is another university: the state system (PASSHE) and Indiana University.
 _OTHER_UNIVERSITY_OF_PENNSYLVANIA = {
-    "indiana", "california", "clarion", "edinboro", "bloomsburg", "kutztown", "millersville", "rock",
-    "shippensburg", "haven", "stroudsburg", "mansfield", "cheyney", "chester", "commonwealth",
+    "indiana",
+    "california",
+    "clarion",
+    "edinboro",
+    "bloomsburg",
+    "kutztown",
+    "millersville",
+    "rock",
+    "shippensburg",
+    "haven",
+    "stroudsburg",
+    "mansfield",
+    "cheyney",
+    "chester",
+    "commonwealth",
 }
 _WORD_BEFORE = re.compile(r"(\w+)(\.?)\s+$")  # "Sean Penn", "Dr. Penn"
 _WORD_AFTER = re.compile(r"^(?:\s+|-)(\w+)")  # "Penn State", "Penn-State", "Penn's Landing"

@@ -18,8 +18,23 @@ from .metrics import (
 )
 
 __all__ = [
-    "Generations", "SamplingConfig", "generate",
-    "completion_logps", "corpus_perplexity", "encode_continuations", "kl_to_reference", "perplexity",
-    "Interval", "alignment_accuracy", "bootstrap_ci", "default_embedder", "distinct_n", "distinct_n_per_sample",
-    "ngrams", "penn_flags", "relevance", "repeated_ngram_rate", "words",
+    "Generations",
+    "SamplingConfig",
+    "generate",
+    "completion_logps",
+    "corpus_perplexity",
+    "encode_continuations",
+    "kl_to_reference",
+    "perplexity",
+    "Interval",
+    "alignment_accuracy",
+    "bootstrap_ci",
+    "default_embedder",
+    "distinct_n",
+    "distinct_n_per_sample",
+    "ngrams",
+    "penn_flags",
+    "relevance",
+    "repeated_ngram_rate",
+    "words",
 ]

@@ -43,8 +43,11 @@ class SamplingConfig:
         penalty, ...) changes the sampling distribution."""
         sampling = dict(top_k=self.top_k, temperature=self.temperature, top_p=1.0) if self.do_sample else {}
         return GenerationConfig(
-            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, **sampling,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **sampling,
         )
 
 

@@ -161,7 +161,11 @@ def bootstrap_ci(
     if np.all(x == x[0]):
         return Interval(estimate, estimate, estimate, confidence_level)
     result = stats.bootstrap(
-        (x,), statistic, confidence_level=confidence_level, n_resamples=n_resamples, method=method,
+        (x,),
+        statistic,
+        confidence_level=confidence_level,
+        n_resamples=n_resamples,
+        method=method,
         rng=np.random.default_rng(seed),
     )
     ci = result.confidence_interval

@@ -1,8 +1,8 @@
 """Training: one explicit loop for the DPO family, SFT and KL-SFT (see ``loop.py`` for the pseudocode).
 
-    from dpolab.train import TrainConfig, train
-    result = train(model, tokenizer, load_penn()["train"], TrainConfig(loss="dpop", loss_kwargs={"dpop_lambda": 5}))
-    result.history[-1]["rewards/margins"]
+from dpolab.train import TrainConfig, train
+result = train(model, tokenizer, load_penn()["train"], TrainConfig(loss="dpop", loss_kwargs={"dpop_lambda": 5}))
+result.history[-1]["rewards/margins"]
 """
 
 from .config import TrainConfig

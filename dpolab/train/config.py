@@ -45,7 +45,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when smaller)
     batch_size: int = 16  # preference pairs per optimizer step, over all processes and accumulation steps
     grad_accum_steps: int = 1  # micro-batches per optimizer step (per process); the global batch is split evenly
-    max_length: int | None = None  # tokens of prompt + completion kept (completion's end cut); None: the model's context
+    max_length: int | None = (
+        None  # tokens of prompt + completion kept (completion's end cut); None: the model's context
+    )
     max_prompt_length: int | None = None  # tokens of the prompt kept (prompt's start cut); None: no limit
     pad_to_multiple_of: int | None = None  # pad each batch's length to a multiple of this
     packing: bool = True  # pairwise losses: each pair one prompt+chosen+rejected segment, packed rows (eq. 6.9)
@@ -82,7 +84,9 @@ class TrainConfig:
         _positive("beta", self.beta)
         _positive("learning_rate", self.learning_rate)
         if not (math.isfinite(self.min_learning_rate) and 0 <= self.min_learning_rate <= self.learning_rate):
-            raise ValueError(f"min_learning_rate must be in [0, learning_rate={self.learning_rate}], got {self.min_learning_rate}")
+            raise ValueError(
+                f"min_learning_rate must be in [0, learning_rate={self.learning_rate}], got {self.min_learning_rate}"
+            )
         if self.reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -100,7 +104,11 @@ class TrainConfig:
                 _at_least(name, getattr(self, name), 1)
         if self.grad_accum_steps > self.batch_size:
             raise ValueError(f"grad_accum_steps ({self.grad_accum_steps}) cannot exceed batch_size ({self.batch_size})")
-        if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+        if (
+            self.max_length is not None
+            and self.max_prompt_length is not None
+            and self.max_prompt_length >= self.max_length
+        ):
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length}) "
                 "to leave room for the completion"

@@ -53,15 +53,45 @@ __all__ = ["train", "TrainResult", "NonFiniteError", "warmup_cosine", "epoch_ord
 # The losses that never look at the rejected completion: its log-prob is computed without gradient, for metrics.
 CHOSEN_ONLY_LOSSES = frozenset({"sft", "kl_sft"})
 # Per-step metrics, TRL's names first; history.csv has these columns in this order.
-METRICS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected", "learning_rate", "grad_norm")
-_SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-           "logps/rejected")
+METRICS = (
+    "step",
+    "epoch",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "learning_rate",
+    "grad_norm",
+)
+_SUMMED = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 # Config fields that may change between a run and its resumption (how, not what: the numbers agree to float
 # tolerance with packing on or off).
-_RESUMABLE_CHANGES = {"resume", "progress", "save_steps", "save_total_limit", "ref_cache_dir", "use_ref_cache", "output_dir",
-                      "packing", "packed_row_tokens", "fuse_activations", "fused_optimizer",
-                      "inplace_tied_embedding_grad", "recompute_layer_norms"}
+_RESUMABLE_CHANGES = {
+    "resume",
+    "progress",
+    "save_steps",
+    "save_total_limit",
+    "ref_cache_dir",
+    "use_ref_cache",
+    "output_dir",
+    "packing",
+    "packed_row_tokens",
+    "fuse_activations",
+    "fused_optimizer",
+    "inplace_tied_embedding_grad",
+    "recompute_layer_norms",
+}
 
 
 class NonFiniteError(FloatingPointError):
@@ -69,8 +99,10 @@ class NonFiniteError(FloatingPointError):
 
     def __init__(self, step: int, what: str, indices: Sequence[int], batch: Sequence[int]):
         self.step, self.indices = step, list(indices)
-        super().__init__(f"step {step}: {what} is not finite (NaN or inf) for examples {self.indices} "
-                         f"(dataset indices; the step's batch held {list(batch)}); the last checkpoint is untouched")
+        super().__init__(
+            f"step {step}: {what} is not finite (NaN or inf) for examples {self.indices} "
+            f"(dataset indices; the step's batch held {list(batch)}); the last checkpoint is untouched"
+        )
 
 
 @dataclass
@@ -155,8 +187,10 @@ def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool
 def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bf16 autocast for precision="bf16" (where the device has native bf16) and for "auto" on CUDA; else fp32."""
     if config.precision == "bf16" and not native_bf16(device):
-        raise ValueError(f"precision='bf16' needs native bf16 (a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX); "
-                         f"{device} has none")
+        raise ValueError(
+            f"precision='bf16' needs native bf16 (a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX); "
+            f"{device} has none"
+        )
     auto = config.precision == "auto" and device.type == "cuda" and native_bf16(device)
     return torch.bfloat16 if config.precision == "bf16" or auto else None
 
@@ -184,11 +218,15 @@ def _example_loss_kwargs(given, n: int, loss: str, fixed: dict, device) -> dict[
     out = {}
     for key, values in (given or {}).items():
         if key not in accepted or key in fixed:
-            raise ValueError(f"example_loss_kwargs: {loss} takes {accepted} and loss_kwargs already sets "
-                             f"{sorted(fixed)}; got {key!r}")
+            raise ValueError(
+                f"example_loss_kwargs: {loss} takes {accepted} and loss_kwargs already sets "
+                f"{sorted(fixed)}; got {key!r}"
+            )
         t = torch.as_tensor(np.asarray(values, dtype=np.float32))
         if t.shape != (n,):
-            raise ValueError(f"example_loss_kwargs[{key!r}] must hold one value per pair ({n}), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"example_loss_kwargs[{key!r}] must hold one value per pair ({n}), got shape {tuple(t.shape)}"
+            )
         bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"example_loss_kwargs[{key!r}] is not finite for examples {bad[:10]}")
@@ -225,14 +263,21 @@ def _resume(config: TrainConfig, model, optimizer, scheduler, data_hash: str, ra
     if path is None:
         return 0, []
     if not config.resume:
-        raise FileExistsError(f"{config.output_dir} already holds {path.name}: pass resume=True (--resume) "
-                              "to continue it, or choose another output_dir")
+        raise FileExistsError(
+            f"{config.output_dir} already holds {path.name}: pass resume=True (--resume) "
+            "to continue it, or choose another output_dir"
+        )
     state = load_checkpoint(path, model, device=device)
-    changed = {k: (v, state["config"].get(k)) for k, v in config.to_dict().items()
-               if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v}
+    changed = {
+        k: (v, state["config"].get(k))
+        for k, v in config.to_dict().items()
+        if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v
+    }
     if changed or state["data_hash"] != data_hash:
-        raise ValueError(f"cannot resume {path}: the config changed {changed} or the data changed "
-                         f"({state['data_hash'] != data_hash})")
+        raise ValueError(
+            f"cannot resume {path}: the config changed {changed} or the data changed "
+            f"({state['data_hash'] != data_hash})"
+        )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     ranks = state["rng"]
@@ -248,17 +293,30 @@ def _save(config, step, model, optimizer, scheduler, history, data_hash, rank, w
     else:
         states = [rng_state()]
     if rank == 0:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": states,
-                 "history": history, "config": config.to_dict(), "data_hash": data_hash}
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": states,
+            "history": history,
+            "config": config.to_dict(),
+            "data_hash": data_hash,
+        }
         save_checkpoint(config.output_dir, step, model, state, keep=config.save_total_limit)
         _write_history(config.output_dir, history)
     if world_size > 1:
         dist.barrier()
 
 
-def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = TrainConfig(), *,
-          ref_model: torch.nn.Module | None = None, example_loss_kwargs=None,
-          on_step: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    train_data,
+    config: TrainConfig = TrainConfig(),
+    *,
+    ref_model: torch.nn.Module | None = None,
+    example_loss_kwargs=None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
     """Train ``model`` in place on preference pairs ``train_data`` (rows with prompt/chosen/rejected).
 
     ``ref_model`` is the frozen reference pi_ref; by default the policy before training. Its log-probs are
@@ -270,13 +328,18 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
     rank, world_size, device, owns_group = _init_distributed(config)
     autocast_dtype = _autocast_dtype(config, device)
     _seed_everything(config.seed)
-    examples = tokenize_preferences(train_data, tokenizer, max_length=config.max_length or _context_length(model),
-                                    max_prompt_length=config.max_prompt_length)
+    examples = tokenize_preferences(
+        train_data,
+        tokenizer,
+        max_length=config.max_length or _context_length(model),
+        max_prompt_length=config.max_prompt_length,
+    )
     n = len(examples)
     pad = tokenizer.pad_token_id or 0
     if config.packing and config.loss not in CHOSEN_ONLY_LOSSES:  # SFT: the chosen rows alone carry gradients
-        collate = PackedPreferenceCollator(pad, row_tokens=config.packed_row_tokens,
-                                           pad_to_multiple_of=config.pad_to_multiple_of)
+        collate = PackedPreferenceCollator(
+            pad, row_tokens=config.packed_row_tokens, pad_to_multiple_of=config.pad_to_multiple_of
+        )
     else:
         collate = PreferenceCollator(pad_token_id=pad, pad_to_multiple_of=config.pad_to_multiple_of)
     steps_per_epoch = _steps_per_epoch(n, config.batch_size, world_size * config.grad_accum_steps)
@@ -301,15 +364,30 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
         policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     reference = model if ref_model is None else ref_model.to(device)
     ref_chosen_logps, ref_rejected_logps = precompute_reference_logps(
-        reference, examples, tokenizer, batch_size=2 * config.batch_size, device=device, autocast_dtype=autocast_dtype,
-        reduction=config.reduction, cache_dir=config.ref_cache_dir, use_cache=config.use_ref_cache, rank=rank,
-        world_size=world_size, packing=config.packing)
+        reference,
+        examples,
+        tokenizer,
+        batch_size=2 * config.batch_size,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        reduction=config.reduction,
+        cache_dir=config.ref_cache_dir,
+        use_cache=config.use_ref_cache,
+        rank=rank,
+        world_size=world_size,
+        packing=config.packing,
+    )
     del reference, ref_model  # the reference's work is done; training never runs it
     ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(device), ref_rejected_logps.to(device)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
-                                  eps=config.adam_epsilon, weight_decay=config.weight_decay,
-                                  fused=fused_adamw(model, device) if config.fused_optimizer else None)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        betas=config.adam_betas,
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+        fused=fused_adamw(model, device) if config.fused_optimizer else None,
+    )
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_steps, config.min_learning_rate)
     start_step, history = 0, []
     if config.output_dir is not None:
@@ -319,12 +397,20 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
 
     loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
     max_norm = config.max_grad_norm or math.inf
-    bar = tqdm(total=total_steps, initial=start_step, desc=config.loss, unit="step", dynamic_ncols=True,
-               disable=not config.progress or rank != 0)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=config.loss,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not config.progress or rank != 0,
+    )
     model.train()
     for step in range(start_step + 1, total_steps + 1):  # step = optimizer steps taken after this one, as TRL logs
         epoch, position = divmod(step - 1, steps_per_epoch)
-        batch_indices = epoch_order(config.seed, epoch, n)[position * config.batch_size:(position + 1) * config.batch_size]
+        batch_indices = epoch_order(config.seed, epoch, n)[
+            position * config.batch_size : (position + 1) * config.batch_size
+        ]
         micro_batches = np.array_split(batch_indices[rank::world_size], config.grad_accum_steps)
         scale = world_size / len(batch_indices)  # DDP averages over processes: the result is the global-batch mean
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64, device=device)
@@ -339,16 +425,34 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
                 _check_finite(step, "log pi_theta(y_w|x)", policy_chosen_logps, rows, batch_indices)
                 _check_finite(step, "log pi_theta(y_l|x)", policy_rejected_logps, rows, batch_indices)
                 idx = torch.as_tensor(rows, device=device)
-                out: LossOutput = preference_loss(config.loss, policy_chosen_logps, policy_rejected_logps,
-                                                  ref_chosen_logps[idx], ref_rejected_logps[idx], return_rewards=True,
-                                                  **loss_kwargs, **{k: v[idx] for k, v in example_params.items()})
+                out: LossOutput = preference_loss(
+                    config.loss,
+                    policy_chosen_logps,
+                    policy_rejected_logps,
+                    ref_chosen_logps[idx],
+                    ref_rejected_logps[idx],
+                    return_rewards=True,
+                    **loss_kwargs,
+                    **{k: v[idx] for k, v in example_params.items()},
+                )
                 _check_finite(step, "the loss", out.losses, rows, batch_indices)
                 (out.losses.sum() * scale).backward()
             with torch.no_grad():
                 margins = out.chosen_rewards - out.rejected_rewards
-                sums += torch.stack([t.double().sum() for t in (
-                    out.losses, out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).double(),
-                    policy_chosen_logps, policy_rejected_logps)])
+                sums += torch.stack(
+                    [
+                        t.double().sum()
+                        for t in (
+                            out.losses,
+                            out.chosen_rewards,
+                            out.rejected_rewards,
+                            margins,
+                            (margins > 0).double(),
+                            policy_chosen_logps,
+                            policy_rejected_logps,
+                        )
+                    ]
+                )
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # the norm before clipping
         if not torch.isfinite(grad_norm):
             raise NonFiniteError(step, f"the gradient (norm {grad_norm.item()})", batch_indices.tolist(), batch_indices)
@@ -357,16 +461,27 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
         optimizer.zero_grad(set_to_none=True)
         if world_size > 1:
             dist.all_reduce(sums)
-        row = {"step": step, "epoch": step / steps_per_epoch,
-               **dict(zip(_SUMMED, (sums / len(batch_indices)).tolist())),
-               "learning_rate": learning_rate, "grad_norm": grad_norm.item()}
+        row = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            **dict(zip(_SUMMED, (sums / len(batch_indices)).tolist())),
+            "learning_rate": learning_rate,
+            "grad_norm": grad_norm.item(),
+        }
         history.append({k: row[k] for k in METRICS})
         if on_step is not None:
             on_step(history[-1])
-        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}",
-                        acc=f"{row['rewards/accuracies']:.2f}", lr=f"{learning_rate:.2e}", refresh=False)
+        bar.set_postfix(
+            loss=f"{row['loss']:.4f}",
+            margin=f"{row['rewards/margins']:.3f}",
+            acc=f"{row['rewards/accuracies']:.2f}",
+            lr=f"{learning_rate:.2e}",
+            refresh=False,
+        )
         bar.update(1)
-        if config.output_dir is not None and (step == total_steps or (config.save_steps and step % config.save_steps == 0)):
+        if config.output_dir is not None and (
+            step == total_steps or (config.save_steps and step % config.save_steps == 0)
+        ):
             _save(config, step, model, optimizer, scheduler, history, data_hash, rank, world_size)
     bar.close()
     if world_size > 1:  # free DDP's reducer while the group is registered: a reducer holding the last reference
@@ -374,5 +489,10 @@ def train(model: torch.nn.Module, tokenizer, train_data, config: TrainConfig = T
         gc.collect()
     if owns_group:
         dist.destroy_process_group()
-    return TrainResult(model, history, resumed_from_step=start_step or None, output_dir=config.output_dir,
-                       extra={"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world_size})
+    return TrainResult(
+        model,
+        history,
+        resumed_from_step=start_step or None,
+        output_dir=config.output_dir,
+        extra={"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world_size},
+    )

@@ -53,8 +53,12 @@ def reference_cache_key(
     """The cache key of a reference's log-probs on tokenized ``examples`` (see the module docstring)."""
     digest = hashlib.sha256()
     digest.update(weights_hash(model).encode())
-    meta = {"tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer), "reduction": reduction,
-            "precision": precision}
+    meta = {
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "vocab": len(tokenizer),
+        "reduction": reduction,
+        "precision": precision,
+    }
     digest.update(json.dumps(meta, sort_keys=True).encode())
     digest.update(examples_hash(examples).encode())
     return digest.hexdigest()[:32]
@@ -63,7 +67,10 @@ def reference_cache_key(
 @torch.no_grad()
 def _compute(model, examples, collate, *, batch_size, device, autocast_dtype, reduction, rank, world_size):
     """(2, N) log-probs; each process scores every world_size-th batch, the sum over processes fills them all."""
-    order = sorted(range(len(examples)), key=lambda i: -sum(len(examples[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")))
+    order = sorted(
+        range(len(examples)),
+        key=lambda i: -sum(len(examples[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")),
+    )
     out = torch.zeros(2, len(examples), dtype=torch.float32, device=device)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]  # similar lengths: little padding
     for batch_indices in batches[rank::world_size]:
@@ -107,7 +114,11 @@ def precompute_reference_logps(
     if world_size > 1:
         dist.broadcast(hit, src=0)
     if hit.item():
-        logps = load_file(str(path / "logps.safetensors"))["logps"].to(device) if rank == 0 else torch.zeros(2, len(examples), device=device)
+        logps = (
+            load_file(str(path / "logps.safetensors"))["logps"].to(device)
+            if rank == 0
+            else torch.zeros(2, len(examples), device=device)
+        )
         if world_size > 1:
             dist.broadcast(logps, src=0)
     else:
@@ -115,8 +126,17 @@ def precompute_reference_logps(
         model.eval()
         pad = tokenizer.pad_token_id or 0
         collate = PackedPreferenceCollator(pad) if packing else PreferenceCollator(pad_token_id=pad)  # prompt once
-        logps = _compute(model, examples, collate, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
-                         reduction=reduction, rank=rank, world_size=world_size)
+        logps = _compute(
+            model,
+            examples,
+            collate,
+            batch_size=batch_size,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            reduction=reduction,
+            rank=rank,
+            world_size=world_size,
+        )
         model.train(was_training)
         if path is not None and rank == 0:
             with atomic_directory(path, replace=False) as tmp:

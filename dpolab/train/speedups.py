@@ -32,9 +32,18 @@ from transformers.pytorch_utils import Conv1D
 
 from ..matmul import matmul
 
-__all__ = ["fuse_activations", "fused_adamw", "native_bf16", "gelu_projection", "GELUProjection",
-           "inplace_tied_embedding_grad", "RowGradEmbedding", "recompute_layer_norms", "SourcedLayerNorm",
-           "NormInputConv1D"]
+__all__ = [
+    "fuse_activations",
+    "fused_adamw",
+    "native_bf16",
+    "gelu_projection",
+    "GELUProjection",
+    "inplace_tied_embedding_grad",
+    "RowGradEmbedding",
+    "recompute_layer_norms",
+    "SourcedLayerNorm",
+    "NormInputConv1D",
+]
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -126,8 +135,11 @@ def fuse_activations(model: torch.nn.Module) -> int:
 
     replaced = 0
     for module in model.modules():
-        if type(getattr(module, "act", None)) in (NewGELUActivation, GELUTanh) and \
-                type(getattr(module, "c_proj", None)) is Conv1D and hasattr(module, "c_fc"):
+        if (
+            type(getattr(module, "act", None)) in (NewGELUActivation, GELUTanh)
+            and type(getattr(module, "c_proj", None)) is Conv1D
+            and hasattr(module, "c_fc")
+        ):
             module.c_proj.__class__, module.act.__class__ = GELUProjection, torch.nn.Identity
             replaced += 1
             continue
@@ -179,8 +191,13 @@ class _NormInputLinear(torch.autograd.Function):
 
         def norm_output():  # in the wider dtype, as autocast ran the norm (fp32 from bf16 under CUDA's)
             wide = torch.promote_types(x.dtype, ctx.y_dtype)
-            y = F.layer_norm(x.to(wide), ctx.norm_shape, None if norm_weight is None else norm_weight.to(wide),
-                             None if norm_bias is None else norm_bias.to(wide), ctx.eps).to(ctx.y_dtype)
+            y = F.layer_norm(
+                x.to(wide),
+                ctx.norm_shape,
+                None if norm_weight is None else norm_weight.to(wide),
+                None if norm_bias is None else norm_bias.to(wide),
+                ctx.eps,
+            ).to(ctx.y_dtype)
             return y.reshape(-1, y.shape[-1])
 
         grad_w, grad_b = _conv1d_param_grads(ctx, norm_output, dout, weight)
@@ -263,8 +280,14 @@ def inplace_tied_embedding_grad(model: torch.nn.Module) -> bool:
     if get_in is None or get_out is None:
         return False
     embedding, head = get_in(), get_out()
-    if type(embedding) is not torch.nn.Embedding or head is None or head.weight is not embedding.weight \
-            or embedding.max_norm is not None or embedding.sparse or embedding.scale_grad_by_freq:
+    if (
+        type(embedding) is not torch.nn.Embedding
+        or head is None
+        or head.weight is not embedding.weight
+        or embedding.max_norm is not None
+        or embedding.sparse
+        or embedding.scale_grad_by_freq
+    ):
         return False
     embedding.__class__ = RowGradEmbedding
     return True
@@ -275,4 +298,7 @@ def fused_adamw(model: torch.nn.Module, device: torch.device) -> bool | None:
     parameters), else None (torch's default). The same update as the default, to float rounding."""
     if device.type not in ("cpu", "cuda"):
         return None
-    return all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in model.parameters()) or None
+    return (
+        all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in model.parameters())
+        or None
+    )

@@ -48,33 +48,70 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dpolab.experiments.penn",
         description="The GPT-2 Penn experiment: TRL's DPOTrainer, DPO, DPOP, SFT, KL-SFT, IPO and ODPO on the Penn "
-                    "preference set, evaluated on every test prompt, judged pairwise, with a reward-vs-KL frontier and "
-                    "a report beside the article's numbers. Reruns with the same settings resume.",
-        formatter_class=_Help)
+        "preference set, evaluated on every test prompt, judged pairwise, with a reward-vs-KL frontier and "
+        "a report beside the article's numbers. Reruns with the same settings resume.",
+        formatter_class=_Help,
+    )
     g = p.add_argument_group("what runs")
-    g.add_argument("--quick", action="store_true",
-                   help=f"smoke run: --model tiny, --max-steps {QUICK['max_steps']}, 1 seed, betas 0.1,0.5 (explicit "
-                        "flags still win); every method and every test prompt, a few minutes on 2 cores")
-    g.add_argument("--model", default=None, help="auto (GPT-2, else the offline stand-in, loudly), gpt2, smollm2-135m, "
-                   "tiny, a model folder or a hub id [default: auto; tiny with --quick]")
-    g.add_argument("--methods", type=_methods, default=",".join(R.methods), metavar="M1,M2",
-                   help=f"comma-separated, from {','.join(METHODS)}")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: --model tiny, --max-steps {QUICK['max_steps']}, 1 seed, betas 0.1,0.5 (explicit "
+        "flags still win); every method and every test prompt, a few minutes on 2 cores",
+    )
+    g.add_argument(
+        "--model",
+        default=None,
+        help="auto (GPT-2, else the offline stand-in, loudly), gpt2, smollm2-135m, "
+        "tiny, a model folder or a hub id [default: auto; tiny with --quick]",
+    )
+    g.add_argument(
+        "--methods",
+        type=_methods,
+        default=",".join(R.methods),
+        metavar="M1,M2",
+        help=f"comma-separated, from {','.join(METHODS)}",
+    )
     g.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 for every method [default: 1]")
-    g.add_argument("--betas", type=_betas, default=None, metavar="B1,B2",
-                   help="betas of the reward-vs-KL frontier for DPO/DPOP/IPO, or 'none' [default: 0.1,0.5,1.0; "
-                        "0.1,0.5 with --quick]")
-    g.add_argument("--frontier-methods", type=_methods, default=",".join(FrontierConfig().methods), metavar="M1,M2",
-                   help="the methods whose frontier is swept over --betas (those also in --methods)")
-    g.add_argument("--data", default=R.data, help="penn (the shipped set), a .json/.jsonl file, or a dataset with "
-                   "train (and test) splits")
+    g.add_argument(
+        "--betas",
+        type=_betas,
+        default=None,
+        metavar="B1,B2",
+        help="betas of the reward-vs-KL frontier for DPO/DPOP/IPO, or 'none' [default: 0.1,0.5,1.0; "
+        "0.1,0.5 with --quick]",
+    )
+    g.add_argument(
+        "--frontier-methods",
+        type=_methods,
+        default=",".join(FrontierConfig().methods),
+        metavar="M1,M2",
+        help="the methods whose frontier is swept over --betas (those also in --methods)",
+    )
+    g.add_argument(
+        "--data",
+        default=R.data,
+        help="penn (the shipped set), a .json/.jsonl file, or a dataset with train (and test) splits",
+    )
     g.add_argument("--test-data", default=None, help="test prompts (a file or dataset) when --data has no test split")
-    g.add_argument("--judge", default=R.judge, choices=["offline", "endpoint"],
-                   help="offline scoring judge, or an OpenAI-compatible endpoint from DPOLAB_JUDGE_BASE_URL, "
-                        "DPOLAB_JUDGE_MODEL (and DPOLAB_JUDGE_API_KEY)")
-    g.add_argument("--output-dir", default=None, help="the run folder [default: runs/penn-<model loaded>[-quick], e.g. "
-                   "runs/penn-smollm2-135m when auto falls back]")
-    g.add_argument("--work-dir", default=None, help="checkpoints and kept weights, outside the run folder "
-                   "[default: $DPOLAB_CACHE/penn-work/<run>]")
+    g.add_argument(
+        "--judge",
+        default=R.judge,
+        choices=["offline", "endpoint"],
+        help="offline scoring judge, or an OpenAI-compatible endpoint from DPOLAB_JUDGE_BASE_URL, "
+        "DPOLAB_JUDGE_MODEL (and DPOLAB_JUDGE_API_KEY)",
+    )
+    g.add_argument(
+        "--output-dir",
+        default=None,
+        help="the run folder [default: runs/penn-<model loaded>[-quick], e.g. "
+        "runs/penn-smollm2-135m when auto falls back]",
+    )
+    g.add_argument(
+        "--work-dir",
+        default=None,
+        help="checkpoints and kept weights, outside the run folder [default: $DPOLAB_CACHE/penn-work/<run>]",
+    )
     g.add_argument("--keep-weights", action="store_true", help="keep each trained policy in the work folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--max-test-prompts", type=int, default=None, help=argparse.SUPPRESS)  # dev only: a quick look
@@ -84,20 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=H.min_learning_rate, help="end of the cosine decay")
     g.add_argument("--epochs", type=int, default=H.epochs, help="passes over the training pairs")
     g.add_argument("--batch-size", type=int, default=H.batch_size, help="pairs per optimizer step")
-    g.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps, TRL included [default: none; "
-                   f"{QUICK['max_steps']} with --quick]")
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help=f"cap on optimizer steps, TRL included [default: none; {QUICK['max_steps']} with --quick]",
+    )
     g.add_argument("--beta", type=float, default=H.beta, help="beta of DPO, DPOP, ODPO (and IPO unless --ipo-beta)")
     g.add_argument("--dpop-lambda", type=float, default=H.dpop_lambda, help="DPOP's lambda")
-    g.add_argument("--kl-coef", type=float, default=H.kl_coef,
-                   help="KL-SFT's coefficient c (its chosen log-ratio settles at 1/(2c))")
+    g.add_argument(
+        "--kl-coef",
+        type=float,
+        default=H.kl_coef,
+        help="KL-SFT's coefficient c (its chosen log-ratio settles at 1/(2c))",
+    )
     g.add_argument("--ipo-beta", type=float, default=None, help="IPO's beta [default: --beta]")
     g.add_argument("--ipo-reduction", default=H.ipo_reduction, choices=["mean", "sum"], help="IPO's log-probs")
     g.add_argument("--odpo-alpha", type=float, default=H.odpo_alpha, help="ODPO's offset scale alpha")
-    g.add_argument("--precision", default=H.precision, choices=["auto", "fp32", "bf16"],
-                   help="every trainer, TRL's too: auto = bf16 autocast where the hardware has native bf16 (CUDA, or a "
-                        "CPU with AVX512-BF16/AMX), else fp32")
-    g.add_argument("--save-steps", type=int, default=H.save_steps,
-                   help="checkpoint interval in steps, TRL included (an interrupted training resumes from the last)")
+    g.add_argument(
+        "--precision",
+        default=H.precision,
+        choices=["auto", "fp32", "bf16"],
+        help="every trainer, TRL's too: auto = bf16 autocast where the hardware has native bf16 (CUDA, or a "
+        "CPU with AVX512-BF16/AMX), else fp32",
+    )
+    g.add_argument(
+        "--save-steps",
+        type=int,
+        default=H.save_steps,
+        help="checkpoint interval in steps, TRL included (an interrupted training resumes from the last)",
+    )
 
     g = p.add_argument_group("TRL baseline (DPOConfig defaults, the article's lr and epochs)")
     g.add_argument("--trl-beta", type=float, default=T.beta, help="DPOConfig beta")
@@ -115,21 +168,48 @@ def build_parser() -> argparse.ArgumentParser:
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
     """Resolve the flags: an explicit flag wins over --quick, which wins over the default."""
     from ...eval import SamplingConfig
+
     quick = QUICK if args.quick else {}
     model = args.model or quick.get("model", R.model)
     max_steps = args.max_steps or quick.get("max_steps")
     betas = args.betas if args.betas is not None else quick.get("betas", FrontierConfig().betas)
-    run = RunConfig(model=model, data=args.data, test_data=args.test_data, methods=args.methods,
-                    seeds=args.seeds or quick.get("seeds", R.seeds), judge=args.judge,
-                    output_dir=args.output_dir or "", work_dir=args.work_dir or "",
-                    quick=args.quick, keep_weights=args.keep_weights, max_test_prompts=args.max_test_prompts,
-                    progress=not args.no_progress)
-    hyper = Hyper(learning_rate=args.lr, min_learning_rate=args.min_lr, epochs=args.epochs, batch_size=args.batch_size,
-                  max_steps=max_steps, beta=args.beta, dpop_lambda=args.dpop_lambda, kl_coef=args.kl_coef,
-                  ipo_beta=args.ipo_beta, ipo_reduction=args.ipo_reduction, odpo_alpha=args.odpo_alpha,
-                  save_steps=args.save_steps, precision=args.precision)
-    trl = TRLSettings(beta=args.trl_beta, learning_rate=args.trl_lr, epochs=args.trl_epochs,
-                      batch_size=args.trl_batch_size, max_steps=max_steps, save_steps=args.save_steps)
+    run = RunConfig(
+        model=model,
+        data=args.data,
+        test_data=args.test_data,
+        methods=args.methods,
+        seeds=args.seeds or quick.get("seeds", R.seeds),
+        judge=args.judge,
+        output_dir=args.output_dir or "",
+        work_dir=args.work_dir or "",
+        quick=args.quick,
+        keep_weights=args.keep_weights,
+        max_test_prompts=args.max_test_prompts,
+        progress=not args.no_progress,
+    )
+    hyper = Hyper(
+        learning_rate=args.lr,
+        min_learning_rate=args.min_lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_steps=max_steps,
+        beta=args.beta,
+        dpop_lambda=args.dpop_lambda,
+        kl_coef=args.kl_coef,
+        ipo_beta=args.ipo_beta,
+        ipo_reduction=args.ipo_reduction,
+        odpo_alpha=args.odpo_alpha,
+        save_steps=args.save_steps,
+        precision=args.precision,
+    )
+    trl = TRLSettings(
+        beta=args.trl_beta,
+        learning_rate=args.trl_lr,
+        epochs=args.trl_epochs,
+        batch_size=args.trl_batch_size,
+        max_steps=max_steps,
+        save_steps=args.save_steps,
+    )
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature)
     frontier = FrontierConfig(betas=betas, methods=args.frontier_methods)
     return Experiment(run=run, hyper=hyper, trl=trl, frontier=frontier, sampling=sampling)

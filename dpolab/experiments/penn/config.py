@@ -25,8 +25,17 @@ from typing import Any
 
 from ...eval import SamplingConfig
 
-__all__ = ["Hyper", "TRLSettings", "FrontierConfig", "RunConfig", "Experiment", "QUICK", "JUDGES", "PRECISIONS",
-           "resolve_precision"]
+__all__ = [
+    "Hyper",
+    "TRLSettings",
+    "FrontierConfig",
+    "RunConfig",
+    "Experiment",
+    "QUICK",
+    "JUDGES",
+    "PRECISIONS",
+    "resolve_precision",
+]
 
 JUDGES = ("offline", "endpoint")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -151,12 +160,14 @@ QUICK = {"model": "tiny", "max_steps": 30, "seeds": 1, "betas": (0.1, 0.5)}
 
 
 def resolve_precision(precision: str, device) -> str:
-    """"fp32" or "bf16" for the experiment's --precision on ``device`` (see ``Hyper.precision``)."""
+    """ "fp32" or "bf16" for the experiment's --precision on ``device`` (see ``Hyper.precision``)."""
     from ...train.speedups import native_bf16
 
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "bf16" and not native_bf16(device):
-        raise ValueError(f"--precision bf16: {device} has no native bf16 (needs a CUDA GPU with bf16, or a CPU with "
-                         "AVX512-BF16 or AMX); use --precision fp32")
+        raise ValueError(
+            f"--precision bf16: {device} has no native bf16 (needs a CUDA GPU with bf16, or a CPU with "
+            "AVX512-BF16 or AMX); use --precision fp32"
+        )
     return precision

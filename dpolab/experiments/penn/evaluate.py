@@ -31,8 +31,18 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from ...eval import (SamplingConfig, bootstrap_ci, distinct_n, distinct_n_per_sample, generate, kl_to_reference,
-                     penn_flags, perplexity, relevance, repeated_ngram_rate)
+from ...eval import (
+    SamplingConfig,
+    bootstrap_ci,
+    distinct_n,
+    distinct_n_per_sample,
+    generate,
+    kl_to_reference,
+    penn_flags,
+    perplexity,
+    relevance,
+    repeated_ngram_rate,
+)
 
 __all__ = ["SUMMARIES", "evaluate_policy", "summarize", "pool_seeds"]
 
@@ -51,8 +61,16 @@ SUMMARIES: dict[str, tuple[str, Callable[[float], float]]] = {
 }
 
 
-def evaluate_policy(policy, reference, tokenizer, prompts: Sequence[str], sampling: SamplingConfig, seed: int,
-                    is_reference: bool = False, timer: Callable | None = None) -> list[dict]:
+def evaluate_policy(
+    policy,
+    reference,
+    tokenizer,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    seed: int,
+    is_reference: bool = False,
+    timer: Callable | None = None,
+) -> list[dict]:
     """Sample one continuation per prompt from ``policy`` and score it; one row per prompt (the table above).
 
     ``timer(phase)`` (a context-manager factory) times "generation" and "evaluation" separately.
@@ -69,11 +87,21 @@ def evaluate_policy(policy, reference, tokenizer, prompts: Sequence[str], sampli
         rel = relevance(gens.prompts, gens.texts)
         rows = []
         for i, (x, y) in enumerate(zip(gens.prompts, gens.texts)):
-            rows.append({"index": i, "prompt": x, "continuation": y, "finished": bool(gens.finished[i]),
-                         "n_tokens": len(gens.completion_ids[i]), "penn": bool(penn[i]), "nll_ref": float(nll_ref[i]),
-                         **{f"distinct_{n}": _num(distinct[n][i]) for n in (1, 2, 3)},
-                         "repeated_2gram": _num(repeated_ngram_rate(y, 2)), "relevance": float(rel[i]),
-                         "kl": float(kl[i])})
+            rows.append(
+                {
+                    "index": i,
+                    "prompt": x,
+                    "continuation": y,
+                    "finished": bool(gens.finished[i]),
+                    "n_tokens": len(gens.completion_ids[i]),
+                    "penn": bool(penn[i]),
+                    "nll_ref": float(nll_ref[i]),
+                    **{f"distinct_{n}": _num(distinct[n][i]) for n in (1, 2, 3)},
+                    "repeated_2gram": _num(repeated_ngram_rate(y, 2)),
+                    "relevance": float(rel[i]),
+                    "kl": float(kl[i]),
+                }
+            )
     return rows
 
 
@@ -91,8 +119,12 @@ def _interval(values: np.ndarray, transform, seed: int = 0) -> dict:
     if values.size == 0:
         return {"estimate": None, "low": None, "high": None, "n": 0}
     ci = bootstrap_ci(values, seed=seed)
-    return {"estimate": transform(ci.estimate), "low": transform(ci.low), "high": transform(ci.high),
-            "n": int(values.size)}
+    return {
+        "estimate": transform(ci.estimate),
+        "low": transform(ci.low),
+        "high": transform(ci.high),
+        "n": int(values.size),
+    }
 
 
 def summarize(rows: Sequence[dict]) -> dict:
@@ -126,4 +158,3 @@ def pool_seeds(rows_by_seed: dict[int, Sequence[dict]]) -> dict:
             entry["seed_t_interval"] = [float(low), float(high)]
         out[name] = entry
     return out
-

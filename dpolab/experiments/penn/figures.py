@@ -1,11 +1,11 @@
 """The run's figures (PNG), drawn from the run folder's files alone, so they can be redrawn without the models.
 
-    losses.png      training loss per method (one line per seed)
-    rewards.png     rewards/chosen and rewards/rejected per method: DPO's falling chosen reward vs DPOP's
-    alignment.png   alignment accuracy with 95% intervals, the article's values beside ours
-    quality.png     fluency, repetition and relevance with 95% intervals
-    win_rates.png   the judge's win-rate matrix (row beats column)
-    frontier.png    alignment accuracy vs KL to the reference across beta (DPO, DPOP, IPO)
+losses.png      training loss per method (one line per seed)
+rewards.png     rewards/chosen and rewards/rejected per method: DPO's falling chosen reward vs DPOP's
+alignment.png   alignment accuracy with 95% intervals, the article's values beside ours
+quality.png     fluency, repetition and relevance with 95% intervals
+win_rates.png   the judge's win-rate matrix (row beats column)
+frontier.png    alignment accuracy vs KL to the reference across beta (DPO, DPOP, IPO)
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def label(method: str) -> str:
 
 def _histories(out: Path, method: str) -> dict[int, list[dict]]:
     folders = sorted((out / "units" / method).glob("seed-*"))
-    return {int(f.name[5:]): json.loads((f / "history.json").read_text()) for f in folders
-            if (f / "history.json").exists()}
+    return {
+        int(f.name[5:]): json.loads((f / "history.json").read_text()) for f in folders if (f / "history.json").exists()
+    }
 
 
 def _grid(n: int, title: str):
@@ -53,8 +54,7 @@ def _curves(out: Path, methods: list[str], keys: list[tuple[str, str]], title: s
         for seed, history in _histories(out, method).items():
             steps = [r["step"] for r in history]
             for (key, style), color in zip(keys, ("C0", "C3")):
-                ax.plot(steps, [r[key] for r in history], style, color=color, lw=1,
-                        label=key if seed == 0 else None)
+                ax.plot(steps, [r[key] for r in history], style, color=color, lw=1, label=key if seed == 0 else None)
         if len(keys) > 1:
             ax.axhline(0, color="grey", lw=0.5)
             ax.legend(fontsize=7)
@@ -74,8 +74,7 @@ def _bars(ax, names: list[str], entries: list[dict], ylabel: str, article: list[
     ax.bar(x, est, color=["C7" if n == REFERENCE else "C0" for n in names], label="ours (95% CI)")
     ax.errorbar(x, est, yerr=[est - low, high - est], fmt="none", color="k", capsize=3, lw=1)
     if article and any(a is not None for a in article):
-        ax.scatter(x, [np.nan if a is None else a for a in article], marker="D", color="C3", zorder=3,
-                   label="article")
+        ax.scatter(x, [np.nan if a is None else a for a in article], marker="D", color="C3", zorder=3, label="article")
         ax.legend(fontsize=7)
     ax.set_xticks(x, [label(n) for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
@@ -92,8 +91,13 @@ def make_figures(out: str | Path) -> list[Path]:
     suffix = f" ({config['model_info']['name']}{', FALLBACK for GPT-2' if config['model_info']['fallback'] else ''})"
 
     _curves(out, methods, [("loss", "-")], "training loss" + suffix, figures / "losses.png")
-    _curves(out, methods, [("rewards/chosen", "-"), ("rewards/rejected", "--")],
-            "implicit rewards beta*log(pi/pi_ref)" + suffix, figures / "rewards.png")
+    _curves(
+        out,
+        methods,
+        [("rewards/chosen", "-"), ("rewards/rejected", "--")],
+        "implicit rewards beta*log(pi/pi_ref)" + suffix,
+        figures / "rewards.png",
+    )
 
     rows = [*methods, REFERENCE]
     fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 2, 3.4))
@@ -105,8 +109,12 @@ def make_figures(out: str | Path) -> list[Path]:
     fig.savefig(figures / "alignment.png", dpi=110)
     plt.close(fig)
 
-    panels = [("perplexity_ref", "reference perplexity (lower: more fluent)"), ("distinct_2", "distinct-2 per output"),
-              ("repeated_2gram", "repeated-bigram rate"), ("relevance", "relevance (MiniLM cosine)")]
+    panels = [
+        ("perplexity_ref", "reference perplexity (lower: more fluent)"),
+        ("distinct_2", "distinct-2 per output"),
+        ("repeated_2gram", "repeated-bigram rate"),
+        ("relevance", "relevance (MiniLM cosine)"),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(4 * 3.4, 3.4))
     for ax, (key, title) in zip(axes, panels):
         _bars(ax, rows, [pooled[m][key] for m in rows], "")

@@ -32,8 +32,19 @@ from ...train import TrainConfig, train
 from ...files import atomic_write_text, cache_root
 from .config import Experiment
 
-__all__ = ["MethodSpec", "METHODS", "REFERENCE", "Unit", "ODPO_ANCHOR", "odpo_offsets", "odpo_note", "unit_settings",
-           "train_dpolab", "TrainingInputs", "PER_EXAMPLE_PARAMS"]
+__all__ = [
+    "MethodSpec",
+    "METHODS",
+    "REFERENCE",
+    "Unit",
+    "ODPO_ANCHOR",
+    "odpo_offsets",
+    "odpo_note",
+    "unit_settings",
+    "train_dpolab",
+    "TrainingInputs",
+    "PER_EXAMPLE_PARAMS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +67,35 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "trl": MethodSpec("TRL DPO", "TRL's DPOTrainer with DPOConfig defaults (the article's baseline)", trainer="trl",
-                      beta=lambda e: e.trl.beta),
+    "trl": MethodSpec(
+        "TRL DPO",
+        "TRL's DPOTrainer with DPOConfig defaults (the article's baseline)",
+        trainer="trl",
+        beta=lambda e: e.trl.beta,
+    ),
     "dpo": MethodSpec("DPO", "DPO (Rafailov et al. 2023), our loop", loss="dpo", article_alignment=1.0),
-    "dpop": MethodSpec("DPOP", "DPO-Positive (Pal et al. 2024): DPO plus a penalty when log pi(y_w) falls below the "
-                       "reference's", loss="dpop", params=lambda e: {"dpop_lambda": e.hyper.dpop_lambda},
-                       article_alignment=1.0),
+    "dpop": MethodSpec(
+        "DPOP",
+        "DPO-Positive (Pal et al. 2024): DPO plus a penalty when log pi(y_w) falls below the reference's",
+        loss="dpop",
+        params=lambda e: {"dpop_lambda": e.hyper.dpop_lambda},
+        article_alignment=1.0,
+    ),
     "sft": MethodSpec("SFT", "supervised fine-tuning on the chosen continuations", loss="sft", article_alignment=0.94),
-    "kl_sft": MethodSpec("KL-SFT", "SFT plus a squared penalty on the chosen log-ratio to the reference", loss="kl_sft",
-                         params=lambda e: {"kl_coef": e.hyper.kl_coef}, article_alignment=0.88),
-    "ipo": MethodSpec("IPO", "IPO (Azar et al. 2023) on per-token mean log-probs", loss="ipo",
-                      beta=lambda e: e.hyper.ipo_beta or e.hyper.beta, reduction=lambda e: e.hyper.ipo_reduction),
+    "kl_sft": MethodSpec(
+        "KL-SFT",
+        "SFT plus a squared penalty on the chosen log-ratio to the reference",
+        loss="kl_sft",
+        params=lambda e: {"kl_coef": e.hyper.kl_coef},
+        article_alignment=0.88,
+    ),
+    "ipo": MethodSpec(
+        "IPO",
+        "IPO (Azar et al. 2023) on per-token mean log-probs",
+        loss="ipo",
+        beta=lambda e: e.hyper.ipo_beta or e.hyper.beta,
+        reduction=lambda e: e.hyper.ipo_reduction,
+    ),
     "odpo": MethodSpec("ODPO", "DPO with an offset (Amini et al. 2024) from a MiniLM Penn score", loss="odpo"),
 }
 REFERENCE = "reference"  # the evaluation row of the untrained model (no spec: it is not trained)
@@ -96,16 +125,34 @@ def unit_beta(unit: Unit, exp: Experiment) -> float | None:
 
 def unit_settings(unit: Unit, exp: Experiment, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Everything a unit's outputs depend on; a rerun whose settings differ must not reuse them."""
-    common = {"unit": unit.name, "seed": unit.seed, "sampling": exp.sampling.__dict__, **fingerprint,
-              "max_test_prompts": exp.run.max_test_prompts}
+    common = {
+        "unit": unit.name,
+        "seed": unit.seed,
+        "sampling": exp.sampling.__dict__,
+        **fingerprint,
+        "max_test_prompts": exp.run.max_test_prompts,
+    }
     if unit.method == REFERENCE:
         return common
     spec = METHODS[unit.method]
-    training = {**exp.trl.__dict__, "precision": exp.hyper.precision} if spec.trainer == "trl" else {
-        **exp.hyper.__dict__, "loss": spec.loss, "loss_kwargs": spec.params(exp), "reduction": spec.reduction(exp)}
+    training = (
+        {**exp.trl.__dict__, "precision": exp.hyper.precision}
+        if spec.trainer == "trl"
+        else {
+            **exp.hyper.__dict__,
+            "loss": spec.loss,
+            "loss_kwargs": spec.params(exp),
+            "reduction": spec.reduction(exp),
+        }
+    )
     training = {k: v for k, v in training.items() if k != "save_steps"}  # may change between a run and its resumption
-    return {**common, "method": unit.method, "beta": unit_beta(unit, exp), "training": training,
-            "odpo_per_example": PER_EXAMPLE_PARAMS if unit.method == "odpo" else None}
+    return {
+        **common,
+        "method": unit.method,
+        "beta": unit_beta(unit, exp),
+        "training": training,
+        "odpo_per_example": PER_EXAMPLE_PARAMS if unit.method == "odpo" else None,
+    }
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -144,12 +191,16 @@ def odpo_offsets(train_rows, alpha: float) -> np.ndarray:
 
 def odpo_note(offsets: np.ndarray) -> str:
     """One line for the report: the offsets' distribution, and whether they were applied per example."""
-    stats = (f"ODPO offsets Delta = alpha * max(0, s(y_w) - s(y_l)): mean {offsets.mean():.3f}, median "
-             f"{np.median(offsets):.3f}, max {offsets.max():.3f}, {np.mean(offsets == 0):.1%} of pairs at 0.")
+    stats = (
+        f"ODPO offsets Delta = alpha * max(0, s(y_w) - s(y_l)): mean {offsets.mean():.3f}, median "
+        f"{np.median(offsets):.3f}, max {offsets.max():.3f}, {np.mean(offsets == 0):.1%} of pairs at 0."
+    )
     if PER_EXAMPLE_PARAMS:
         return stats + " Applied per example."
-    return (stats + f" WARNING: this dpolab.train cannot pass per-example loss parameters, so ODPO ran with the "
-            f"constant offset {offsets.mean():.3f} (their mean), a DPO with a fixed margin, not the per-example ODPO.")
+    return (
+        stats + f" WARNING: this dpolab.train cannot pass per-example loss parameters, so ODPO ran with the "
+        f"constant offset {offsets.mean():.3f} (their mean), a DPO with a fixed margin, not the per-example ODPO."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -181,10 +232,23 @@ def train_dpolab(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str)
             params["offset"] = float(np.mean(inputs.odpo_offsets))
             log.warning(odpo_note(inputs.odpo_offsets))
     h = exp.hyper
-    config = TrainConfig(loss=spec.loss, beta=unit_beta(unit, exp), loss_kwargs=params, reduction=spec.reduction(exp),
-                         learning_rate=h.learning_rate, min_learning_rate=h.min_learning_rate, epochs=h.epochs,
-                         max_steps=h.max_steps, batch_size=h.batch_size, seed=unit.seed, output_dir=work,
-                         save_steps=h.save_steps, resume=True, progress=inputs.progress, precision=h.precision)
+    config = TrainConfig(
+        loss=spec.loss,
+        beta=unit_beta(unit, exp),
+        loss_kwargs=params,
+        reduction=spec.reduction(exp),
+        learning_rate=h.learning_rate,
+        min_learning_rate=h.min_learning_rate,
+        epochs=h.epochs,
+        max_steps=h.max_steps,
+        batch_size=h.batch_size,
+        seed=unit.seed,
+        output_dir=work,
+        save_steps=h.save_steps,
+        resume=True,
+        progress=inputs.progress,
+        precision=h.precision,
+    )
     policy = copy.deepcopy(inputs.model)  # same initial weights for every method
     result = train(policy, inputs.tokenizer, inputs.train_data, config, ref_model=inputs.model, **extra)
     if result.resumed_from_step:

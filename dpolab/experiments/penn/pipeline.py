@@ -37,8 +37,19 @@ import torch
 from ...files import atomic_write_text, cache_root
 from .config import Experiment, resolve_precision
 from .evaluate import SUMMARIES, evaluate_policy, pool_seeds, summarize
-from .methods import (METHODS, PER_EXAMPLE_PARAMS, REFERENCE, TrainingInputs, Unit, odpo_note, odpo_offsets,
-                      settings_hash, train_dpolab, unit_beta, unit_settings)
+from .methods import (
+    METHODS,
+    PER_EXAMPLE_PARAMS,
+    REFERENCE,
+    TrainingInputs,
+    Unit,
+    odpo_note,
+    odpo_offsets,
+    settings_hash,
+    train_dpolab,
+    unit_beta,
+    unit_settings,
+)
 from .trl_baseline import train_trl
 
 __all__ = ["InputError", "run", "say", "default_output_dir", "plan_units"]
@@ -140,8 +151,12 @@ def fingerprint(model, info, train_rows, prompts) -> dict[str, Any]:
     from ...train.reference import weights_hash
 
     digest = hashlib.sha256(json.dumps([list(train_rows[k]) for k in ("prompt", "chosen", "rejected")]).encode())
-    return {"model": info.name, "weights_sha256": weights_hash(model)[:16], "train_sha256": digest.hexdigest()[:16],
-            "test_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
+    return {
+        "model": info.name,
+        "weights_sha256": weights_hash(model)[:16],
+        "train_sha256": digest.hexdigest()[:16],
+        "test_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ units
@@ -178,8 +193,9 @@ def write_history(folder: Path, history: list[dict]) -> None:
     atomic_write_text(folder / "history.csv", buffer.getvalue())
 
 
-def run_unit(unit: Unit, exp: Experiment, inputs: TrainingInputs, prompts: list[str], out: Path, work: Path,
-             settings: dict) -> dict:
+def run_unit(
+    unit: Unit, exp: Experiment, inputs: TrainingInputs, prompts: list[str], out: Path, work: Path, settings: dict
+) -> dict:
     """Train (unless reference), evaluate, write the unit's files and its done marker; returns its metrics."""
     folder, scratch = out / unit.folder, work / unit.folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,11 +207,25 @@ def run_unit(unit: Unit, exp: Experiment, inputs: TrainingInputs, prompts: list[
             policy, history = TRAINERS[METHODS[unit.method].trainer](unit, exp, inputs, str(scratch))
         write_history(folder, history)
     say(f"evaluate {unit.name} seed {unit.seed} on {len(prompts)} test prompts")
-    rows = evaluate_policy(policy, inputs.model, inputs.tokenizer, prompts, exp.sampling, seed=unit.seed,
-                           is_reference=unit.method == REFERENCE, timer=timer)
+    rows = evaluate_policy(
+        policy,
+        inputs.model,
+        inputs.tokenizer,
+        prompts,
+        exp.sampling,
+        seed=unit.seed,
+        is_reference=unit.method == REFERENCE,
+        timer=timer,
+    )
     atomic_write_text(folder / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    metrics = {"unit": unit.name, "method": unit.method, "seed": unit.seed, "beta": unit_beta(unit, exp),
-               "summary": summarize(rows), "timings": timer.seconds}
+    metrics = {
+        "unit": unit.name,
+        "method": unit.method,
+        "seed": unit.seed,
+        "beta": unit_beta(unit, exp),
+        "summary": summarize(rows),
+        "timings": timer.seconds,
+    }
     if history:
         metrics["final_step"] = history[-1]
         metrics["min_rewards_chosen"] = min(r["rewards/chosen"] for r in history)
@@ -235,8 +265,15 @@ def warm_reference_cache(inputs: TrainingInputs, exp: Experiment, reductions: se
         key = reference_cache_key(model, examples, inputs.tokenizer, reduction, str(autocast) if bf16 else "fp32")
         cached = (cache_root() / "ref-logps" / key / "logps.safetensors").exists()
         with contextlib.nullcontext() if cached else timer("reference log-probs"):
-            precompute_reference_logps(model, examples, inputs.tokenizer, batch_size=2 * exp.hyper.batch_size,
-                                       device=device, autocast_dtype=autocast, reduction=reduction)
+            precompute_reference_logps(
+                model,
+                examples,
+                inputs.tokenizer,
+                batch_size=2 * exp.hyper.batch_size,
+                device=device,
+                autocast_dtype=autocast,
+                reduction=reduction,
+            )
         if cached:
             say(f"reference log-probs ({reduction}) found in the disk cache")
 
@@ -262,10 +299,15 @@ def judge_all(exp, judge, prompts, metrics_rows: dict[Unit, list[dict]], methods
     with np.errstate(invalid="ignore", divide="ignore"):
         pooled = np.where(counts > 0, wins / np.maximum(counts, 1), np.nan)
     np.fill_diagonal(pooled, np.nan)
-    return {"methods": names, "judge": judge.id, "win_rate": [[None if np.isnan(v) else float(v) for v in row]
-                                                             for row in pooled],
-            "n_valid": np.asarray(counts).tolist(), **extra,
-            "first_position_rate": [s["first_position_rate"] for s in per_seed], "per_seed": per_seed}
+    return {
+        "methods": names,
+        "judge": judge.id,
+        "win_rate": [[None if np.isnan(v) else float(v) for v in row] for row in pooled],
+        "n_valid": np.asarray(counts).tolist(),
+        **extra,
+        "first_position_rate": [s["first_position_rate"] for s in per_seed],
+        "per_seed": per_seed,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -273,8 +315,11 @@ def judge_all(exp, judge, prompts, metrics_rows: dict[Unit, list[dict]], methods
 
 def metrics_table(unit_metrics: dict[Unit, dict], pooled: dict[str, dict]) -> str:
     """CSV: one row per (unit, seed) and a "pooled" row per method; estimate, low, high for every metric."""
-    columns = ["unit", "seed", "beta"] + [f"{m}{s}" for m in SUMMARIES for s in ("", "_low", "_high")] + \
-        [f"corpus_distinct_{n}" for n in (1, 2, 3)]
+    columns = (
+        ["unit", "seed", "beta"]
+        + [f"{m}{s}" for m in SUMMARIES for s in ("", "_low", "_high")]
+        + [f"corpus_distinct_{n}" for n in (1, 2, 3)]
+    )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
@@ -320,10 +365,17 @@ def run(exp: Experiment) -> Path:
     work = Path(exp.run.work_dir) if exp.run.work_dir else default_work_dir(out)
     exp = replace(exp, run=replace(exp.run, output_dir=str(out), work_dir=str(work)))
     if info.fallback:
-        banner(["GPT-2 124M COULD NOT BE LOADED: the offline stand-in SmolLM2-135M-Instruct replaces it.",
-                f"Reason: {info.fallback_reason}", "The numbers below are NOT GPT-2's; the report says so too."])
-    say(f"model {info.name} ({info.n_params / 1e6:.1f}M parameters, from {info.source}), training in {precision}; "
-        f"{len(train_rows)} training pairs, {len(prompts)} test prompts; run folder {out}, work folder {work}")
+        banner(
+            [
+                "GPT-2 124M COULD NOT BE LOADED: the offline stand-in SmolLM2-135M-Instruct replaces it.",
+                f"Reason: {info.fallback_reason}",
+                "The numbers below are NOT GPT-2's; the report says so too.",
+            ]
+        )
+    say(
+        f"model {info.name} ({info.n_params / 1e6:.1f}M parameters, from {info.source}), training in {precision}; "
+        f"{len(train_rows)} training pairs, {len(prompts)} test prompts; run folder {out}, work folder {work}"
+    )
     fp = fingerprint(model, info, train_rows, prompts)
     units, frontier = plan_units(exp)
     settings = {u: unit_settings(u, exp, fp) for u in units}
@@ -333,13 +385,21 @@ def run(exp: Experiment) -> Path:
         if done is None:
             todo.append(unit)
         elif done["settings_hash"] != settings_hash(settings[unit]):
-            raise InputError(f"{out / unit.folder} was made with other settings than this run's; choose another "
-                             f"--output-dir, or delete that folder to redo it")
+            raise InputError(
+                f"{out / unit.folder} was made with other settings than this run's; choose another "
+                f"--output-dir, or delete that folder to redo it"
+            )
         else:
             say(f"skip {unit.name} seed {unit.seed}: done (resume)")
     out.mkdir(parents=True, exist_ok=True)
-    config = {"experiment": exp.to_dict(), "model_info": info.to_dict(), "fingerprint": fp,
-              "odpo_offsets_per_example": PER_EXAMPLE_PARAMS, "versions": _versions(), "argv": sys.argv[1:]}
+    config = {
+        "experiment": exp.to_dict(),
+        "model_info": info.to_dict(),
+        "fingerprint": fp,
+        "odpo_offsets_per_example": PER_EXAMPLE_PARAMS,
+        "versions": _versions(),
+        "argv": sys.argv[1:],
+    }
     atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str))
     inputs = TrainingInputs(model, tokenizer, train_rows, progress=exp.run.progress)
     trained = [u for u in todo if u.method != REFERENCE]
@@ -355,11 +415,13 @@ def run(exp: Experiment) -> Path:
         run_unit(unit, exp, inputs, prompts, out, work, settings[unit])
 
     unit_metrics = {u: json.loads((out / u.folder / "metrics.json").read_text()) for u in units}
-    rows = {u: [json.loads(line) for line in (out / u.folder / "generations.jsonl").read_text().splitlines()]
-            for u in units}
+    rows = {
+        u: [json.loads(line) for line in (out / u.folder / "generations.jsonl").read_text().splitlines()] for u in units
+    }
     main_units = [u for u in units if u.beta is None]
-    pooled = {m: pool_seeds({u.seed: rows[u] for u in main_units if u.method == m})
-              for m in (*exp.run.methods, REFERENCE)}
+    pooled = {
+        m: pool_seeds({u.seed: rows[u] for u in main_units if u.method == m}) for m in (*exp.run.methods, REFERENCE)
+    }
     _save_run_files(out, exp, timer, unit_metrics, pooled, frontier, inputs)
 
     judgments = out / f"judgments-{exp.run.judge}.jsonl"
@@ -368,8 +430,10 @@ def run(exp: Experiment) -> Path:
         try:
             win_rates = judge_all(exp, judge, prompts, rows, list(exp.run.methods), out)
         except JudgeUnavailableError as err:
-            raise JudgeUnavailableError(f"{err}\nThe generations and metrics computed so far are kept in {out}; "
-                                        "rerun the same command to resume.") from err
+            raise JudgeUnavailableError(
+                f"{err}\nThe generations and metrics computed so far are kept in {out}; "
+                "rerun the same command to resume."
+            ) from err
     if _lines(judgments) == before:
         timer.seconds.pop("judging")  # nothing new was judged: keep the time of the run that judged
     atomic_write_text(out / "win_rates.json", json.dumps(win_rates, indent=1))
@@ -398,18 +462,36 @@ def _save_run_timings(out: Path, timer: Timer) -> dict[str, float]:
 
 def _save_run_files(out, exp, timer, unit_metrics, pooled, frontier, inputs) -> None:
     """metrics.json (pooled and per-unit metrics, timings), metrics.csv, frontier.json."""
-    timings = {"run": _save_run_timings(out, timer),
-               "units": {f"{u.name}/seed-{u.seed}": m["timings"] for u, m in unit_metrics.items()}}
-    points = [{"method": m, "beta": b, "unit": u.name, "seed": u.seed,
-               **{k: unit_metrics[u]["summary"][k] for k in ("alignment", "kl", "perplexity_ref")}}
-              for (m, b), u in frontier.items()]
+    timings = {
+        "run": _save_run_timings(out, timer),
+        "units": {f"{u.name}/seed-{u.seed}": m["timings"] for u, m in unit_metrics.items()},
+    }
+    points = [
+        {
+            "method": m,
+            "beta": b,
+            "unit": u.name,
+            "seed": u.seed,
+            **{k: unit_metrics[u]["summary"][k] for k in ("alignment", "kl", "perplexity_ref")},
+        }
+        for (m, b), u in frontier.items()
+    ]
     reference = next(m for u, m in unit_metrics.items() if u.method == REFERENCE and u.seed == 0)
-    metrics = {"pooled": pooled, "units": {f"{u.name}/seed-{u.seed}": m for u, m in unit_metrics.items()},
-               "timings": timings, "notes": inputs.notes, "seeds": exp.run.seeds}
+    metrics = {
+        "pooled": pooled,
+        "units": {f"{u.name}/seed-{u.seed}": m for u, m in unit_metrics.items()},
+        "timings": timings,
+        "notes": inputs.notes,
+        "seeds": exp.run.seeds,
+    }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     atomic_write_text(out / "metrics.csv", metrics_table(unit_metrics, pooled))
-    atomic_write_text(out / "frontier.json", json.dumps(
-        {"points": points, "reference": {k: reference["summary"][k] for k in ("alignment", "kl")}}, indent=1))
+    atomic_write_text(
+        out / "frontier.json",
+        json.dumps(
+            {"points": points, "reference": {k: reference["summary"][k] for k in ("alignment", "kl")}}, indent=1
+        ),
+    )
 
 
 def _versions() -> dict[str, str]:

@@ -21,7 +21,7 @@ ARTICLE = {
     "alignment": {"dpo": 1.0, "dpop": 1.0, "sft": 0.94, "kl_sft": 0.88},  # "~100%" for DPO and DPOP
     "win_rate": {("dpo", "trl"): 0.0, ("dpop", "trl"): 0.51, ("sft", "dpop"): 0.71},  # row beats column
     "dynamics": "naive DPO's chosen reward falls during training and its outputs become incoherent and repetitive; "
-                "DPOP keeps the chosen reward positive",
+    "DPOP keeps the chosen reward positive",
 }
 ARTICLE_ALIGNMENT_TEXT = {"dpo": "~100%", "dpop": "~100%", "sft": "94%", "kl_sft": "88%"}
 
@@ -51,11 +51,15 @@ def compare(name_a: str, a: dict, name_b: str, b: dict, what: str, fmt=_num) -> 
     if a.get("estimate") is None or b.get("estimate") is None:
         return f"{what}: not measured for both {name_a} and {name_b}."
     if _overlap(a, b):
-        return (f"{name_a} and {name_b} are not distinguishable on {what} at this sample size "
-                f"({fmt(a['estimate'])} vs {fmt(b['estimate'])}; the 95% intervals overlap).")
+        return (
+            f"{name_a} and {name_b} are not distinguishable on {what} at this sample size "
+            f"({fmt(a['estimate'])} vs {fmt(b['estimate'])}; the 95% intervals overlap)."
+        )
     word = "higher" if a["estimate"] > b["estimate"] else "lower"
-    return (f"{name_a}'s {what} is {word} than {name_b}'s ({_ci(a, fmt)} vs {_ci(b, fmt)}; the 95% intervals do "
-            f"not overlap).")
+    return (
+        f"{name_a}'s {what} is {word} than {name_b}'s ({_ci(a, fmt)} vs {_ci(b, fmt)}; the 95% intervals do "
+        f"not overlap)."
+    )
 
 
 def versus_reference(pooled: dict, methods: list[str], key: str, what: str, fmt=_num) -> str:
@@ -68,8 +72,11 @@ def versus_reference(pooled: dict, methods: list[str], key: str, what: str, fmt=
             continue
         side = "same" if _overlap(e, ref) else "higher" if e["estimate"] > ref["estimate"] else "lower"
         groups[side].append(f"{label(m)} {fmt(e['estimate'])}")
-    wording = {"higher": "higher (95% intervals apart)", "lower": "lower (95% intervals apart)",
-               "same": "not distinguishable (intervals overlap)"}
+    wording = {
+        "higher": "higher (95% intervals apart)",
+        "lower": "lower (95% intervals apart)",
+        "same": "not distinguishable (intervals overlap)",
+    }
     parts = [f"{wording[side]} for {', '.join(names)}" for side, names in groups.items() if names]
     return f"{what[0].upper() + what[1:]}, against the reference's {fmt(ref['estimate'])}: " + "; ".join(parts) + "."
 
@@ -106,20 +113,46 @@ def _dynamics(out: Path, methods: list[str]) -> tuple[list[str], list[str]]:
             continue
         chosen = [r["rewards/chosen"] for r in history]
         last = history[-1]
-        rows.append([label(m), str(len(history)), *(f"{v:.3f}" for v in (chosen[0], min(chosen), chosen[-1],
-                     last["rewards/rejected"], last["rewards/margins"], last["rewards/accuracies"]))])
+        rows.append(
+            [
+                label(m),
+                str(len(history)),
+                *(
+                    f"{v:.3f}"
+                    for v in (
+                        chosen[0],
+                        min(chosen),
+                        chosen[-1],
+                        last["rewards/rejected"],
+                        last["rewards/margins"],
+                        last["rewards/accuracies"],
+                    )
+                ),
+            ]
+        )
         if m in ("dpo", "dpop", "trl"):
             trend = "fell" if chosen[-1] < chosen[0] else "rose"
-            sign = "stayed positive" if min(chosen[1:] or chosen) > 0 else (
-                "ended negative" if chosen[-1] < 0 else "dipped below zero but ended positive")
-            sentences.append(f"{label(m)}: rewards/chosen {trend} from {chosen[0]:.3f} to {chosen[-1]:.3f} "
-                             f"(minimum {min(chosen):.3f}) and {sign} (seed 0).")
+            sign = (
+                "stayed positive"
+                if min(chosen[1:] or chosen) > 0
+                else ("ended negative" if chosen[-1] < 0 else "dipped below zero but ended positive")
+            )
+            sentences.append(
+                f"{label(m)}: rewards/chosen {trend} from {chosen[0]:.3f} to {chosen[-1]:.3f} "
+                f"(minimum {min(chosen):.3f}) and {sign} (seed 0)."
+            )
     if "dpo" in methods and "dpop" in methods and _history(out, "dpo", 0) and _history(out, "dpop", 0):
         dpo, dpop = _history(out, "dpo", 0)[-1]["rewards/chosen"], _history(out, "dpop", 0)[-1]["rewards/chosen"]
         agrees = dpo < 0 <= dpop
-        sentences.append(f"The article: {ARTICLE['dynamics']}. Here DPO ends at {dpo:.3f} and DPOP at {dpop:.3f}: "
-                         + ("the same picture." if agrees else "not the article's picture at these settings "
-                            "(see ENVIRONMENT.md on the dependence on the step size and the reference's prior)."))
+        sentences.append(
+            f"The article: {ARTICLE['dynamics']}. Here DPO ends at {dpo:.3f} and DPOP at {dpop:.3f}: "
+            + (
+                "the same picture."
+                if agrees
+                else "not the article's picture at these settings "
+                "(see ENVIRONMENT.md on the dependence on the step size and the reference's prior)."
+            )
+        )
     return rows, sentences
 
 
@@ -135,24 +168,34 @@ def write_report(out: str | Path) -> Path:
     lines = ["# The GPT-2 Penn experiment: run report", ""]
 
     if info["fallback"]:
-        lines += [f"> **WARNING: GPT-2 124M could not be loaded; the offline stand-in `{info['name']}` replaced it** "
-                  f"({info['fallback_reason']}). It is not GPT-2 (a quantised instruction-tuned Llama of the same "
-                  "scale): compare with the article's numbers with that in mind.", ""]
+        lines += [
+            f"> **WARNING: GPT-2 124M could not be loaded; the offline stand-in `{info['name']}` replaced it** "
+            f"({info['fallback_reason']}). It is not GPT-2 (a quantised instruction-tuned Llama of the same "
+            "scale): compare with the article's numbers with that in mind.",
+            "",
+        ]
     if exp["run"]["quick"]:
-        lines += [f"> **Quick smoke run** on the `{info['name']}` model with at most {exp['hyper']['max_steps']} "
-                  "steps per method: it checks the pipeline end to end; its numbers are not a replication.", ""]
+        lines += [
+            f"> **Quick smoke run** on the `{info['name']}` model with at most {exp['hyper']['max_steps']} "
+            "steps per method: it checks the pipeline end to end; its numbers are not a replication.",
+            "",
+        ]
     n_prompts, sampling = len(_generations(out, REFERENCE, 0)), exp["sampling"]
     if info["name"] != "gpt2" and not info["fallback"] and not exp["run"]["quick"]:
         lines += [f"> This run uses `{info['name']}`, not GPT-2 124M (chosen with --model).", ""]
-    lines += ["## Setup", "",
-              f"- Model: `{info['name']}` ({info['n_params'] / 1e6:.1f}M parameters, from `{info['source']}`)"
-              f"{' — FALLBACK for GPT-2' if info['fallback'] else ''}.",
-              f"- Data: `{exp['run']['data']}`; {n_prompts} test prompts, every one evaluated.",
-              f"- Seeds: {seeds}; sampling top-k {sampling['top_k']}, temperature {sampling['temperature']}, "
-              f"{sampling['max_new_tokens']} new tokens, the same sampling seed for every method.",
-              f"- Judge: {exp['run']['judge']}" + (f" (`{wins['judge']}`)" if wins else "") + ".",
-              f"- Precision: {h_precision(exp)} for every trainer, TRL's included (fp32 master weights and optimizer "
-              "state; log-probs summed in fp32).", ""]
+    lines += [
+        "## Setup",
+        "",
+        f"- Model: `{info['name']}` ({info['n_params'] / 1e6:.1f}M parameters, from `{info['source']}`)"
+        f"{' — FALLBACK for GPT-2' if info['fallback'] else ''}.",
+        f"- Data: `{exp['run']['data']}`; {n_prompts} test prompts, every one evaluated.",
+        f"- Seeds: {seeds}; sampling top-k {sampling['top_k']}, temperature {sampling['temperature']}, "
+        f"{sampling['max_new_tokens']} new tokens, the same sampling seed for every method.",
+        f"- Judge: {exp['run']['judge']}" + (f" (`{wins['judge']}`)" if wins else "") + ".",
+        f"- Precision: {h_precision(exp)} for every trainer, TRL's included (fp32 master weights and optimizer "
+        "state; log-probs summed in fp32).",
+        "",
+    ]
     h, t = exp["hyper"], exp["trl"]
     spec_rows = []
     for m in methods:
@@ -161,21 +204,34 @@ def write_report(out: str | Path) -> Path:
         if METHODS[m].trainer == "trl":
             hp = f"lr {t['learning_rate']:g} linear, {t['epochs']} epochs, batch {t['batch_size']}"
         else:
-            hp = (f"lr {h['learning_rate']:g} cosine to {h['min_learning_rate']:g}, {h['epochs']} epochs, "
-                  f"batch {h['batch_size']}")
-        extra = {"dpop": f"lambda {h['dpop_lambda']:g}", "kl_sft": f"kl_coef {h['kl_coef']:g}",
-                 "ipo": f"{h['ipo_reduction']} log-probs", "odpo": f"alpha {h['odpo_alpha']:g}"}.get(m, "")
+            hp = (
+                f"lr {h['learning_rate']:g} cosine to {h['min_learning_rate']:g}, {h['epochs']} epochs, "
+                f"batch {h['batch_size']}"
+            )
+        extra = {
+            "dpop": f"lambda {h['dpop_lambda']:g}",
+            "kl_sft": f"kl_coef {h['kl_coef']:g}",
+            "ipo": f"{h['ipo_reduction']} log-probs",
+            "odpo": f"alpha {h['odpo_alpha']:g}",
+        }.get(m, "")
         spec_rows.append([label(m), METHODS[m].about, _num(unit["beta"]), hp, str(steps), extra])
     lines += _table(["method", "objective", "beta", "optimisation", "steps run", "other"], spec_rows) + [""]
 
-    lines += ["## Wall time", "", "Seconds per phase, on the machine that ran it. Units done by an earlier invocation "
-              "keep the times recorded when they ran (a run resumed on another machine mixes machines); a training "
-              "resumed from a checkpoint counts only its resumed part; a phase missing from the first table "
-              "(reference log-probs, judging) was served by a cache or by an earlier invocation.", ""]
+    lines += [
+        "## Wall time",
+        "",
+        "Seconds per phase, on the machine that ran it. Units done by an earlier invocation "
+        "keep the times recorded when they ran (a run resumed on another machine mixes machines); a training "
+        "resumed from a checkpoint counts only its resumed part; a phase missing from the first table "
+        "(reference log-probs, judging) was served by a cache or by an earlier invocation.",
+        "",
+    ]
     run_t = metrics["timings"]["run"]
     lines += _table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in run_t.items()]) + [""]
-    unit_rows = [[u, *(f"{secs.get(p, 0.0):.1f}" for p in ("training", "generation", "evaluation"))]
-                 for u, secs in metrics["timings"]["units"].items()]
+    unit_rows = [
+        [u, *(f"{secs.get(p, 0.0):.1f}" for p in ("training", "generation", "evaluation"))]
+        for u, secs in metrics["timings"]["units"].items()
+    ]
     lines += _table(["unit", "training", "generation", "evaluation"], unit_rows) + [""]
     total = sum(run_t.values()) + sum(sum(secs.values()) for secs in metrics["timings"]["units"].values())
     lines += [f"Sum of the timed phases: {total:.0f} s ({total / 60:.1f} min).", ""]
@@ -190,31 +246,68 @@ def write_report(out: str | Path) -> Path:
     lines.append("- " + versus_reference(pooled, methods, "alignment", "alignment accuracy", _pct))
     for a, b in (("dpo", "dpop"), ("sft", "kl_sft"), ("dpop", "sft")):
         if a in methods and b in methods:
-            lines.append("- " + compare(label(a), pooled[a]["alignment"], label(b), pooled[b]["alignment"],
-                                        "alignment accuracy", _pct))
+            lines.append(
+                "- "
+                + compare(
+                    label(a), pooled[a]["alignment"], label(b), pooled[b]["alignment"], "alignment accuracy", _pct
+                )
+            )
     lines.append("")
 
     dyn_rows, dyn_sentences = _dynamics(out, methods)
-    lines += ["## Training dynamics: the chosen reward", "", "![rewards](figures/rewards.png)", "",
-              "![losses](figures/losses.png)", "",
-              "Implicit rewards beta·log(pi/pi_ref) as TRL logs them (seed 0; IPO's are per token).", ""]
-    lines += _table(["method", "steps", "rewards/chosen first", "min", "last", "rewards/rejected last",
-                     "margins last", "accuracies last"], dyn_rows) + [""]
+    lines += [
+        "## Training dynamics: the chosen reward",
+        "",
+        "![rewards](figures/rewards.png)",
+        "",
+        "![losses](figures/losses.png)",
+        "",
+        "Implicit rewards beta·log(pi/pi_ref) as TRL logs them (seed 0; IPO's are per token).",
+        "",
+    ]
+    lines += _table(
+        [
+            "method",
+            "steps",
+            "rewards/chosen first",
+            "min",
+            "last",
+            "rewards/rejected last",
+            "margins last",
+            "accuracies last",
+        ],
+        dyn_rows,
+    ) + [""]
     lines += [f"- {s}" for s in dyn_sentences] + [""]
 
     lines += ["## Fluency, repetition, relevance, KL", "", "![quality](figures/quality.png)", ""]
     keys = ["perplexity_ref", "distinct_2", "corpus_distinct_2", "repeated_2gram", "relevance", "kl", "length"]
-    lines += _table(["method", "ref. perplexity", "distinct-2", "corpus distinct-2", "repeated bigrams", "relevance",
-                     "KL (nats)", "tokens"], [[label(m), *(_ci(_pooled_or_unit(pooled, metrics, m, k)) for k in keys)]
-                                              for m in rows_all]) + [""]
-    for key, what in (("repeated_2gram", "repeated-bigram rate (repetition within an output)"),
-                      ("distinct_2", "distinct-2 per output"), ("perplexity_ref", "reference perplexity (fluency)"),
-                      ("relevance", "relevance to the prompt")):
+    lines += _table(
+        [
+            "method",
+            "ref. perplexity",
+            "distinct-2",
+            "corpus distinct-2",
+            "repeated bigrams",
+            "relevance",
+            "KL (nats)",
+            "tokens",
+        ],
+        [[label(m), *(_ci(_pooled_or_unit(pooled, metrics, m, k)) for k in keys)] for m in rows_all],
+    ) + [""]
+    for key, what in (
+        ("repeated_2gram", "repeated-bigram rate (repetition within an output)"),
+        ("distinct_2", "distinct-2 per output"),
+        ("perplexity_ref", "reference perplexity (fluency)"),
+        ("relevance", "relevance to the prompt"),
+    ):
         lines.append("- " + versus_reference(pooled, methods, key, what))
     corpus = {m: _pooled_or_unit(pooled, metrics, m, "corpus_distinct_2")["estimate"] for m in rows_all}
     lowest = min(methods, key=lambda m: corpus[m] if corpus[m] is not None else math.inf)
-    lines.append(f"- Corpus distinct-2 (templating across outputs, seed 0, no interval): lowest for {label(lowest)} "
-                 f"({_num(corpus[lowest])}) against the reference's {_num(corpus[REFERENCE])}.")
+    lines.append(
+        f"- Corpus distinct-2 (templating across outputs, seed 0, no interval): lowest for {label(lowest)} "
+        f"({_num(corpus[lowest])}) against the reference's {_num(corpus[REFERENCE])}."
+    )
     lines.append("")
 
     if wins:
@@ -222,14 +315,17 @@ def write_report(out: str | Path) -> Path:
     lines += _frontier_section(frontier)
     lines += _samples(out, rows_all)
     notes = metrics.get("notes", [])
-    lines += ["## Notes and caveats", "",
-              *[f"- {n}" for n in notes],
-              "- KL is estimated from the evaluated samples, drawn with top-k 30: it is E_q[log pi - log pi_ref] under "
-              "the truncated sampler q, not exactly KL(pi || pi_ref) (dpolab.eval.likelihood).",
-              "- Intervals are percentile bootstraps over prompts; with several seeds the per-seed values and their "
-              "t interval show the training noise beside it.",
-              "- The article ran each method once on GPT-2 124M and judged with GPT-4; its numbers have no intervals.",
-              ""]
+    lines += [
+        "## Notes and caveats",
+        "",
+        *[f"- {n}" for n in notes],
+        "- KL is estimated from the evaluated samples, drawn with top-k 30: it is E_q[log pi - log pi_ref] under "
+        "the truncated sampler q, not exactly KL(pi || pi_ref) (dpolab.eval.likelihood).",
+        "- Intervals are percentile bootstraps over prompts; with several seeds the per-seed values and their "
+        "t interval show the training noise beside it.",
+        "- The article ran each method once on GPT-2 124M and judged with GPT-4; its numbers have no intervals.",
+        "",
+    ]
     lines += ["Figures: " + ", ".join(f"[{f}](figures/{f})" for f in FIGURES if (out / "figures" / f).exists()), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -252,28 +348,48 @@ def _win_section(wins: dict, methods: list[str]) -> list[str]:
     names = wins["methods"]
     index = {m: i for i, m in enumerate(names)}
     matrix = wins["win_rate"]
-    lines = ["## Win rates", "", "![win rates](figures/win_rates.png)", "",
-             f"Share of judgments the row won against the column (ties half), both orders, {wins['judge'].split(':')[0]} "
-             "judge; "
-             f"{wins['n_malformed']} malformed and {wins['n_failed']} failed judgments left out.", ""]
-    lines += _table(["", *[label(m) for m in names]],
-                    [[label(a), *("—" if v is None else f"{v:.2f}" for v in matrix[index[a]])] for a in names]) + [""]
+    lines = [
+        "## Win rates",
+        "",
+        "![win rates](figures/win_rates.png)",
+        "",
+        f"Share of judgments the row won against the column (ties half), both orders, {wins['judge'].split(':')[0]} "
+        "judge; "
+        f"{wins['n_malformed']} malformed and {wins['n_failed']} failed judgments left out.",
+        "",
+    ]
+    lines += _table(
+        ["", *[label(m) for m in names]],
+        [[label(a), *("—" if v is None else f"{v:.2f}" for v in matrix[index[a]])] for a in names],
+    ) + [""]
     rows = []
     for (a, b), article in ARTICLE["win_rate"].items():
         if a in index and b in index:
             ours = matrix[index[a]][index[b]]
-            verdict = "n/a" if ours is None else ("same side of 50%" if (ours - 0.5) * (article - 0.5) > 0 else
-                                                  "opposite side of 50%" if (ours - 0.5) * (article - 0.5) < 0 else
-                                                  "one of them at 50%")
-            rows.append([f"{label(a)} vs {label(b)}", "n/a" if ours is None else f"{ours:.0%}", f"{article:.0%}",
-                         verdict])
+            verdict = (
+                "n/a"
+                if ours is None
+                else (
+                    "same side of 50%"
+                    if (ours - 0.5) * (article - 0.5) > 0
+                    else "opposite side of 50%"
+                    if (ours - 0.5) * (article - 0.5) < 0
+                    else "one of them at 50%"
+                )
+            )
+            rows.append(
+                [f"{label(a)} vs {label(b)}", "n/a" if ours is None else f"{ours:.0%}", f"{article:.0%}", verdict]
+            )
     if rows:
         lines += ["Beside the article's GPT-4 judgments:", ""]
         lines += _table(["pair", "ours", "article", ""], rows) + [""]
     if wins["judge"].startswith("offline"):
-        lines += ["The offline judge is a fixed scoring rule (Penn mention, reference-model fluency, MiniLM relevance, "
-                  "discounted by repetition; dpolab.judge), not GPT-4: it agrees with GPT-4 only where those features "
-                  "decide. Set `--judge endpoint` and the DPOLAB_JUDGE_* variables to use a language-model judge.", ""]
+        lines += [
+            "The offline judge is a fixed scoring rule (Penn mention, reference-model fluency, MiniLM relevance, "
+            "discounted by repetition; dpolab.judge), not GPT-4: it agrees with GPT-4 only where those features "
+            "decide. Set `--judge endpoint` and the DPOLAB_JUDGE_* variables to use a language-model judge.",
+            "",
+        ]
     return lines
 
 
@@ -281,26 +397,40 @@ def _frontier_section(frontier: dict) -> list[str]:
     points = frontier["points"]
     if not points:
         return []
-    lines = ["## Beyond the article: the reward-vs-KL frontier", "", "![frontier](figures/frontier.png)", "",
-             "Alignment accuracy against the sampled KL to the reference, per beta (seed 0). Further up and to the "
-             "left is better: more alignment for less drift from the reference.", ""]
-    lines += _table(["method", "beta", "KL (nats)", "alignment"],
-                    [[label(p["method"]), f"{p['beta']:g}", _ci(p["kl"]), _ci(p["alignment"], _pct)] for p in points])
+    lines = [
+        "## Beyond the article: the reward-vs-KL frontier",
+        "",
+        "![frontier](figures/frontier.png)",
+        "",
+        "Alignment accuracy against the sampled KL to the reference, per beta (seed 0). Further up and to the "
+        "left is better: more alignment for less drift from the reference.",
+        "",
+    ]
+    lines += _table(
+        ["method", "beta", "KL (nats)", "alignment"],
+        [[label(p["method"]), f"{p['beta']:g}", _ci(p["kl"]), _ci(p["alignment"], _pct)] for p in points],
+    )
     lines.append("")
     best = max(points, key=lambda p: (p["alignment"]["estimate"], -p["kl"]["estimate"]))
-    cheapest = min((p for p in points if _overlap(p["alignment"], best["alignment"])), key=lambda p: p["kl"]["estimate"])
-    lines.append(f"- Highest alignment: {label(best['method'])} at beta {best['beta']:g} "
-                 f"({_pct(best['alignment']['estimate'])}, KL {_num(best['kl']['estimate'])}). The lowest KL among the "
-                 f"points whose alignment interval overlaps that one: {label(cheapest['method'])} at beta "
-                 f"{cheapest['beta']:g} ({_pct(cheapest['alignment']['estimate'])}, KL {_num(cheapest['kl']['estimate'])}).")
+    cheapest = min(
+        (p for p in points if _overlap(p["alignment"], best["alignment"])), key=lambda p: p["kl"]["estimate"]
+    )
+    lines.append(
+        f"- Highest alignment: {label(best['method'])} at beta {best['beta']:g} "
+        f"({_pct(best['alignment']['estimate'])}, KL {_num(best['kl']['estimate'])}). The lowest KL among the "
+        f"points whose alignment interval overlaps that one: {label(cheapest['method'])} at beta "
+        f"{cheapest['beta']:g} ({_pct(cheapest['alignment']['estimate'])}, KL {_num(cheapest['kl']['estimate'])})."
+    )
     for method in dict.fromkeys(p["method"] for p in points):
         mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["beta"])
         if len(mine) >= 2:
             kl_trend = "falls" if mine[-1]["kl"]["estimate"] < mine[0]["kl"]["estimate"] else "rises"
-            lines.append(f"- {label(method)}: from beta {mine[0]['beta']:g} to {mine[-1]['beta']:g} the KL {kl_trend} "
-                         f"({_num(mine[0]['kl']['estimate'])} to {_num(mine[-1]['kl']['estimate'])}) and alignment "
-                         f"goes from {_pct(mine[0]['alignment']['estimate'])} to "
-                         f"{_pct(mine[-1]['alignment']['estimate'])}.")
+            lines.append(
+                f"- {label(method)}: from beta {mine[0]['beta']:g} to {mine[-1]['beta']:g} the KL {kl_trend} "
+                f"({_num(mine[0]['kl']['estimate'])} to {_num(mine[-1]['kl']['estimate'])}) and alignment "
+                f"goes from {_pct(mine[0]['alignment']['estimate'])} to "
+                f"{_pct(mine[-1]['alignment']['estimate'])}."
+            )
     return lines + [""]
 
 

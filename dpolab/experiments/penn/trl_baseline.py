@@ -41,8 +41,10 @@ def history_from_log(log_history: list[dict]) -> list[dict[str, float]]:
     """TRL's ``trainer.state.log_history`` -> rows of dpolab.train.METRICS (training steps only, NaN if absent)."""
     rows = [entry for entry in log_history if "loss" in entry and "step" in entry and "train_runtime" not in entry]
     by_step = {int(entry["step"]): entry for entry in rows}  # a resumed run may log a step twice: keep the last
-    return [{k: int(entry[k]) if k == "step" else float(entry.get(k, math.nan)) for k in METRICS}
-            for _, entry in sorted(by_step.items())]
+    return [
+        {k: int(entry[k]) if k == "step" else float(entry.get(k, math.nan)) for k in METRICS}
+        for _, entry in sorted(by_step.items())
+    ]
 
 
 def _progress_callback():
@@ -102,24 +104,44 @@ def train_trl(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
 
     s = exp.trl
     rows = inputs.train_data
-    data = Dataset.from_dict({"prompt": list(rows["prompt"]), "chosen": [" " + c for c in rows["chosen"]],
-                              "rejected": [" " + r for r in rows["rejected"]]})
+    data = Dataset.from_dict(
+        {
+            "prompt": list(rows["prompt"]),
+            "chosen": [" " + c for c in rows["chosen"]],
+            "rejected": [" " + r for r in rows["rejected"]],
+        }
+    )
     config = inputs.model.config
     context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
     args = DPOConfig(
-        output_dir=work, beta=unit.beta or s.beta, learning_rate=s.learning_rate, num_train_epochs=s.epochs,
-        per_device_train_batch_size=s.batch_size, max_steps=s.max_steps or -1, seed=unit.seed,
-        max_length=min(1024, context), bf16=exp.hyper.precision == "bf16", use_cpu=not torch.cuda.is_available(), report_to="none", logging_steps=1, save_strategy="steps",
-        save_steps=s.save_steps, save_total_limit=1, gradient_checkpointing=False, disable_tqdm=True,
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        output_dir=work,
+        beta=unit.beta or s.beta,
+        learning_rate=s.learning_rate,
+        num_train_epochs=s.epochs,
+        per_device_train_batch_size=s.batch_size,
+        max_steps=s.max_steps or -1,
+        seed=unit.seed,
+        max_length=min(1024, context),
+        bf16=exp.hyper.precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=1,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         precompute_ref_log_probs=s.precompute_ref_log_probs,
     )
     policy, reference = copy.deepcopy(inputs.model), copy.deepcopy(inputs.model).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     with _quiet(not inputs.progress):
-        trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data,
-                             processing_class=inputs.tokenizer)
+        trainer = DPOTrainer(
+            model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=inputs.tokenizer
+        )
         trainer.remove_callback(PrinterCallback)  # it prints every log line; the history files hold them
         if inputs.progress:
             trainer.add_callback(_progress_callback())
