@@ -208,7 +208,7 @@ def train_tabular(
     optimizer = torch.optim.Adam([theta], lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors of ~100 numbers: extra threads only add synchronisation (20x slower here)
+    torch.set_num_threads(1)  # tensors of ~100 numbers: extra threads only add synchronisation
     try:
         for _ in range(steps):
             loss = empirical_loss(loss_name, theta, distinct, ref_probs, beta, weights=weights, **params)  # (7.3)
