@@ -187,7 +187,8 @@ def sum_to_one_any_n(s: IndexedResponseSet, probs: sp.IndexedBase) -> dict[sp.Su
 def pull_constants(expr: sp.Expr) -> sp.Expr:
     """sum_i c a_i -> c sum_i a_i for every ``Sum`` in ``expr``, c being the factors free of the sum's index.
 
-    Products of powers are split first (exp(a + b) -> exp(a) exp(b)), so exp(c/beta) leaves a sum too.
+    The summand is expanded first (products distributed, exp(a + b) -> exp(a) exp(b), logs left alone), and a sum of
+    terms becomes a sum of sums, so exp(c / beta) and log Z leave a sum as well.
     """
 
     def pull(total: sp.Sum) -> sp.Expr:
