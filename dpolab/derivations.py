@@ -1,24 +1,30 @@
-"""The sympy derivations behind notebooks 01-05, as small functions that notebooks and tests both assert.
+"""The sympy derivations behind notebooks 01-05 and 07, as small functions that notebooks and tests both assert.
 
 One prompt x has a finite set of N candidate responses y_1..y_N. On that set a policy is just a vector of N
 probabilities, so every expectation is an explicit sum and every step of the DPO derivation becomes algebra
-that sympy can check. :func:`response_set` builds the symbols; the ``*_residual`` functions return
+that sympy can check. :func:`response_set` builds the symbols for a given N; :func:`indexed_response_set`
+builds them for a *symbolic* N (indexed families pi[i], pi_ref[i], r[i] and ``sympy.Sum`` over i = 1..N), and
+the ``*_any_n`` functions prove the same identities for every N at once. The ``*_residual`` functions return
 ``lhs - rhs`` of an identity (which must simplify to 0) and the ``*_holds`` / ``is_*`` functions the
 boolean verdict, so a test can assert the same statement a notebook shows.
 
 How this differs from the textbook: sympy needs the side conditions spelled out. Probabilities are declared
 positive (so log(a*b) = log a + log b is allowed), rewards real, beta positive; "probabilities sum to 1" is
-used by substituting p_N = 1 - (p_1 + ... + p_{N-1}) (:func:`sum_to_one`), never silently assumed.
+used by substituting p_N = 1 - (p_1 + ... + p_{N-1}) (:func:`sum_to_one`), or for a symbolic N by replacing
+sum_i p_i with 1 (:func:`sum_to_one_any_n`), never silently assumed. For a symbolic N, sympy does not move a factor
+that is itself a sum over another index (1/Z, log Z) out of a ``Sum``; :func:`pull_constants` does that one step.
 
 Equation numbers refer to the notebooks (the same numbers as ``dpolab.theory``):
 
 - (1.1) objective J(pi)           (1.2) Lagrangian          (1.3) stationarity      (1.4) stationary point
 - (1.5) Hessian (concavity)       (2.1) partition Z(x)      (2.2) optimal policy    (2.3) J = -beta KL(pi||pi*) + beta log Z
 - (2.4) KL as a sum of terms >= 0 (2.5) beta -> 0 / beta -> oo limits
-- (3.1) reward from policy        (3.2) invariance of pi* under r -> r + f(x)
+- (3.1) reward from policy        (3.2) invariance of pi* under r -> r + f(x), and its converse
 - (4.1) Bradley-Terry             (4.2) DPO loss            (4.3) its gradient
 - (5.1) Plackett-Luce             (5.2) listwise DPO loss   (5.3) Z cancels for any K
 - (5.4) Gumbel race: P(r_1 + G_1 > r_2 + G_2) = sigma(r_1 - r_2) for independent standard Gumbel G
+- (7.5) pairwise optimality beta (u_a - u_b) = r_a - r_b on each compared pair {a, b}
+- (7.6) connected comparisons force beta u_i - r_i to one shared constant, hence pi_theta = pi*
 """
 
 from __future__ import annotations
@@ -31,8 +37,12 @@ import sympy as sp
 __all__ = [
     "ResponseSet",
     "response_set",
+    "IndexedResponseSet",
+    "indexed_response_set",
     "is_zero",
     "sum_to_one",
+    "sum_to_one_any_n",
+    "pull_constants",
     "kl",
     "objective",
     "partition_function",
@@ -44,18 +54,33 @@ __all__ = [
     "stationary_point_is_optimal_policy",
     "hessian",
     "objective_is_concave",
+    "stationary_point_any_n",
+    "stationary_point_is_optimal_policy_any_n",
+    "hessian_entry_any_n",
     "optimal_policy_sums_to_one",
     "objective_identity_residual",
     "objective_identity_holds",
     "kl_as_gibbs_terms_residual",
     "gibbs_term_is_nonnegative",
     "temperature_limits",
+    "partition_function_any_n",
+    "optimal_policy_any_n",
+    "objective_any_n",
+    "optimal_policy_sums_to_one_any_n",
+    "objective_identity_residual_any_n",
+    "objective_identity_holds_any_n",
+    "kl_as_gibbs_terms_residual_any_n",
     "reward_from_policy",
     "solve_reward",
     "reward_reparameterisation_holds",
     "shifted_optimal_policy_residuals",
     "optimal_policy_is_shift_invariant",
     "partition_function_shift_holds",
+    "optimal_policy_is_shift_invariant_any_n",
+    "partition_function_shift_holds_any_n",
+    "rewards_with_the_same_optimal_policy",
+    "reward_difference_is_constant",
+    "reward_difference_any_n",
     "bradley_terry",
     "bradley_terry_is_sigmoid",
     "bradley_terry_after_substitution",
@@ -72,6 +97,16 @@ __all__ = [
     "partition_cancels_in_plackett_luce_any_k",
     "gumbel_race_probability",
     "gumbel_race_is_bradley_terry",
+    "chain_graph",
+    "star_graph",
+    "tabular_policy",
+    "pairwise_optimality_conditions",
+    "solve_pairwise_optimality",
+    "shared_constants",
+    "pairwise_optimum_is_optimal_policy",
+    "shared_constant_suffices_any_n",
+    "chain_forces_shared_constant_any_n",
+    "star_forces_shared_constant_any_n",
 ]
 
 beta = sp.Symbol("beta", positive=True)
@@ -103,6 +138,37 @@ def response_set(n: int) -> ResponseSet:
     )
 
 
+@dataclass(frozen=True)
+class IndexedResponseSet:
+    """One prompt x with a symbolic number N of responses: pi[i], pi_ref[i], r[i] for i = 1..N."""
+
+    pi: sp.IndexedBase  # pi[i] = pi(y_i|x); positive
+    pi_ref: sp.IndexedBase  # pi_ref[i]; positive
+    r: sp.IndexedBase  # r[i] = r(x, y_i); real
+    beta: sp.Symbol  # the KL coefficient; positive
+    i: sp.Symbol  # the index of the outer sums and of "response i"
+    j: sp.Symbol  # the index of the sum inside Z(x), so that Z never captures i
+    N: sp.Symbol  # the number of responses, a positive integer
+
+    def sum(self, expr: sp.Expr, index: sp.Symbol | None = None) -> sp.Sum:
+        """sum_{index=1}^{N} expr (index defaults to i)."""
+        return sp.Sum(expr, (self.i if index is None else index, 1, self.N))
+
+
+def indexed_response_set() -> IndexedResponseSet:
+    """pi, pi_ref (positive), r (real) as indexed families over i = 1..N with N a symbol; beta positive."""
+    i, j, N = sp.symbols("i j N", integer=True, positive=True)
+    return IndexedResponseSet(
+        pi=sp.IndexedBase("pi", positive=True),
+        pi_ref=sp.IndexedBase("pi_ref", positive=True),
+        r=sp.IndexedBase("r", real=True),
+        beta=beta,
+        i=i,
+        j=j,
+        N=N,
+    )
+
+
 def is_zero(expr: sp.Expr) -> bool:
     """True when sympy proves ``expr`` == 0. False means "not proved", which for a wrong identity is the point."""
     return sp.simplify(expr) == 0
@@ -111,6 +177,38 @@ def is_zero(expr: sp.Expr) -> bool:
 def sum_to_one(probs: tuple[sp.Symbol, ...]) -> dict[sp.Symbol, sp.Expr]:
     """The constraint sum_i p_i = 1 as a substitution p_N -> 1 - (p_1 + ... + p_{N-1})."""
     return {probs[-1]: 1 - sum(probs[:-1])}
+
+
+def sum_to_one_any_n(s: IndexedResponseSet, probs: sp.IndexedBase) -> dict[sp.Sum, int]:
+    """The constraint sum_{i=1}^N p_i = 1 for a symbolic N, as the substitution Sum(p[i], (i, 1, N)) -> 1."""
+    return {s.sum(probs[s.i]): 1}
+
+
+def pull_constants(expr: sp.Expr) -> sp.Expr:
+    """sum_i c a_i -> c sum_i a_i for every ``Sum`` in ``expr``, c being the factors free of the sum's index.
+
+    The summand is expanded first (products distributed, exp(a + b) -> exp(a) exp(b), logs left alone), and a sum of
+    terms becomes a sum of sums, so exp(c / beta) and log Z leave a sum as well.
+    """
+
+    def pull(total: sp.Sum) -> sp.Expr:
+        ((index, low, high),) = total.limits
+        summand = sp.expand(total.function, log=False)
+        if summand.is_Add:  # sum_i (a_i + b_i) = sum_i a_i + sum_i b_i, each then pulled on its own
+            return sp.Add(*(pull(sp.Sum(term, (index, low, high))) for term in summand.args))
+        constant, rest = summand.as_independent(index, as_Add=False)
+        return constant * sp.Sum(rest, (index, low, high))
+
+    return expr.replace(lambda e: isinstance(e, sp.Sum), pull)
+
+
+def _inside(expr: sp.Expr, k: sp.Symbol, s: IndexedResponseSet) -> sp.Expr:
+    """``expr`` with N written as k + m (m >= 0): the statement for a response k that is one of the N responses.
+
+    Differentiating sum_i f(pi_i) by pi_k gives Piecewise((f'(pi_k), k <= N), (0, True)); this picks the branch.
+    """
+    m = sp.Symbol("m", integer=True, nonnegative=True)
+    return sp.simplify(expr.subs(s.N, k + m))
 
 
 # --- building blocks ---------------------------------------------------------------------------------
@@ -188,6 +286,42 @@ def objective_is_concave(s: ResponseSet) -> bool:
     return diagonal and all(H[i, i].is_negative for i in range(s.n))
 
 
+def _lagrangian_any_n(s: IndexedResponseSet, lam: sp.Symbol) -> sp.Expr:
+    """(1.2) for a symbolic N: sum_i pi_i r_i - beta sum_i pi_i log(pi_i / pi_ref_i) - lambda (sum_i pi_i - 1)."""
+    i = s.i
+    return objective_any_n(s) - lam * (s.sum(s.pi[i]) - 1)
+
+
+def stationary_point_any_n(s: IndexedResponseSet) -> tuple[sp.Expr, sp.Expr, sp.Symbol]:
+    """(1.3)-(1.4) for every N: differentiate the Lagrangian by pi_k, solve for pi_k, then fix lambda by sum_k pi_k = 1.
+
+    Returns (pi_k at the stationary point, lambda there, k). The derivative of a ``Sum`` by pi[k] is a sum of
+    Kronecker deltas that sympy evaluates to the k-th term once k is one of the N responses (``_inside``).
+    """
+    lam = sp.Symbol("lambda", real=True)
+    k = sp.Symbol("k", integer=True, positive=True)
+    condition = _inside(sp.diff(_lagrangian_any_n(s, lam), s.pi[k]).doit(), k, s)  # eq. (1.3) for response k
+    (pi_k,) = sp.solve(condition, s.pi[k])  # pi_ref_k exp((r_k - beta - lambda) / beta)
+    total = pull_constants(s.sum(pi_k.subs(k, s.i)))  # exp(-1 - lambda/beta) * Z
+    (lam_star,) = sp.solve(sp.Eq(total, 1), lam)  # lambda = beta log Z - beta
+    return pi_k.subs(lam, lam_star), lam_star, k
+
+
+def stationary_point_is_optimal_policy_any_n(s: IndexedResponseSet) -> bool:
+    """For every N the stationary point of (1.2) is pi_ref_k exp(r_k / beta) / Z, Z = sum_j pi_ref_j exp(r_j / beta)."""
+    pi_k, lam_star, k = stationary_point_any_n(s)
+    z = partition_function_any_n(s)
+    expected = s.pi_ref[k] * sp.exp(s.r[k] / s.beta) / z
+    return is_zero((pi_k - expected).as_dummy()) and is_zero((lam_star - (s.beta * sp.log(z) - s.beta)).as_dummy())
+
+
+def hessian_entry_any_n(s: IndexedResponseSet) -> tuple[sp.Expr, sp.Symbol, sp.Symbol]:
+    """d^2 J / dpi_k dpi_l for a symbolic N: -beta KroneckerDelta(k, l) / pi_k   (eq. 1.5). Returns (entry, k, l)."""
+    k, l = sp.symbols("k l", integer=True, positive=True)
+    entry = sp.diff(objective_any_n(s), s.pi[k], s.pi[l]).doit()  # Piecewise on k <= N
+    return _inside(entry, k, s), k, l
+
+
 # --- notebook 02: the partition function and the identity behind pi* --------------------------------
 
 
@@ -257,6 +391,68 @@ def temperature_limits(n: int = 3) -> tuple[tuple[sp.Expr, ...], tuple[sp.Expr, 
     return low, high, s
 
 
+def partition_function_any_n(s: IndexedResponseSet, reward=None) -> sp.Sum:
+    """Z(x) = sum_{j=1}^N pi_ref_j exp(r_j / beta) for a symbolic N   (eq. 2.1).
+
+    ``reward(index)`` is the reward of response ``index`` (default r[index]; e.g. ``lambda j: s.r[j] + f``).
+    """
+    reward = (lambda index: s.r[index]) if reward is None else reward
+    return s.sum(s.pi_ref[s.j] * sp.exp(reward(s.j) / s.beta), s.j)
+
+
+def optimal_policy_any_n(s: IndexedResponseSet, reward=None) -> sp.Expr:
+    """pi*_i = pi_ref_i exp(r_i / beta) / Z(x) for a symbolic N   (eq. 2.2); ``reward`` as in Z."""
+    reward = (lambda index: s.r[index]) if reward is None else reward
+    return s.pi_ref[s.i] * sp.exp(reward(s.i) / s.beta) / partition_function_any_n(s, reward)
+
+
+def objective_any_n(s: IndexedResponseSet) -> sp.Expr:
+    """J(pi) = sum_{i=1}^N pi_i r_i - beta sum_{i=1}^N pi_i log(pi_i / pi_ref_i) for a symbolic N   (eq. 1.1)."""
+    i = s.i
+    return s.sum(s.pi[i] * s.r[i]) - s.beta * s.sum(s.pi[i] * sp.log(s.pi[i] / s.pi_ref[i]))
+
+
+def optimal_policy_sums_to_one_any_n(s: IndexedResponseSet) -> bool:
+    """sum_i pi*_i = (sum_i pi_ref_i e^{r_i/beta}) / Z = 1 for every N (the two sums differ only in the index name)."""
+    total = pull_constants(s.sum(optimal_policy_any_n(s)))
+    return is_zero(total.as_dummy() - 1)
+
+
+def objective_identity_residual_any_n(s: IndexedResponseSet, use_sum_to_one: bool = True) -> sp.Expr:
+    """J(pi) - [ -beta KL(pi || pi*) + beta log Z ] for a symbolic N   (eq. 2.3).
+
+    The logs are expanded (every factor is positive), the sums split and log Z pulled out of them; what is left
+    is beta log Z (sum_i pi_i - 1), which sum_i pi_i = 1 (``use_sum_to_one``) sends to 0.
+    """
+    i = s.i
+    z = partition_function_any_n(s)
+    rhs = -s.beta * s.sum(s.pi[i] * sp.log(s.pi[i] / optimal_policy_any_n(s))) + s.beta * sp.log(z)
+    residual = sp.simplify(pull_constants(sp.expand(sp.expand_log(objective_any_n(s) - rhs))))
+    if use_sum_to_one:
+        residual = sp.simplify(residual.subs(sum_to_one_any_n(s, s.pi)))
+    return residual
+
+
+def objective_identity_holds_any_n(s: IndexedResponseSet) -> bool:
+    """Eq. (2.3) for every N at once, not just for the N = 2, 3, 4 that :func:`objective_identity_holds` checks."""
+    return objective_identity_residual_any_n(s) == 0
+
+
+def kl_as_gibbs_terms_residual_any_n() -> sp.Expr:
+    """KL(p || q) - sum_i p_i g(q_i / p_i), g(t) = t - 1 - log t, for p, q on the simplex and a symbolic N (eq. 2.4).
+
+    Before sum-to-one the residual is sum_i (p_i - q_i); both sums are 1, so it is 0.
+    """
+    s = indexed_response_set()
+    p, q = sp.IndexedBase("p", positive=True), sp.IndexedBase("q", positive=True)
+    i = s.i
+    t = sp.Symbol("t", positive=True)
+    g = sp.Lambda(t, t - 1 - sp.log(t))
+    residual = s.sum(p[i] * sp.log(p[i] / q[i])) - s.sum(p[i] * g(q[i] / p[i]))
+    residual = pull_constants(sp.expand(sp.expand_log(residual)))
+    return sp.simplify(residual.subs(sum_to_one_any_n(s, p)).subs(sum_to_one_any_n(s, q)))
+
+
 # --- notebook 03: the reward in terms of the optimal policy ------------------------------------------
 
 
@@ -306,6 +502,54 @@ def partition_function_shift_holds(s: ResponseSet) -> bool:
     f = sp.Symbol("f", real=True)
     shifted = partition_function(s.pi_ref, tuple(ri + f for ri in s.r), s.beta)
     return is_zero(shifted - sp.exp(f / s.beta) * partition_function(s.pi_ref, s.r, s.beta))
+
+
+def optimal_policy_is_shift_invariant_any_n(s: IndexedResponseSet) -> bool:
+    """Eq. (3.2) for every N: pi*_i(r + f) = pi*_i(r), the factor exp(f / beta) leaving Z's sum and cancelling."""
+    f = sp.Symbol("f", real=True)
+    shifted = optimal_policy_any_n(s, lambda index: s.r[index] + f)
+    return is_zero(pull_constants(sp.expand(shifted, power_exp=True)) - optimal_policy_any_n(s))
+
+
+def partition_function_shift_holds_any_n(s: IndexedResponseSet) -> bool:
+    """Z(r + f) = exp(f / beta) Z(r) for every N."""
+    f = sp.Symbol("f", real=True)
+    shifted = partition_function_any_n(s, lambda index: s.r[index] + f)
+    return is_zero(pull_constants(shifted) - sp.exp(f / s.beta) * partition_function_any_n(s))
+
+
+def rewards_with_the_same_optimal_policy(s: ResponseSet) -> tuple[tuple[sp.Expr, ...], sp.Symbol]:
+    """Solve pi*(r') = pi*(r) for the unknown rewards r'_1..r'_N: the converse of (3.2), for a given N.
+
+    With e_i = exp(r'_i / beta) > 0 the N equations pi_ref_i e_i / sum_j pi_ref_j e_j = pi*_i(r) become linear
+    and homogeneous in e (multiply by the sum). They have rank N - 1, so sympy returns e_2..e_N in terms of the
+    free e_1; then r'_i = beta log e_i. Returns (r'_1..r'_N, the free parameter e_1).
+    """
+    e = sp.symbols(f"e_1:{s.n + 1}", positive=True)
+    weights = sum(q * e_i for q, e_i in zip(s.pi_ref, e))
+    equations = [q * e_i - p_i * weights for q, e_i, p_i in zip(s.pi_ref, e, optimal_policy(s.pi_ref, s.r, s.beta))]
+    (solution,) = sp.solve(equations, e[1:], dict=True)
+    return tuple(s.beta * sp.log(e_i.subs(solution)) for e_i in e), e[0]
+
+
+def reward_difference_is_constant(s: ResponseSet) -> bool:
+    """Every solution r' of pi*(r') = pi*(r) has r'_i - r_i = beta log e_1 - r_1, the same number for every response."""
+    solved, e_1 = rewards_with_the_same_optimal_policy(s)
+    differences = [sp.simplify(sp.expand_log(r_new - r_i)) for r_new, r_i in zip(solved, s.r)]
+    return all(is_zero(delta - (s.beta * sp.log(e_1) - s.r[0])) for delta in differences)
+
+
+def reward_difference_any_n(s: IndexedResponseSet) -> sp.Expr:
+    """The converse of (3.2) for every N: solve pi*_i(r') = pi*_i(r) for r'_i; returns r'_i - r_i.
+
+    The result is beta log Z(r') - beta log Z(r): it contains the index i nowhere, i.e. it is one number for all
+    responses of the prompt. (Z(r') itself contains r'_i; read the solution as "r'_i - r_i equals this number".)
+    """
+    r_new = sp.IndexedBase("r'", real=True)
+    i = s.i
+    equation = sp.Eq(optimal_policy_any_n(s, lambda index: r_new[index]), optimal_policy_any_n(s))
+    (solution,) = sp.solve(equation, r_new[i])
+    return sp.expand(sp.expand_log(solution - s.r[i]))
 
 
 # --- notebook 04: Bradley-Terry and the DPO loss ----------------------------------------------------
@@ -442,3 +686,83 @@ def gumbel_race_is_bradley_terry() -> bool:
     """Sorting r + Gumbel noise ranks y_1 first with probability sigma(r_1 - r_2): BT (4.1), i.e. PL (5.1) at K = 2."""
     probability, d = gumbel_race_probability()
     return is_zero(probability - sigmoid(d))
+
+
+# --- notebook 07: what pairwise comparisons pin down ------------------------------------------------
+
+
+def chain_graph(n: int) -> tuple[tuple[int, int], ...]:
+    """The comparisons y_1-y_2, y_2-y_3, ..., y_{n-1}-y_n (0-based indices)."""
+    return tuple((a, a + 1) for a in range(n - 1))
+
+
+def star_graph(n: int) -> tuple[tuple[int, int], ...]:
+    """The comparisons y_1-y_2, y_1-y_3, ..., y_1-y_n: every pair includes y_1 (0-based indices)."""
+    return tuple((0, b) for b in range(1, n))
+
+
+def tabular_policy(pi_ref, u) -> tuple[sp.Expr, ...]:
+    """pi_theta_i = pi_ref_i exp(u_i) / sum_j pi_ref_j exp(u_j): the tabular policy (7.2) with log-ratios u."""
+    weights = [q * sp.exp(u_i) for q, u_i in zip(pi_ref, u)]
+    return tuple(w / sum(weights) for w in weights)
+
+
+def pairwise_optimality_conditions(s: ResponseSet, edges, u) -> list[sp.Expr]:
+    """beta (u_a - u_b) - (r_a - r_b), one per compared pair {a, b}: each must be 0 at the minimiser   (eq. 7.5)."""
+    return [s.beta * (u[a] - u[b]) - (s.r[a] - s.r[b]) for a, b in edges]
+
+
+def solve_pairwise_optimality(s: ResponseSet, edges) -> tuple[dict[sp.Symbol, sp.Expr], tuple[sp.Symbol, ...]]:
+    """Solve (7.5) on the compared pairs for the log-ratios u_1..u_N.
+
+    Returns (the solution, as u_i -> expression, and the u's left free: one per connected group of responses).
+    """
+    u = sp.symbols(f"u_1:{s.n + 1}", real=True)
+    (solution,) = sp.solve(pairwise_optimality_conditions(s, edges, u), u, dict=True)
+    return {u_i: solution.get(u_i, u_i) for u_i in u}, tuple(u_i for u_i in u if u_i not in solution)
+
+
+def shared_constants(s: ResponseSet, edges) -> set[sp.Expr]:
+    """The distinct values of beta u_i - r_i over all responses at the solution of (7.5) on ``edges``.
+
+    One value: a single constant c with beta u_i = r_i + c for every i, so pi_theta = pi* (7.6). Two or more:
+    the groups get separate constants and the split of probability between them is not determined.
+    """
+    solution, _ = solve_pairwise_optimality(s, edges)
+    return {sp.simplify(s.beta * u_i - r_i) for u_i, r_i in zip(solution.values(), s.r)}
+
+
+def pairwise_optimum_is_optimal_policy(s: ResponseSet, edges) -> bool:
+    """Eq. (7.6): every solution of (7.5) on ``edges`` gives the tabular policy pi_theta = pi* exactly."""
+    solution, _ = solve_pairwise_optimality(s, edges)
+    learned = tabular_policy(s.pi_ref, tuple(solution.values()))
+    return all(is_zero(a - b) for a, b in zip(learned, optimal_policy(s.pi_ref, s.r, s.beta)))
+
+
+def shared_constant_suffices_any_n(s: IndexedResponseSet) -> bool:
+    """For every N: log-ratios with beta u_i = r_i + c (one c) give pi_theta_k = pi*_k; exp(c / beta) leaves the sum."""
+    c = sp.Symbol("c", real=True)
+    learned = optimal_policy_any_n(s, lambda index: s.r[index] + c)  # pi_ref exp(u) / sum with beta u = r + c
+    return is_zero(pull_constants(sp.expand(learned, power_exp=True)) - optimal_policy_any_n(s))
+
+
+def chain_forces_shared_constant_any_n(s: IndexedResponseSet) -> bool:
+    """For every N, (7.5) on the chain y_1-y_2-...-y_N forces beta u_k - r_k = beta u_1 - r_1 for every k.
+
+    Sum the conditions u_{i+1} - u_i = (r_{i+1} - r_i) / beta over i = 1..k-1: both sides telescope, giving
+    u_k - u_1 = (r_k - r_1) / beta; sympy evaluates both telescoping sums and solves for u_k.
+    """
+    u = sp.IndexedBase("u", real=True)
+    i, k = s.i, sp.Symbol("k", integer=True, positive=True)
+    lhs = sp.Sum(u[i + 1] - u[i], (i, 1, k - 1)).doit()
+    rhs = sp.Sum((s.r[i + 1] - s.r[i]) / s.beta, (i, 1, k - 1)).doit()
+    (u_k,) = sp.solve(sp.Eq(lhs, rhs), u[k])
+    return is_zero((s.beta * u_k - s.r[k]) - (s.beta * u[1] - s.r[1]))
+
+
+def star_forces_shared_constant_any_n(s: IndexedResponseSet) -> bool:
+    """For every N, (7.5) on the star (each y_k compared with y_1) forces beta u_k - r_k = beta u_1 - r_1."""
+    u = sp.IndexedBase("u", real=True)
+    k = sp.Symbol("k", integer=True, positive=True)
+    (u_k,) = sp.solve(sp.Eq(s.beta * (u[k] - u[1]), s.r[k] - s.r[1]), u[k])
+    return is_zero((s.beta * u_k - s.r[k]) - (s.beta * u[1] - s.r[1]))

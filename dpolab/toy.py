@@ -174,6 +174,7 @@ def train_tabular(
     beta: float,
     steps: int = 500,
     lr: float = 0.1,
+    weight_decay: float = 0.0,
     **params,
 ) -> torch.Tensor:
     """Fit the tabular policy (7.2) to preference data by minimising the empirical loss (7.3) with Adam.
@@ -189,6 +190,10 @@ def train_tabular(
         ref_probs: (P, N) reference probabilities, all > 0 (log pi_ref must be finite).
         beta: the loss's beta, > 0.
         steps, lr: number of Adam steps and the initial step size.
+        weight_decay: lambda >= 0 of a penalty (lambda / 2) sum (theta - log pi_ref)^2 added to (7.3), which pulls
+            the logits towards the reference's: a Gaussian prior centred at the reference, so the fit becomes a
+            maximum a posteriori estimate with a finite answer even for a pair always won by the same response.
+            0 (the default) is the plain loss (7.3).
         **params: the loss's own parameters (``label_smoothing=...``, ...).
 
     Returns:
@@ -201,6 +206,8 @@ def train_tabular(
     _check_pairs(pairs, P, N)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     distinct, counts = unique_triples(pairs, P, N)  # at most P*N*(N-1) rows, whatever n is
     weights = counts.to(ref_probs.dtype) / counts.sum()
 
@@ -208,10 +215,12 @@ def train_tabular(
     optimizer = torch.optim.Adam([theta], lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors of ~100 numbers: extra threads only add synchronisation (20x slower here)
+    torch.set_num_threads(1)  # tensors of ~100 numbers: extra threads only add synchronisation
     try:
         for _ in range(steps):
             loss = empirical_loss(loss_name, theta, distinct, ref_probs, beta, weights=weights, **params)  # (7.3)
+            if weight_decay:
+                loss = loss + weight_decay / 2 * (theta - ref_probs.log()).square().sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

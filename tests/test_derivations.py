@@ -311,3 +311,178 @@ def test_gumbel_race_is_bradley_terry():
     probability, dd = d.gumbel_race_probability()
     assert d.gumbel_race_is_bradley_terry()
     assert not d.is_zero(probability - d.sigmoid(-dd))
+
+
+# --- any N: the identities with an indexed family and symbolic sums -----------------------------------
+
+
+def at_n(expr, s: d.IndexedResponseSet, n: int, subs: dict):
+    """``expr`` of a symbolic-N identity at N = n, its sums written out, then its indexed symbols set to numbers.
+
+    ``subs`` maps an IndexedBase to n numbers (or a Symbol to a number).
+    """
+    concrete = expr.subs(s.N, n).doit()
+    values = {}
+    for key, value in subs.items():
+        if isinstance(key, sp.IndexedBase):
+            values.update({key[k + 1]: v for k, v in enumerate(value)})
+        else:
+            values[key] = value
+    return float(sp.N(concrete.subs(values)))
+
+
+@pytest.fixture(scope="module")
+def sn():
+    return d.indexed_response_set()
+
+
+def test_pull_constants_moves_only_what_is_free_of_the_index(sn):
+    i, j = sn.i, sn.j
+    z = sn.sum(sn.pi_ref[j], j)
+    pulled = d.pull_constants(sn.sum(sn.pi[i] * sp.log(z) + sn.r[i] * sp.exp((sn.r[i] + 1) / beta)))
+    expected = sp.log(z) * sn.sum(sn.pi[i]) + sp.exp(1 / beta) * sn.sum(sn.r[i] * sp.exp(sn.r[i] / beta))
+    assert d.is_zero(pulled - expected)
+    # and the pulled form has the same value as the original at N = 3
+    values = {sn.pi: (0.2, 0.3, 0.5), sn.pi_ref: (0.1, 0.6, 0.3), sn.r: (1.0, -2.0, 0.5), beta: 0.7}
+    original = sn.sum(sn.pi[i] * sp.log(z) + sn.r[i] * sp.exp((sn.r[i] + 1) / beta))
+    assert at_n(pulled, sn, 3, values) == pytest.approx(at_n(original, sn, 3, values), rel=1e-12)
+
+
+def test_stationary_point_any_n(sn):
+    assert d.stationary_point_is_optimal_policy_any_n(sn)
+    pi_k, lam_star, k = d.stationary_point_any_n(sn)
+    # at N = 4, response k = 2, it is theory.optimal_policy's second entry
+    ref, rewards, b = random_inputs(5, 4)
+    value = at_n(pi_k.subs(k, 2), sn, 4, {sn.pi_ref: ref.tolist(), sn.r: rewards.tolist(), beta: b})
+    assert value == pytest.approx(theory.optimal_policy(ref, rewards, b)[1].item(), rel=1e-12)
+    expected_lam = b * theory.log_partition(ref, rewards, b).item() - b
+    assert at_n(lam_star, sn, 4, {sn.pi_ref: ref.tolist(), sn.r: rewards.tolist(), beta: b}) == pytest.approx(
+        expected_lam, rel=1e-12
+    )
+
+
+def test_hessian_entry_any_n(sn):
+    entry, k, l = d.hessian_entry_any_n(sn)
+    assert d.is_zero(entry + beta * sp.KroneckerDelta(k, l) / sn.pi[k])
+    s3 = d.response_set(3)  # the same entries as the N = 3 matrix
+    for a, b_ in itertools.product(range(3), repeat=2):
+        value = entry.subs({k: a + 1, l: b_ + 1}).subs({sn.pi[a + 1]: s3.pi[a]})
+        assert d.is_zero(value - d.hessian(s3)[a, b_])
+
+
+def test_objective_identity_any_n(sn):
+    assert d.optimal_policy_sums_to_one_any_n(sn)
+    assert d.objective_identity_holds_any_n(sn)
+    free = d.objective_identity_residual_any_n(sn, use_sum_to_one=False)
+    z = d.partition_function_any_n(sn)
+    assert d.is_zero(free - beta * sp.log(z) * (sn.sum(sn.pi[sn.i]) - 1))
+    # a numeric witness: off the simplex (sum pi = 1.5) the residual is beta log Z * 0.5, not 0
+    values = {sn.pi: (0.5, 0.5, 0.5), sn.pi_ref: (0.2, 0.3, 0.5), sn.r: (3.0, 0.0, -1.0), beta: 1.0}
+    expected = 0.5 * math.log(0.2 * math.e**3 + 0.3 + 0.5 * math.e**-1)
+    assert at_n(free, sn, 3, values) == pytest.approx(expected, rel=1e-12)
+    assert abs(expected) > 0.5
+
+
+def test_objective_identity_any_n_agrees_with_theory_at_n_5(sn):
+    # J(pi) and -beta KL(pi || pi*) + beta log Z, both built from the any-N objects, at N = 5 against dpolab.theory
+    ref, rewards, b = random_inputs(11, 5)
+    policy = torch.softmax(torch.randn(5, generator=torch.Generator().manual_seed(12), dtype=DTYPE), -1)
+    values = {sn.pi: policy.tolist(), sn.pi_ref: ref.tolist(), sn.r: rewards.tolist(), beta: b}
+    assert at_n(d.objective_any_n(sn), sn, 5, values) == pytest.approx(
+        theory.kl_objective(policy, ref, rewards, b).item(), rel=1e-12
+    )
+    assert at_n(sp.log(d.partition_function_any_n(sn)), sn, 5, values) == pytest.approx(
+        theory.log_partition(ref, rewards, b).item(), rel=1e-12
+    )
+
+
+def test_gibbs_terms_any_n():
+    assert d.kl_as_gibbs_terms_residual_any_n() == 0
+
+
+def test_shift_invariance_any_n_and_its_converse(sn):
+    assert d.optimal_policy_is_shift_invariant_any_n(sn)
+    assert d.partition_function_shift_holds_any_n(sn)
+    difference = d.reward_difference_any_n(sn)
+    assert sn.i not in difference.free_symbols  # the same number for every response
+    r_new = sp.IndexedBase("r'", real=True)
+    z_new = d.partition_function_any_n(sn, lambda index: r_new[index])
+    assert d.is_zero(difference - (beta * sp.log(z_new) - beta * sp.log(d.partition_function_any_n(sn))))
+
+
+def test_response_dependent_shift_any_n_changes_the_policy(sn):
+    # a numeric witness that the any-N invariance is not vacuous: shift only response 1 (g = 1 at i = 1) at N = 3
+    g = sp.IndexedBase("g", real=True)
+    shifted = d.optimal_policy_any_n(sn, lambda index: sn.r[index] + g[index])
+    values = {sn.pi_ref: (0.5, 0.25, 0.25), sn.r: (1.0, 0.0, -1.0), g: (1.0, 0.0, 0.0), beta: 1.0}
+    residual = at_n((shifted - d.optimal_policy_any_n(sn)).subs(sn.i, 1), sn, 3, values)
+    assert abs(residual) > 0.05
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_rewards_with_the_same_optimal_policy_differ_by_a_constant(n):
+    s = d.response_set(n)
+    solved, e_1 = d.rewards_with_the_same_optimal_policy(s)
+    assert d.reward_difference_is_constant(s)
+    known = set(s.r) | set(s.pi_ref) | {beta}
+    assert set().union(*(r_new.free_symbols for r_new in solved)) - known == {e_1}  # one free parameter
+    # numerically: pick e_1, build r', and theory.optimal_policy(r') == theory.optimal_policy(r)
+    ref, rewards, b = random_inputs(20 + n, n)
+    fn = sp.lambdify([s.pi_ref, s.r, beta, e_1], solved, modules="math")
+    r_new = torch.tensor(fn(ref.tolist(), rewards.tolist(), b, 3.7), dtype=DTYPE)
+    torch.testing.assert_close(theory.optimal_policy(ref, r_new, b), theory.optimal_policy(ref, rewards, b))
+    shift = r_new - rewards
+    torch.testing.assert_close(shift, torch.full_like(shift, b * math.log(3.7) - rewards[0].item()))
+
+
+# --- notebook 07: what pairwise comparisons pin down ---------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [3, 4, 6])
+@pytest.mark.parametrize("graph", [d.chain_graph, d.star_graph])
+def test_connected_comparisons_force_one_shared_constant(n, graph):
+    s = d.response_set(n)
+    solution, free = d.solve_pairwise_optimality(s, graph(n))
+    assert len(free) == 1
+    assert len(d.shared_constants(s, graph(n))) == 1
+    assert d.pairwise_optimum_is_optimal_policy(s, graph(n))
+
+
+def test_graphs():
+    assert d.chain_graph(4) == ((0, 1), (1, 2), (2, 3))
+    assert d.star_graph(4) == ((0, 1), (0, 2), (0, 3))
+
+
+def test_disconnected_comparisons_leave_the_split_free():
+    s = d.response_set(6)
+    groups = ((0, 1), (1, 2), (3, 4), (4, 5))  # {y1, y2, y3} and {y4, y5, y6}, never compared across
+    solution, free = d.solve_pairwise_optimality(s, groups)
+    assert len(free) == 2 and len(d.shared_constants(s, groups)) == 2
+    # a numeric witness: two solutions of every condition (7.5) on these pairs, with different policies
+    ref = torch.tensor([0.1, 0.2, 0.2, 0.1, 0.3, 0.1], dtype=DTYPE)
+    rewards = torch.tensor([1.0, -0.5, 0.0, 0.5, -1.0, 0.25], dtype=DTYPE)
+    numbers = {**dict(zip(s.pi_ref, ref.tolist())), **dict(zip(s.r, rewards.tolist())), beta: 1.0}
+    policies = []
+    for values in ({free[0]: 0.0, free[1]: 0.0}, {free[0]: 0.0, free[1]: 2.0}):
+        u = [float(sp.N(expr.subs(values).subs(numbers))) for expr in solution.values()]
+        conditions = d.pairwise_optimality_conditions(s, groups, u)
+        assert all(abs(float(sp.N(c.subs(numbers)))) < 1e-12 for c in conditions)
+        policies.append(torch.softmax(ref.log() + torch.tensor(u, dtype=DTYPE), -1))
+    assert 0.5 * (policies[0] - policies[1]).abs().sum() > 0.1
+
+
+def test_shared_constant_any_n(sn):
+    assert d.shared_constant_suffices_any_n(sn)
+    assert d.chain_forces_shared_constant_any_n(sn)
+    assert d.star_forces_shared_constant_any_n(sn)
+
+
+def test_tabular_policy_matches_softmax():
+    s = d.response_set(3)
+    u = sp.symbols("u_1:4", real=True)
+    fn = sp.lambdify([s.pi_ref, u], d.tabular_policy(s.pi_ref, u), modules="math")
+    ref = torch.tensor([0.2, 0.5, 0.3], dtype=DTYPE)
+    logratios = torch.tensor([1.0, -0.5, 0.25], dtype=DTYPE)
+    torch.testing.assert_close(
+        torch.tensor(fn(ref.tolist(), logratios.tolist()), dtype=DTYPE), torch.softmax(ref.log() + logratios, -1)
+    )

@@ -95,6 +95,29 @@ def test_dpo_error_shrinks_with_more_data(world):
     assert tv[200] > 5 * tv[200_000], tv
 
 
+def test_weight_decay_gives_the_map_answer_of_a_pair_always_won():
+    """One prompt, two responses, y_1 always wins: plain DPO has no finite minimiser; with (lambda/2)|theta -
+    log pi_ref|^2 the logits move by +a and -a with beta sigma(-2 beta a) = lambda a (the stationarity condition),
+    solved here by bisection."""
+    ref_probs = torch.tensor([[0.3, 0.7]], dtype=torch.float64)
+    pairs = Preferences(
+        torch.zeros(50, dtype=torch.long), torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long)
+    )
+    beta, lam = 1.0, 0.2
+    lo, hi = 0.0, 10.0
+    for _ in range(200):  # beta sigma(-2 beta a) - lam a is decreasing in a
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if beta * torch.sigmoid(torch.tensor(-2 * beta * mid)) > lam * mid else (lo, mid)
+    a = (lo + hi) / 2
+    expected = torch.softmax(ref_probs.log() + torch.tensor([[a, -a]], dtype=torch.float64), -1)
+    learned = train_tabular("dpo", pairs, ref_probs, beta, steps=3000, weight_decay=lam)
+    torch.testing.assert_close(learned, expected, atol=1e-6, rtol=0)
+    plain = train_tabular("dpo", pairs, ref_probs, beta, steps=3000)
+    assert plain[0, 0] > expected[0, 0] + 0.05  # without the prior the winner runs away further
+    with pytest.raises(ValueError, match="weight_decay"):
+        train_tabular("dpo", pairs, ref_probs, beta, weight_decay=-1.0)
+
+
 def test_ipo_converges_to_its_own_closed_form_not_to_pi_star(world, big_sample):
     rewards, ref_probs = world
     beta = 0.5
