@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,28 @@ def test_the_tiny_worlds_pretraining_text_is_unchanged():
     from dpolab.tiny import tiny_world_path
 
     assert tiny_world_path().name == TINY_WORLD
+
+
+def test_a_rerun_recognises_every_unit_of_the_committed_penn_run(penn, smollm2_tokenizer):
+    """The committed run (results/penn-smollm2-135m, SmolLM2) stays done: its fingerprint is the training pairs'
+    token ids as the experiment tokenizes them now, and every unit's done.json carries the settings hash that
+    `make penn ARGS="--output-dir results/penn-smollm2-135m --no-progress --precision fp32"` computes."""
+    from dpolab.experiments.penn.cli import build_parser, experiment_from_args
+    from dpolab.experiments.penn.methods import settings_hash, unit_settings
+    from dpolab.experiments.penn.pipeline import plan_units, read_done
+    from dpolab.train import TrainConfig
+    from dpolab.train.loop import training_examples
+
+    run = Path(__file__).resolve().parents[1] / "results" / "penn-smollm2-135m"
+    fp = json.loads((run / "config.json").read_text())["fingerprint"]
+    # SmolLM2's context (8192) is above TrainConfig's max_length: the experiment truncates at 1024, as here
+    examples = training_examples(penn["train"], smollm2_tokenizer, TrainConfig())
+    assert token_digest(examples) == fp["train_sha256"] == PINNED["smollm2-135m"]["train"]
+    assert hashlib.sha256(json.dumps(list(penn["test"]["prompt"])).encode()).hexdigest()[:16] == fp["test_sha256"]
+    exp = experiment_from_args(
+        build_parser().parse_args(["--output-dir", str(run), "--no-progress", "--precision", "fp32"])
+    )
+    units, _ = plan_units(exp)
+    assert len(units) == 14
+    for unit in units:
+        assert read_done(run / unit.folder)["settings_hash"] == settings_hash(unit_settings(unit, exp, fp)), unit.name
