@@ -41,6 +41,7 @@ __all__ = [
     "LossOutput",
     "LOSSES",
     "TRL_LOSS_TYPES",
+    "trl_loss_table",
     "preference_loss",
     "weighted_loss",
     "plackett_luce_loss",
@@ -312,6 +313,13 @@ TRL_LOSS_TYPES: dict[str, tuple[str, str]] = {
     "apo_zero": ("apo_zero", "sum"),
     "apo_down": ("apo_down", "sum"),
 }
+
+
+def trl_loss_table() -> str:
+    """``TRL_LOSS_TYPES`` as a Markdown table: TRL loss_type, registry loss, reduction (the README shows it)."""
+    lines = ["| TRL `loss_type` | dpolab loss | reduction |", "| --- | --- | --- |"]
+    lines += [f"| `{loss_type}` | `{name}` | {reduction} |" for loss_type, (name, reduction) in TRL_LOSS_TYPES.items()]
+    return "\n".join(lines)
 
 
 # --- checked entry points ------------------------------------------------------------------------------
