@@ -54,7 +54,7 @@ def _chat_ids(tokenizer, messages: list, **kwargs) -> list[int]:
 
 
 def _template_kwargs(row: Mapping[str, Any]) -> dict:
-    """TRL's per-row chat template arguments: the ``tools`` column (JSON text or a list) and ``chat_template_kwargs``."""
+    """TRL's per-row chat template arguments: the ``tools`` column (JSON text or a list), ``chat_template_kwargs``."""
     tools = row.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
     return {"tools": tools, **(row.get("chat_template_kwargs") or {})}

@@ -11,10 +11,11 @@
 
 How it differs from TRL's DPOTrainer: the reference model never runs during training (its log-probs are
 precomputed and cached on disk), log-probs are taken with the LM head on completion positions only
-(``dpolab.logprobs``), and the loop is this file. The tokens are TRL's (``dpolab.data.tokenize``). Devices: CUDA (bf16 autocast where supported), MPS and CPU
-(fp32) share the code path. Several GPUs: launch with ``torchrun --nproc_per_node N`` (or ``accelerate
-launch``); each process takes every N-th pair of the global batch (like DistributedSampler) and DDP averages
-the gradients, so N processes take the same steps as one process on the same global batch.
+(``dpolab.logprobs``), and the loop is this file; the tokens are TRL's (``dpolab.data.tokenize``). Devices: CUDA
+(bf16 autocast where supported), MPS and CPU (fp32) share the code path. Several GPUs: launch with ``torchrun
+--nproc_per_node N`` (or ``accelerate launch``); each process takes every N-th pair of the global batch (like
+DistributedSampler) and DDP averages the gradients, so N processes take the same steps as one process on the same
+global batch.
 """
 
 from __future__ import annotations
