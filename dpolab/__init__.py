@@ -4,4 +4,4 @@ Modules (see README for the map): ``theory`` (closed forms), ``derivations`` (sy
 (sequence log-probs), ``losses`` (the loss registry), ``data`` (preference data and the Penn set).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -53,6 +53,11 @@ def _add_train(commands) -> None:
         "of prompt/chosen/rejected rows, or a Hugging Face dataset name",
     )
     p.add_argument("--split", default="train", help="the split to train on when --data holds several")
+    p.add_argument(
+        "--unique-prompts",
+        action="store_true",
+        help="refuse data with several pairs per prompt (prompts equal up to whitespace); by default they are fine",
+    )
     p.add_argument("--loss", default=d.loss, choices=sorted(LOSSES), help="the preference loss")
     p.add_argument("--beta", type=float, default=d.beta, help="beta: KL strength, scales the implicit rewards")
     p.add_argument("--dpop-lambda", type=float, default=5.0, help="DPOP's lambda (used with --loss dpop)")
@@ -84,7 +89,17 @@ def _add_train(commands) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per optimizer step (all processes)")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum_steps, help="micro-batches per optimizer step")
     p.add_argument(
-        "--max-length", type=int, default=None, help="max tokens of prompt + completion (None: the model's context)"
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help="max tokens of each sequence prompt + completion, as TRL's max_length (0: no limit but the model's "
+        "context)",
+    )
+    p.add_argument(
+        "--truncation-mode",
+        default=d.truncation_mode,
+        choices=["keep_start", "keep_end"],
+        help="which tokens of a sequence longer than --max-length are kept: the first or the last (TRL's)",
     )
     p.add_argument("--max-prompt-length", type=int, default=None, help="max prompt tokens (the prompt's start is cut)")
     p.add_argument(
@@ -108,12 +123,12 @@ def _add_train(commands) -> None:
     p.set_defaults(func=_train)
 
 
-def _load_data(name: str, split: str):
+def _load_data(name: str, split: str, unique_prompts: bool = False):
     from datasets import DatasetDict
 
     from .data import load_penn, load_preference_data
 
-    data = load_penn() if name == "penn" else load_preference_data(name)
+    data = load_penn() if name == "penn" else load_preference_data(name, unique_prompts=unique_prompts)
     if isinstance(data, DatasetDict):
         if split not in data:
             raise SystemExit(f"error: --data {name} has splits {sorted(data)}, not {split!r}")
@@ -142,7 +157,8 @@ def train_config(args: argparse.Namespace):
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         grad_accum_steps=args.grad_accum,
-        max_length=args.max_length,
+        max_length=args.max_length or None,
+        truncation_mode=args.truncation_mode,
         max_prompt_length=args.max_prompt_length,
         disable_dropout=not args.keep_dropout,
         seed=args.seed,
@@ -157,17 +173,19 @@ def train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .data import count_prompts
     from .models import load_model
     from .train import train
 
     config = train_config(args)
     model, tokenizer, info = load_model(args.model)
-    data = _load_data(args.data, args.split)
+    data = _load_data(args.data, args.split, args.unique_prompts)
     rank0, world_size = int(os.environ.get("RANK", "0")) == 0, int(os.environ.get("WORLD_SIZE", "1"))
     if rank0:
         print(
             f"dpolab train: {info.name} ({info.n_params / 1e6:.1f}M parameters{', FALLBACK' if info.fallback else ''}), "
-            f"{len(data)} pairs, loss {config.loss}, on {world_size} process{'es' * (world_size > 1)}, "
+            f"{len(data)} pairs over {count_prompts(data)} prompts, loss {config.loss}, "
+            f"on {world_size} process{'es' * (world_size > 1)}, "
             f"output {config.output_dir}",
             flush=True,
         )

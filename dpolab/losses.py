@@ -14,16 +14,22 @@ Notation (notebook 00): the log-ratios are
 and each variant is written as a small diff of DPO (notebook 09). All losses live in one registry,
 ``LOSSES``, a dict from name to function; ``preference_loss(name, ...)`` is the entry point.
 
+``TRL_LOSS_TYPES`` maps TRL 1.16's ``DPOConfig.loss_type`` names onto the registry; ``weighted_loss`` is TRL's
+list of loss types with ``loss_weights`` (a weighted sum, per example).
+
 Differences from TRL 1.x worth knowing:
 - ``ipo`` takes the log-probs it is given. TRL normalises IPO's h by the number of completion tokens; pass
   per-token mean log-probs (``dpolab.logprobs`` with ``reduction="mean"``) to get TRL's number.
 - ``dpop``, ``odpo``, ``kl_sft``, ``dpo_reference_free``, ``rpo`` and the listwise Plackett-Luce loss are not
-  in TRL 1.16.
+  in TRL 1.16; TRL's ``discopop`` and ``sft`` loss types are not here (TRL's ``sft`` is a per-token mean over
+  the batch's chosen tokens, not a per-example loss).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Sequence
 from typing import Callable, NamedTuple
 
 import torch
@@ -34,7 +40,10 @@ from .theory import check_beta
 __all__ = [
     "LossOutput",
     "LOSSES",
+    "TRL_LOSS_TYPES",
+    "trl_loss_table",
     "preference_loss",
+    "weighted_loss",
     "plackett_luce_loss",
     "f_divergence_scores",
     "wpo_weights",
@@ -283,6 +292,36 @@ def kl_sft(pc, pr, rc, rr, *, beta: float, kl_coef: float = 0.1) -> LossOutput:
     return LossOutput(-pc + kl_coef * (pc - rc) ** 2, *_rewards(beta, pc, pr, rc, rr))
 
 
+# --- TRL's names -------------------------------------------------------------------------------------------
+
+# TRL 1.16's DPOConfig.loss_type -> (the registry loss, the log-prob reduction that gives TRL's number). TRL sums
+# log-probs over completion tokens except for "ipo" and "sigmoid_norm", which it divides by the completion length
+# ("mean"). TRL's f_divergence_type other than reverse_kl on "sigmoid" is the registry's "fdpo". The registry's
+# label_smoothing is TRL's label_smoothing for robust, exo_pair, aot and aot_unpaired.
+TRL_LOSS_TYPES: dict[str, tuple[str, str]] = {
+    "sigmoid": ("dpo", "sum"),
+    "sigmoid_norm": ("dpo", "mean"),
+    "hinge": ("hinge", "sum"),
+    "ipo": ("ipo", "mean"),
+    "exo_pair": ("exo_pair", "sum"),
+    "nca_pair": ("nca_pair", "sum"),
+    "robust": ("robust", "sum"),
+    "bco_pair": ("bco_pair", "sum"),
+    "sppo_hard": ("sppo_hard", "sum"),
+    "aot": ("aot", "sum"),
+    "aot_unpaired": ("aot_unpaired", "sum"),
+    "apo_zero": ("apo_zero", "sum"),
+    "apo_down": ("apo_down", "sum"),
+}
+
+
+def trl_loss_table() -> str:
+    """``TRL_LOSS_TYPES`` as a Markdown table: TRL loss_type, registry loss, reduction (the README shows it)."""
+    lines = ["| TRL `loss_type` | dpolab loss | reduction |", "| --- | --- | --- |"]
+    lines += [f"| `{loss_type}` | `{name}` | {reduction} |" for loss_type, (name, reduction) in TRL_LOSS_TYPES.items()]
+    return "\n".join(lines)
+
+
 # --- checked entry points ------------------------------------------------------------------------------
 
 
@@ -347,11 +386,46 @@ def preference_loss(
     try:
         out = LOSSES[name](policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **params)
     except TypeError as err:  # an unexpected keyword: say which ones the loss takes
-        import inspect
-
         accepted = [p for p in inspect.signature(LOSSES[name]).parameters if p not in ("pc", "pr", "rc", "rr")]
         raise ValueError(f"{name}: {err}; it takes {accepted}") from None
     return out if return_rewards else out.losses
+
+
+def weighted_loss(
+    names: Sequence[str],
+    weights: Sequence[float],
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    **params,
+) -> LossOutput:
+    """sum_k weights[k] * LOSSES[names[k]], per example, shape (B,): TRL's ``loss_type`` list with ``loss_weights``
+    (TRL adds the weighted batch means, the same number after the mean over the batch).
+
+    Each loss receives ``beta`` and those of ``params`` it takes (e.g. ``label_smoothing`` for robust and exo_pair
+    alike, as in TRL); a parameter that none of them takes is an error. The rewards are the losses' common ones.
+    """
+    if len(names) != len(weights) or not names:
+        raise ValueError(f"need one weight per loss, got losses {list(names)} and weights {list(weights)}")
+    accepted = {name: set(inspect.signature(LOSSES[name]).parameters) if name in LOSSES else set() for name in names}
+    unused = sorted(set(params) - set().union(*accepted.values()))
+    if unused:
+        raise ValueError(f"none of the losses {list(names)} takes the parameters {unused}")
+    outputs = [
+        preference_loss(
+            name,
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            return_rewards=True,
+            **{k: v for k, v in params.items() if k in accepted[name] or k == "beta"},
+        )
+        for name in names
+    ]
+    losses = sum(weight * out.losses for weight, out in zip(weights, outputs))
+    return LossOutput(losses, outputs[0].chosen_rewards, outputs[0].rejected_rewards)
 
 
 def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:

@@ -3,7 +3,8 @@
 It stands in for GPT-2 124M wherever a test or a notebook must run in seconds on a laptop CPU:
 
 - a byte-level BPE tokenizer (GPT-2's scheme, 4,096 tokens) trained on the Penn training sentences,
-  ``prompt + " " + chosen`` and ``prompt + " " + rejected``, with ``<|endoftext|>`` (EOS) and ``<|pad|>``;
+  ``prompt + chosen`` and ``prompt + rejected`` (each completion starts with its space), with ``<|endoftext|>``
+  (EOS) and ``<|pad|>``;
 - a GPT-2-architecture model (4 layers, 256 wide, 128 positions, ~4M parameters) pretrained as a plain
   language model on the same sentences, each followed by EOS.
 
@@ -68,8 +69,9 @@ class TinyConfig:
 
 
 def penn_sentences(rows: Iterable[Mapping[str, str]]) -> list[str]:
-    """``prompt + " " + chosen`` and ``prompt + " " + rejected`` of every row, in order."""
-    return [row["prompt"] + " " + row[key] for row in rows for key in ("chosen", "rejected")]
+    """``prompt + chosen`` and ``prompt + rejected`` of every row, in order: the sentences TRL's format spells
+    (the completions carry their leading space)."""
+    return [row["prompt"] + row[key] for row in rows for key in ("chosen", "rejected")]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 4096):

@@ -121,3 +121,15 @@ def tiny_world():
 
     model, tokenizer = load_tiny_penn_world()
     return model, tokenizer, tiny_world_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M's tokenizer (49,152 tokens, a chat template), the one ``load_model("smollm2-135m")`` returns,
+    read from the cached conversion without loading the weights (the first session on a machine converts, ~20 s)."""
+    from transformers import AutoTokenizer
+
+    from dpolab import models
+
+    folder, _ = models.smollm2_checkpoint()
+    return models.prepare_tokenizer(AutoTokenizer.from_pretrained(folder))

@@ -1,4 +1,5 @@
-"""Tokenization and collation of preference pairs: TRL's conventions, truncation, padding, masks."""
+"""Tokenization and collation of preference pairs: TRL's conventions, truncation, padding, masks (the comparison
+with TRL itself, row for row, is in test_data_trl.py)."""
 
 from __future__ import annotations
 
@@ -6,30 +7,40 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_tiny_gpt2
-from dpolab.data.collate import PreferenceCollator, common_prefix_length, tokenize_pair, tokenize_preferences
+from dpolab.data import PreferenceDataError
+from dpolab.data.collate import (
+    PreferenceCollator,
+    common_prefix_length,
+    sequence_parts,
+    tokenize_pair,
+    tokenize_preferences,
+)
 from dpolab.logprobs import concatenated_logps, sequence_logps_from_logits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 EXAMPLE = {
     "prompt": "The rain kept falling as",
-    "chosen": "we ran across Locust Walk at Penn.",
-    "rejected": "we ran for the last bus home.",
+    "chosen": " we ran across Locust Walk at Penn.",
+    "rejected": " we ran for the last bus home.",
 }
 
 
-def test_sequence_is_prompt_space_continuation_eos(small_tokenizer):
+def test_sequence_is_prompt_plus_completion_plus_eos(small_tokenizer):
+    """TRL's standard format: the text is prompt + completion exactly as given (the completion carries its
+    space), EOS appended once, only when missing."""
     ex = tokenize_pair(EXAMPLE, small_tokenizer, index=7)
     eos = small_tokenizer.eos_token
     assert small_tokenizer.decode(ex["prompt_ids"]) == EXAMPLE["prompt"]
-    assert small_tokenizer.decode(ex["chosen_ids"]) == " " + EXAMPLE["chosen"] + eos
-    assert small_tokenizer.decode(ex["rejected_ids"]) == " " + EXAMPLE["rejected"] + eos
-    assert ex["chosen_ids"][-1] == ex["rejected_ids"][-1] == small_tokenizer.eos_token_id
+    assert small_tokenizer.decode(ex["chosen_ids"]) == EXAMPLE["chosen"] + eos
+    assert small_tokenizer.decode(ex["rejected_ids"]) == EXAMPLE["rejected"] + eos
     assert ex["index"] == 7
+    ended = tokenize_pair({**EXAMPLE, "chosen": EXAMPLE["chosen"] + eos}, small_tokenizer)
+    assert ended["chosen_ids"] == ex["chosen_ids"]  # not a second EOS
 
 
 def test_common_prefix_length():
@@ -37,29 +48,6 @@ def test_common_prefix_length():
     assert common_prefix_length([1, 2], [1, 2, 3]) == 2
     assert common_prefix_length([], [1]) == 0
     assert common_prefix_length([9], [1]) == 0
-
-
-@pytest.mark.trl
-def test_tokenization_matches_trl_dpo_trainer(small_tokenizer, penn, tmp_path):
-    """TRL's DPOTrainer, given completions " " + continuation, tokenizes the Penn rows exactly as we do."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    rows = penn["train"].select(range(24))
-    trl_rows = Dataset.from_list(
-        [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in rows]
-    )
-    model = make_tiny_gpt2(small_tokenizer)
-    args = DPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none", max_length=None)
-    trainer = DPOTrainer(
-        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=trl_rows, processing_class=small_tokenizer
-    )
-    ours = tokenize_preferences(rows, small_tokenizer)
-    theirs = trainer.train_dataset
-    assert len(theirs) == len(ours) == 24
-    for mine, trl_row in zip(ours, theirs):
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            assert mine[key] == trl_row[key], key
 
 
 @pytest.mark.trl
@@ -104,62 +92,89 @@ def test_collator_layout_by_hand():
     assert batch["index"].tolist() == [10, 3]
 
 
-def test_truncation_keeps_prompt_end_and_completion_start(small_tokenizer):
+def test_a_sequences_own_prompt_is_context_not_completion():
+    """keep_end kept different ends of the prompt: each row is shared + own prompt + completion, only the
+    completion masked in."""
+    example = {"prompt_ids": [], "chosen_prompt_ids": [1, 2], "rejected_prompt_ids": [3], "chosen_ids": [4],
+               "rejected_ids": [5, 6], "index": 0}  # fmt: skip
+    batch = PreferenceCollator(pad_token_id=0)([example])
+    assert batch["input_ids"].tolist() == [[1, 2, 4], [3, 5, 6]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1], [0, 1, 1]]
+
+
+def test_keep_start_keeps_the_prompt_and_the_completions_start(small_tokenizer):
     full = tokenize_pair(EXAMPLE, small_tokenizer)
-    cut = tokenize_pair(EXAMPLE, small_tokenizer, max_prompt_length=3, max_length=6)
-    assert cut["prompt_ids"] == full["prompt_ids"][-3:]
-    assert cut["chosen_ids"] == full["chosen_ids"][:3]
-    assert cut["rejected_ids"] == full["rejected_ids"][:3]
-    assert len(full["prompt_ids"]) > 3 and len(full["chosen_ids"]) > 3  # so that something was cut
+    P = len(full["prompt_ids"])
+    cut = tokenize_pair(EXAMPLE, small_tokenizer, max_length=P + 3)
+    assert cut["prompt_ids"] == full["prompt_ids"]
+    assert cut["chosen_ids"] == full["chosen_ids"][:3] and cut["rejected_ids"] == full["rejected_ids"][:3]
+    short = tokenize_pair(EXAMPLE, small_tokenizer, max_prompt_length=3, max_length=6)  # dpolab's extra option
+    assert short["prompt_ids"] == full["prompt_ids"][-3:] and short["chosen_ids"] == full["chosen_ids"][:3]
+    assert P > 3 and len(full["chosen_ids"]) > 3  # so that something was cut
 
 
-def test_no_surviving_completion_token_names_the_example(small_tokenizer):
+def test_a_prompt_that_fills_max_length_names_the_row_and_the_fix(small_tokenizer):
     rows = [EXAMPLE, EXAMPLE, {**EXAMPLE, "prompt": EXAMPLE["prompt"] + " and the long day went on and on"}]
     n_prompt = len(tokenize_pair(rows[2], small_tokenizer)["prompt_ids"])
     assert len(tokenize_pair(EXAMPLE, small_tokenizer)["prompt_ids"]) < n_prompt - 1
-    with pytest.raises(ValueError, match=r"example 2: the prompt has \d+ tokens and max_length is"):
+    with pytest.raises(ValueError, match=r"<rows>, row 3: the prompt has \d+ tokens and max_length is .* raise max_"):
         tokenize_preferences(rows, small_tokenizer, max_length=n_prompt)
-    # keeping the prompt's end makes room again
+    # keeping the prompt's end, or the sequence's end, makes room again
     assert tokenize_preferences(rows, small_tokenizer, max_length=n_prompt, max_prompt_length=n_prompt - 1)[2][
         "chosen_ids"
     ]
+    assert tokenize_preferences(rows, small_tokenizer, max_length=n_prompt, truncation_mode="keep_end")[2]["chosen_ids"]
 
 
 def test_bad_rows_are_named(small_tokenizer):
-    with pytest.raises(ValueError, match=r"example 1: field 'chosen' must be a string"):
+    with pytest.raises(PreferenceDataError, match=r"<rows>, row 2: field 'chosen' is null"):
         tokenize_preferences([EXAMPLE, {**EXAMPLE, "chosen": None}], small_tokenizer)
     with pytest.raises(ValueError, match="empty list"):
         PreferenceCollator(0)([])
 
 
-@settings(max_examples=40, deadline=None)
+TEXT = st.text("abcdefgh ,.PenU", min_size=1, max_size=40).filter(lambda s: s.strip())
+
+
+@settings(max_examples=60, deadline=None)
 @given(
-    prompt=st.text("abcdefgh ,.PenU", min_size=1, max_size=40).filter(lambda s: s.strip()),
-    chosen=st.text("abcdefgh ,.PenU", min_size=1, max_size=40),
-    rejected=st.text("xyzw .", min_size=1, max_size=40),
+    prompt=TEXT,
+    chosen=TEXT,
+    rejected=st.text("xyzw .", min_size=1, max_size=40).filter(lambda s: s.strip()),
     max_length=st.one_of(st.none(), st.integers(20, 60)),
     max_prompt_length=st.one_of(st.none(), st.integers(1, 19)),
+    mode=st.sampled_from(["keep_start", "keep_end"]),
 )
-def test_truncation_invariants(small_tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
-    """Kept tokens are a suffix of the prompt and a prefix of each completion, within max_length."""
+def test_truncation_invariants(small_tokenizer, prompt, chosen, rejected, max_length, max_prompt_length, mode):
+    """Each sequence keeps the first (keep_start) or last (keep_end) max_length tokens of prompt + completion,
+    the completion's tokens are scored, the prompt's are not; without truncation the tokens spell the text."""
+    assume(chosen.strip() != rejected.strip())  # a row with chosen equal to rejected is refused
     example = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    full = tokenize_pair(example, small_tokenizer)
-    n = min(len(full["prompt_ids"]), max_prompt_length or 10**9)
-    if max_length is not None and n >= max_length:
-        with pytest.raises(ValueError, match="example 0: the prompt has"):
-            tokenize_pair(example, small_tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    full = tokenize_pair(example, small_tokenizer, max_prompt_length=max_prompt_length)
+    n = len(full["prompt_ids"])
+    kwargs = dict(max_length=max_length, truncation_mode=mode, max_prompt_length=max_prompt_length)
+    if max_length is not None and mode == "keep_start" and n >= max_length:
+        with pytest.raises(ValueError, match="<rows>, row 1: the prompt has"):
+            tokenize_pair(example, small_tokenizer, **kwargs)
         return
-    cut = tokenize_pair(example, small_tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
-    assert cut["prompt_ids"] == full["prompt_ids"][len(full["prompt_ids"]) - n :]
-    for key in ("chosen_ids", "rejected_ids"):
-        assert 1 <= len(cut[key]) and cut[key] == full[key][: len(cut[key])]
-        if max_length is not None:
-            assert n + len(cut[key]) == min(max_length, n + len(full[key]))
+    cut = tokenize_pair(example, small_tokenizer, **kwargs)
+    for key in ("chosen", "rejected"):
+        sequence = full["prompt_ids"] + full[f"{key}_ids"]
+        keep = (
+            slice(None)
+            if max_length is None
+            else slice(None, max_length)
+            if mode == "keep_start"
+            else slice(-max_length, None)
+        )
+        context, completion = sequence_parts(cut, key)
+        assert context + completion == sequence[keep]
+        completion_positions = set(range(n, len(sequence)))  # scored: the kept positions of the completion
+        assert len(completion) == len(completion_positions & set(range(len(sequence))[keep]))
     # untruncated, the tokens spell the text back (byte-level BPE is lossless)
-    assert (
-        small_tokenizer.decode(full["prompt_ids"] + full["chosen_ids"])
-        == prompt + " " + chosen + small_tokenizer.eos_token
-    )
+    whole = tokenize_pair(example, small_tokenizer)
+    eos = small_tokenizer.eos_token
+    assert small_tokenizer.decode(whole["prompt_ids"] + whole["chosen_ids"]) == prompt + chosen + eos
 
 
 def test_padded_batch_gives_each_pair_its_unpadded_logps(small_tokenizer, penn):

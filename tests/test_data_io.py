@@ -1,5 +1,6 @@
-"""Loading preference data (JSON list, JSON Lines, split dicts, hub names) and validating it: every bad
-input gets one PreferenceDataError that names the file, the 1-based row and the field."""
+"""Loading preference data (JSON list, JSON Lines, split dicts, hub names) in TRL's formats (standard,
+conversational, implicit prompt) and validating it: every bad input gets one PreferenceDataError that names the
+file, the 1-based row and the field."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset, DatasetDict
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from dpolab.data import (
     DroppedRowsWarning,
+    count_prompts,
+    extract_prompt,
     HubUnreachableError,
     PreferenceDataError,
     is_near_duplicate,
     load_preference_data,
     normalize_prompt,
+    row_format,
     validate_rows,
 )
 from dpolab.data.io import jaccard
@@ -59,10 +65,10 @@ BAD_ROWS = {
     "empty prompt": (with_field("prompt", ""), "prompt", "is empty"),
     "blank rejected": (with_field("rejected", "   "), "rejected", "is empty"),
     "null chosen": (with_field("chosen", None), "chosen", "is null"),
-    "number chosen": (with_field("chosen", 3), "chosen", "must be a string, got int"),
-    "list rejected": (with_field("rejected", ["a", "b"]), "rejected", "must be a string, got list"),
+    "number chosen": (with_field("chosen", 3), "chosen", "must be a string or a list of messages, got int"),
+    "list rejected": (with_field("rejected", ["a", "b"]), "rejected", 'message 1 must be an object with "role"'),
     "chosen equals rejected": (with_field("rejected", GOOD[0]["chosen"] + " "), "rejected", "is equal to chosen"),
-    "duplicated prompt": ({**GOOD[2], "prompt": "the LECTURE today, was"}, "prompt", "duplicates the prompt of row 1"),
+    "implicit prompt among explicit ones": (without("prompt"), "prompt", "is missing (an implicit prompt) while row 1"),
 }
 
 
@@ -179,10 +185,10 @@ def test_a_dict_of_files_gives_splits(tmp_path):
 
 
 def test_drop_invalid_drops_only_bad_rows_and_reports_them(tmp_path):
-    duplicate = {**GOOD[2], "prompt": GOOD[0]["prompt"] + "!"}
+    duplicate = {**GOOD[2], "prompt": GOOD[0]["prompt"].replace(" ", "  ")}
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD[0], with_field("chosen", ""), GOOD[1], "not json", duplicate])
     with pytest.warns(DroppedRowsWarning) as record:
-        data = load_preference_data(path, drop_invalid=True)
+        data = load_preference_data(path, drop_invalid=True, unique_prompts=True)
     assert data["prompt"] == [GOOD[0]["prompt"], GOOD[1]["prompt"]]
     [warning] = record
     report = warning.message
@@ -208,10 +214,19 @@ def test_without_drop_invalid_nothing_is_dropped_silently(tmp_path):
             load_preference_data(path)
 
 
-def test_duplicates_may_be_allowed_explicitly(tmp_path):
-    rows = [GOOD[0], {**GOOD[1], "prompt": GOOD[0]["prompt"]}]
-    data = load_preference_data(write_jsonl(tmp_path / "pairs.jsonl", rows), allow_duplicate_prompts=True)
-    assert len(data) == 2
+def test_several_pairs_per_prompt_are_accepted_unless_unique_prompts(tmp_path):
+    rows = [GOOD[0], {**GOOD[1], "prompt": " " + GOOD[0]["prompt"].replace(" ", "\t")}, GOOD[2]]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    data = load_preference_data(path)
+    assert len(data) == 3 and count_prompts(data) == 2
+    with pytest.raises(PreferenceDataError) as caught:
+        load_preference_data(path, unique_prompts=True)
+    [problem] = caught.value.problems
+    assert (problem.row, problem.field) == (2, "prompt")
+    assert str(problem).endswith("field 'prompt' duplicates the prompt of row 1 (equal up to whitespace)")
+    # compared exactly, up to whitespace: case and punctuation make another prompt
+    other = [GOOD[0], {**GOOD[1], "prompt": "the LECTURE today, was"}]
+    assert len(load_preference_data(write_jsonl(tmp_path / "other.jsonl", other), unique_prompts=True)) == 2
 
 
 def test_the_error_survives_pickling(tmp_path):
@@ -270,3 +285,99 @@ def test_offline_hub_gives_a_clear_error(tmp_path):
     assert "hub is unreachable (offline mode is on" in result.stdout
     assert "Pass a local file instead: load_preference_data('pairs.jsonl')" in result.stdout
     assert issubclass(HubUnreachableError, ConnectionError)
+
+
+# ------------------------------------------------------------------------------- TRL's other formats
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+CHAT = [
+    {
+        "prompt": [user("Where is Penn?")],
+        "chosen": [assistant("In Philadelphia.")],
+        "rejected": [assistant("No idea.")],
+    },
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, user("Best coffee?")],
+        "chosen": [assistant("Whatever you like.")],
+        "rejected": [assistant("Tea.")],
+    },
+]
+IMPLICIT = [
+    {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+    {"chosen": [user("Hi"), assistant("Hello!")], "rejected": [user("Hi"), assistant("Go away.")]},
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_conversational_rows_load_as_messages(tmp_path, fmt):
+    path = (write_jsonl if fmt == "jsonl" else write_json)(tmp_path / f"chat.{fmt}", CHAT)
+    data = load_preference_data(path)
+    assert data.column_names == ["prompt", "chosen", "rejected"] and data.to_list() == CHAT
+    assert [row_format(row) for row in data] == ["conversational", "conversational"]
+
+
+def test_implicit_prompts_are_extracted_as_trl_extracts_them(tmp_path):
+    data = load_preference_data(write_jsonl(tmp_path / "implicit.jsonl", IMPLICIT[:1]))
+    assert data.column_names == ["chosen", "rejected"] and row_format(data[0]) == "standard, implicit prompt"
+    assert extract_prompt(IMPLICIT[0]["chosen"], IMPLICIT[0]["rejected"]) == ("The sky is", " blue.", " green.")
+    assert extract_prompt(IMPLICIT[1]["chosen"], IMPLICIT[1]["rejected"]) == (
+        [user("Hi")],
+        [assistant("Hello!")],
+        [assistant("Go away.")],
+    )
+
+
+@pytest.mark.trl
+@settings(max_examples=200, deadline=None)
+@given(chosen=st.text("ab ", min_size=1, max_size=8), rejected=st.text("ab ", min_size=1, max_size=8))
+def test_extract_prompt_is_trls(chosen, rejected):
+    """Character for character, TRL's extract_prompt (where its first character differs TRL reads chosen[-1]; such
+    a row has no prompt and is refused, see below)."""
+    from trl.data_utils import extract_prompt as trl_extract_prompt
+
+    assume(chosen[0] == rejected[0])
+    theirs = trl_extract_prompt({"chosen": chosen, "rejected": rejected})
+    assert extract_prompt(chosen, rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+
+
+BAD_CHAT = {
+    "unknown role": (
+        {**CHAT[0], "prompt": [{"role": "human", "content": "Hi"}]},
+        "prompt",
+        "message 1 has the unknown role 'human' (known: system, developer, user, assistant, tool)",
+    ),
+    "empty message": ({**CHAT[0], "chosen": [assistant("  ")]}, "chosen", "message 1 (assistant) is empty"),
+    "no content": ({**CHAT[0], "chosen": [{"role": "assistant"}]}, "chosen", "message 1 (assistant) must have a"),
+    "no messages": ({**CHAT[0], "rejected": []}, "rejected", "is an empty list of messages"),
+    "text among messages": (
+        {**CHAT[0], "chosen": "In Philadelphia."},
+        "chosen",
+        "is a string while 'prompt' is a list",
+    ),
+    "no common start": ({"chosen": "Blue sky.", "rejected": "Grey sky."}, "chosen", "shares no leading text"),
+    "standard among conversational": (
+        {"prompt": "Where is Penn?", "chosen": " There.", "rejected": " Here."},
+        "chosen",
+        "is in the standard format while row 1 is conversational",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHAT, ids=list(BAD_CHAT))
+def test_a_bad_conversational_or_implicit_row_is_named(tmp_path, case):
+    bad, field, words = BAD_CHAT[case]
+    first = IMPLICIT[0] if "prompt" not in bad else CHAT[1]
+    path = write_jsonl(tmp_path / "pairs.jsonl", [first, bad])
+    with pytest.raises(PreferenceDataError) as caught:
+        load_preference_data(path)
+    [problem] = caught.value.problems
+    assert (problem.source, problem.row, problem.field) == (str(path), 2, field)
+    assert f"{path}, row 2: field '{field}' {words}" in str(caught.value)

@@ -123,6 +123,14 @@ def test_no_length_shortcut(rows, split):
     assert stats.wasserstein_distance(chosen, rejected) < 0.5
 
 
+def test_completions_carry_the_space_that_joins_them_to_the_prompt(rows):
+    """TRL's standard format: the sequence is prompt + completion, so each ending starts with one space and no
+    prompt ends with one."""
+    every_row = [row for split in rows.values() for row in split]
+    assert all(row[k].startswith(" ") and not row[k][1].isspace() for row in every_row for k in ("chosen", "rejected"))
+    assert not any(row["prompt"][-1].isspace() for row in every_row)
+
+
 def test_files_are_sorted_with_fixed_keys():
     for path in PENN_FILES.values():
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -182,8 +190,11 @@ def test_builder_writes_a_sorted_small_set_only_when_allowed_and_only_outside_th
         order = [(row["topic"], row["prompt"]) for row in split]
         assert order == sorted(order)
     every = written["penn_train.jsonl"] + written["penn_test.jsonl"]
-    expected = [triple(topic, i)["prompt"] for topic in ("rain", "snow") for i in range(6)]
+    expected = {triple(topic, i)["prompt"]: triple(topic, i) for topic in ("rain", "snow") for i in range(6)}
     assert sorted(row["prompt"] for row in every) == sorted(expected)
+    for row in every:  # written in TRL's standard format: the space before each ending is in the ending
+        source = expected[row["prompt"]]
+        assert (row["chosen"], row["rejected"]) == (" " + source["chosen"], " " + source["rejected"])
 
 
 @pytest.mark.parametrize(
@@ -194,6 +205,7 @@ def test_builder_writes_a_sorted_small_set_only_when_allowed_and_only_outside_th
         ({"prompt": "the Wharton story began when"}, "prompt", "mentions Penn"),
         ({"topic": "hail"}, "topic", "must be 'rain'"),
         ({"rejected": "a friend at Penn told it 2."}, "rejected", "is equal to chosen"),
+        ({"chosen": " a friend at Penn told it again."}, "chosen", "starts with whitespace"),
     ],
 )
 def test_builder_stops_on_a_broken_rule_naming_file_row_and_field(tmp_path, line, field, words):

@@ -189,3 +189,16 @@ def test_bad_tensors():
         preference_loss("dpo", x, x, torch.tensor([0.0, 0.0, -float("inf")]), x, beta=0.1)
     with pytest.raises(ValueError, match=r"\(B, K\) with K >= 2"):
         plackett_luce_loss(torch.zeros(2, 1), torch.zeros(2, 1), 0.1)
+
+
+def test_the_readmes_trl_table_is_the_registrys():
+    """The README shows TRL_LOSS_TYPES as rendered by trl_loss_table (test_losses_trl.py checks each row against
+    TRL's own loss), and every registry name in it is a loss of the registry."""
+    from pathlib import Path
+
+    from dpolab.losses import TRL_LOSS_TYPES, trl_loss_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("<!-- BEGIN TRL_LOSS_TYPES -->\n")[1].split("\n<!-- END TRL_LOSS_TYPES -->")[0]
+    assert shown == trl_loss_table()
+    assert all(name in LOSSES and reduction in ("sum", "mean") for name, reduction in TRL_LOSS_TYPES.values())

@@ -15,7 +15,8 @@ from datasets import Dataset  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from dpolab.logprobs import concatenated_logps  # noqa: E402
-from dpolab.losses import preference_loss  # noqa: E402
+from dpolab.losses import TRL_LOSS_TYPES, preference_loss, weighted_loss  # noqa: E402
+from dpolab.train import TrainConfig  # noqa: E402
 from helpers import perturbed_copy, tiny_gpt2, word_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.trl
@@ -59,13 +60,12 @@ def setup(tmp_path_factory):
     ref = perturbed_copy(policy, seed=1, scale=0.2)
     data = Dataset.from_dict(
         {"prompt": [r[0] for r in ROWS], "chosen": [" " + r[1] for r in ROWS], "rejected": [" " + r[2] for r in ROWS]}
-    )
+    )  # TRL's standard format: the completions carry the space
     return tokenizer, policy, ref, data, tmp_path_factory.mktemp("trl")
 
 
-def trl_loss_and_batch(setup, beta, overrides):
-    tokenizer, policy, ref, data, out = setup
-    args = DPOConfig(
+def trl_args(out, beta, overrides) -> DPOConfig:
+    return DPOConfig(
         output_dir=str(out),
         beta=beta,
         bf16=False,
@@ -75,6 +75,11 @@ def trl_loss_and_batch(setup, beta, overrides):
         use_cpu=True,
         **overrides,
     )
+
+
+def trl_loss_and_batch(setup, beta, overrides):
+    tokenizer, policy, ref, data, out = setup
+    args = trl_args(out, beta, overrides)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to("cpu") for k, v in batch.items()}
@@ -121,3 +126,38 @@ def test_trl_metrics_equal_our_rewards(setup):
     assert metrics["rewards/chosen"][-1] == pytest.approx(out.chosen_rewards.mean().item(), abs=1e-5)
     assert metrics["rewards/rejected"][-1] == pytest.approx(out.rejected_rewards.mean().item(), abs=1e-5)
     assert metrics["logps/chosen"][-1] == pytest.approx(pc.mean().item(), abs=1e-4)
+
+
+# TRL configurations converted by TrainConfig.from_trl: every loss type of dpolab.losses.TRL_LOSS_TYPES (with the
+# label smoothing its loss needs) and combinations with loss_weights.
+SMOOTHING = {"exo_pair": 1e-3, "robust": 0.2, "aot": 0.1, "aot_unpaired": 0.1}
+FROM_TRL = {
+    **{t: {"loss_type": [t], "label_smoothing": SMOOTHING.get(t, 0.0)} for t in TRL_LOSS_TYPES},
+    "sigmoid+bco_pair+hinge (weighted)": {
+        "loss_type": ["sigmoid", "bco_pair", "hinge"],
+        "loss_weights": [0.8, 0.2, 1.0],
+    },
+    "robust+exo_pair (shared smoothing)": {"loss_type": ["robust", "exo_pair"], "label_smoothing": 0.1},
+    "ipo+sigmoid_norm (weighted)": {"loss_type": ["ipo", "sigmoid_norm"], "loss_weights": [0.5, 2.0]},
+    "sigmoid, js_divergence": {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
+    "sigmoid, alpha_divergence": {
+        "loss_type": ["sigmoid"],
+        "f_divergence_type": "alpha_divergence",
+        "f_alpha_divergence_coef": 0.3,
+    },
+}
+
+
+@pytest.mark.parametrize("case", FROM_TRL, ids=list(FROM_TRL))
+def test_from_trl_gives_trls_loss(setup, case):
+    """TrainConfig.from_trl(DPOConfig) names the registry losses, weights, parameters and reduction that give the
+    loss TRL's DPOTrainer computes, multi-loss combinations included."""
+    _, policy, ref, _, out = setup
+    beta = 0.3
+    trl_loss, batch = trl_loss_and_batch(setup, beta, FROM_TRL[case])
+    config = TrainConfig.from_trl(trl_args(out, beta, FROM_TRL[case]), output_dir=None)
+    with torch.no_grad():
+        pc, pr = concatenated_logps(policy, batch, reduction=config.reduction)
+        rc, rr = concatenated_logps(ref, batch, reduction=config.reduction)
+        out = weighted_loss(config.losses, config.weights, pc, pr, rc, rr, beta=config.beta, **config.loss_kwargs)
+    torch.testing.assert_close(out.losses.mean(), trl_loss.float(), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -279,6 +280,46 @@ def test_rerun_resumes_without_retraining(quick_run, capsys):
     for p in markers:
         assert f"skip {p.parent.parent.name} seed 0: done" in out
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def _as_v01(path: Path, train_sha256: str) -> None:
+    """Rewrite a done.json as dpolab 0.1.0 wrote it: its fingerprint's train_sha256, its settings hash."""
+    done = _read(path)
+    settings = {**done["settings"], "train_sha256": train_sha256}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path.write_text(json.dumps({"settings_hash": digest, "settings": settings, "finished_at": done["finished_at"]}))
+
+
+@pytest.mark.slow
+def test_a_run_of_dpolab_0_1_is_upgraded_not_retrained(quick_run, tmp_path, capsys):
+    """dpolab 0.1.0's fingerprint hashed the training rows' strings, its files holding the continuations without
+    the leading space they now carry; it trained on the same tokens, so a rerun upgrades each done.json instead of
+    retraining. A done.json of other data is still refused, and then nothing is rewritten."""
+    from dpolab.data import load_penn
+
+    run, argv, _ = quick_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    rows = load_penn("train")
+    v01_rows = [list(rows["prompt"]), [c[1:] for c in rows["chosen"]], [r[1:] for r in rows["rejected"]]]
+    v01_sha256 = hashlib.sha256(json.dumps(v01_rows).encode()).hexdigest()[:16]  # 0.1.0's formula, written out
+    markers = sorted(copy.glob("units/*/seed-0/done.json"))
+    current = {p: _read(p)["settings_hash"] for p in markers}
+    for path in markers:
+        _as_v01(path, v01_sha256)
+    _as_v01(markers[0], "0123456789abcdef")  # a unit trained on other data
+    before = {p: p.read_bytes() for p in markers}
+    args = [*argv, "--output-dir", str(copy)]  # the last --output-dir wins
+    assert main(args) == 2
+    assert "was made with other settings than this run's" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in markers} == before
+    _as_v01(markers[0], v01_sha256)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[penn] train " not in out
+    assert out.count("done by dpolab 0.1.0 on the same tokens (done.json upgraded)") == len(markers)
+    assert {p: _read(p)["settings_hash"] for p in markers} == current
+    assert all(_read(p)["upgraded_from"]["train_sha256"] == v01_sha256 for p in markers)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 import math
 import os
 import signal
@@ -121,6 +122,21 @@ def test_every_registry_loss_trains_with_the_right_reference(small_tokenizer, ro
     assert history[0]["logps/rejected"] == pytest.approx(pr.mean().item(), rel=1e-5)
 
 
+def test_several_losses_are_added_with_their_weights(small_tokenizer, rows):
+    """loss=(a, b), loss_weights=(w_a, w_b): the step's loss is w_a * loss_a + w_b * loss_b on logps computed here,
+    each loss taking the parameters it accepts (TRL's loss_type list; test_losses_trl.py compares with TRL)."""
+    data = rows.select(range(12))
+    model, reference = make_tiny_gpt2(small_tokenizer, seed=0), make_tiny_gpt2(small_tokenizer, seed=2)
+    examples = tokenize_preferences(data, small_tokenizer)
+    pc, pr = live_logps(copy.deepcopy(model), examples)
+    rc, rr = live_logps(reference, examples)
+    c = config(loss=("robust", "bco_pair"), loss_weights=(0.8, 0.3), loss_kwargs={"label_smoothing": 0.2})
+    history = train(model, small_tokenizer, data, replace(c, batch_size=12, max_steps=1), ref_model=reference).history
+    robust = preference_loss("robust", pc, pr, rc, rr, beta=0.5, label_smoothing=0.2)
+    expected = 0.8 * robust + 0.3 * preference_loss("bco_pair", pc, pr, rc, rr, beta=0.5)
+    assert history[0]["loss"] == pytest.approx(expected.mean().item(), rel=1e-4, abs=1e-5)
+
+
 def test_per_example_loss_parameters_follow_their_pairs(small_tokenizer, rows):
     """ODPO's offsets are per pair: in a shuffled batch each pair's loss uses its own offset (by dataset index)."""
     data = rows.select(range(16))
@@ -175,6 +191,18 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum(small_tokenizer, rows
     assert lrs[1:] == pytest.approx(cosine)
     assert lrs[4] == pytest.approx((1e-3 + 1e-5) / 2)  # half-way down at the middle of the decay
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_a_transformers_schedule_is_transformers_own(small_tokenizer, rows):
+    """lr_scheduler_type="linear" with warmup_steps=0.25 of 4 steps: transformers' linear schedule (as TRL's
+    Trainer steps it: the first step at lr * 0/1, then down from the peak to 0 at step 5), written out here."""
+    history = train(
+        make_tiny_gpt2(small_tokenizer),
+        small_tokenizer,
+        rows,
+        config(epochs=1, learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=0.25),
+    ).history
+    assert [r["learning_rate"] for r in history] == pytest.approx([0.0, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
 
 
 def test_learning_rate_without_warmup_starts_at_the_peak(small_tokenizer, rows):
@@ -461,6 +489,11 @@ def test_non_finite_gradient_names_step_and_batch(small_tokenizer, rows):
         ({"save_steps": 10}, "need an output_dir"),
         ({"max_grad_norm": 0.0}, "max_grad_norm must be a finite number > 0"),
         ({"adam_betas": (0.9, 1.0)}, "adam_betas must be two numbers in"),
+        ({"loss": ("dpo", "hinge"), "loss_weights": (1.0,)}, "loss_weights must be one finite number per loss"),
+        ({"loss": ("dpo", "nope")}, "unknown loss"),
+        ({"truncation_mode": "keep_middle"}, "truncation_mode must be one of"),
+        ({"lr_scheduler_type": "triangle"}, "lr_scheduler_type must be one of warmup_cosine, linear, cosine"),
+        ({"warmup_steps": 1.5}, "warmup_steps must be an int >= 0"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -474,6 +507,24 @@ def test_config_is_frozen_and_defaults_are_the_articles():
     with pytest.raises(AttributeError):
         c.beta = 1.0  # type: ignore[misc]
     assert TrainConfig(loss="dpop", loss_kwargs={"dpop_lambda": 5.0}).loss_kwargs == {"dpop_lambda": 5.0}
+
+
+@pytest.mark.trl
+def test_truncation_defaults_are_trls():
+    import dataclasses
+
+    from trl import DPOConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DPOConfig)}
+    c = TrainConfig()
+    assert (
+        (c.max_length, c.truncation_mode)
+        == (defaults["max_length"], defaults["truncation_mode"])
+        == (
+            1024,
+            "keep_start",
+        )
+    )
 
 
 @pytest.mark.gpu
@@ -609,3 +660,7 @@ def test_cli_defaults_are_the_articles_and_every_flag_has_help():
     assert train_config(args).loss_kwargs == {"label_smoothing": 0.2} and train_config(args).max_grad_norm is None
     with pytest.raises(ValueError, match=r"dpo does not take \['kl_coef'\]"):
         train_config(parser.parse_args(["train", "--loss-param", "kl_coef=1"]))
+    assert (c.max_length, c.truncation_mode, args.unique_prompts) == (1024, "keep_start", False)
+    args = parser.parse_args(["train", "--max-length", "0", "--truncation-mode", "keep_end", "--unique-prompts"])
+    c = train_config(args)
+    assert (c.max_length, c.truncation_mode, args.unique_prompts) == (None, "keep_end", True)

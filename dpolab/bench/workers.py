@@ -124,13 +124,7 @@ def train_trl(spec: dict) -> dict:
     tokenizer = gpt2_tokenizer()
     rows, order = _rows(spec)
     rows = rows.select(order.tolist())
-    data = Dataset.from_dict(
-        {
-            "prompt": list(rows["prompt"]),
-            "chosen": [" " + c for c in rows["chosen"]],
-            "rejected": [" " + r for r in rows["rejected"]],
-        }
-    )
+    data = Dataset.from_dict({key: list(rows[key]) for key in ("prompt", "chosen", "rejected")})
     policy = _model(spec, seed=0)
     digest = _weights_digest(policy)
     reference = _model(spec, seed=1).eval()

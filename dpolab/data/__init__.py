@@ -1,28 +1,39 @@
-"""Preference data: the shipped Penn set, loading and validating any TRL-format data, the Penn detector.
+"""Preference data: the shipped Penn set, loading, validating and tokenizing TRL-format data, the Penn detector.
 
-    from dpolab.data import load_penn, load_preference_data, mentions_penn
+    from dpolab.data import load_penn, load_preference_data, mentions_penn, tokenize_preferences
     penn = load_penn()                                   # DatasetDict: train (>= 1,300 rows), test (>= 125)
     pairs = load_preference_data("my_pairs.jsonl")       # or a .json list, {"train": ..., "test": ...}, a hub name
+    examples = tokenize_preferences(pairs, tokenizer, max_length=1024)   # TRL's DPOTrainer's token ids, row for row
     mentions_penn("a lecture at Wharton")                # True
+
+TRL's formats (standard, conversational, implicit prompt) are described in ``dpolab/data/formats.py``.
 
 The datasheet of the Penn set is ``dpolab/data/DATASHEET.md``.
 """
 
+from .formats import extract_prompt, row_format
 from .io import (
     DroppedRowsWarning,
     HubUnreachableError,
     PreferenceDataError,
+    count_prompts,
     is_near_duplicate,
     load_preference_data,
     normalize_prompt,
     validate_rows,
 )
 from .penn import load_penn, mentions_penn, penn_mentions
+from .tokenize import tokenize_pair, tokenize_preferences
 
 __all__ = [
     "load_penn",
     "load_preference_data",
     "validate_rows",
+    "tokenize_preferences",
+    "tokenize_pair",
+    "count_prompts",
+    "extract_prompt",
+    "row_format",
     "PreferenceDataError",
     "DroppedRowsWarning",
     "HubUnreachableError",

@@ -2,19 +2,23 @@
 
     python -m dpolab.data.build_penn /work/penn_src [--out DIR] [--allow-small]
 
-1. Read every ``<topic>.jsonl`` in the source folder: rows ``{"prompt", "chosen", "rejected", "topic"}``.
+1. Read every ``<topic>.jsonl`` in the source folder: rows ``{"prompt", "chosen", "rejected", "topic"}``, the
+   continuations written as text, without a leading space ("held at Penn.").
 2. Validate all rows together: the library's validator (:func:`dpolab.data.io.find_problems`: fields present,
-   non-empty strings, chosen != rejected, prompts unique across all files after normalisation) and the set's
-   own rules (:func:`penn_problems`: the topic names its file; by the detector the evaluation uses, the chosen
-   continuation mentions Penn, the rejected one and the prompt do not). Any problem stops the build.
-   Looser style rules (word counts) are only reported.
+   non-empty strings, chosen != rejected) and the set's own rules (:func:`penn_problems`: prompts unique across
+   all files after lower-casing and stripping punctuation; the topic names its file; by the detector the
+   evaluation uses, the chosen continuation mentions Penn, the rejected one and the prompt do not; no
+   continuation starts with whitespace). Any problem stops the build. Looser style rules (word counts) are only
+   reported.
 3. Split by code: within each topic, rank the rows by a salted SHA-256 of the normalised prompt and send the
    first ``round(TEST_FRACTION * n_topic)`` to test; then move back to train every test row whose prompt is a
    near-duplicate of a train prompt (repeated until none is left).
 4. Refuse unless train >= 1,300 and test >= 125 rows; ``--allow-small`` (development) lifts this but writes
    only to an explicit ``--out`` folder outside the package, so that no small set is ever shipped.
-5. Write ``penn_train.jsonl`` and ``penn_test.jsonl`` atomically (temporary file + ``os.replace``), rows
-   sorted by (topic, prompt), keys in the order prompt, chosen, rejected, topic.
+5. Write ``penn_train.jsonl`` and ``penn_test.jsonl`` in TRL's standard format, each completion carrying the space
+   that separates it from the prompt (``" held at Penn."``: the sequence is ``prompt + completion``), atomically
+   (temporary file + ``os.replace``), rows sorted by (topic, prompt), keys in the order prompt, chosen, rejected,
+   topic.
 
 Then regenerate the datasheet: ``python -m dpolab.data.datasheet``.
 """
@@ -60,16 +64,30 @@ def read_topic_files(folder: Path) -> tuple[list[Row], list[tuple[str, int]], li
 
 def penn_problems(rows: Sequence[Row], where: Sequence[tuple[str, int]]) -> list[Problem]:
     """The Penn set's own rules, for rows that passed :func:`find_problems`."""
-    problems = []
+    problems, first_seen = [], {}
     for index, (row, (source, number)) in enumerate(zip(rows, where, strict=True)):
         checks = [
             ("topic", row.get("topic") == Path(source).stem, f"must be {Path(source).stem!r} (the file's name)"),
             ("chosen", mentions_penn(row["chosen"]), "does not mention Penn (per dpolab.data.mentions_penn)"),
             ("rejected", not mentions_penn(row["rejected"]), "mentions Penn (per dpolab.data.mentions_penn)"),
             ("prompt", not mentions_penn(row["prompt"]), "mentions Penn (per dpolab.data.mentions_penn)"),
+            *((k, not row[k][:1].isspace(), "starts with whitespace (the build adds the space)") for k in FIELDS[1:]),
         ]
         problems += [Problem(source, number, field, message, index) for field, ok, message in checks if not ok]
+        key = normalize_prompt(row["prompt"])
+        if key in first_seen:
+            first_source, first_number = where[first_seen[key]]
+            other = f"row {first_number}" if first_source == source else f"{first_source}, row {first_number}"
+            message = f"duplicates the prompt of {other} (equal after lower-casing and stripping punctuation)"
+            problems.append(Problem(source, number, "prompt", message, index))
+        else:
+            first_seen[key] = index
     return problems
+
+
+def with_separator(row: Row) -> Row:
+    """The row in TRL's standard format: each continuation preceded by the space that joins it to the prompt."""
+    return {**row, "chosen": " " + row["chosen"], "rejected": " " + row["rejected"]}
 
 
 def style_notes(rows: Sequence[Row], where: Sequence[tuple[str, int]]) -> list[Problem]:
@@ -129,6 +147,7 @@ def build(source: Path, out: Path, allow_small: bool = False) -> tuple[list[Row]
     if notes:
         print(f"{len(notes)} style notes (not fatal):", *(f"  - {note}" for note in notes), sep="\n", file=sys.stderr)
     train, test, moved = split_rows(rows)
+    train, test = [with_separator(row) for row in train], [with_separator(row) for row in test]
     print(f"{len(rows)} rows -> train {len(train)}, test {len(test)} ({moved} near-duplicates moved to train)")
     if len(train) < MIN_TRAIN or len(test) < MIN_TEST:
         if not allow_small:

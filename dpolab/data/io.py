@@ -1,4 +1,4 @@
-"""Load and validate preference data in TRL's standard format: rows of ``{"prompt", "chosen", "rejected"}``.
+"""Load and validate preference data in TRL's formats: standard, conversational, implicit prompt (``formats.py``).
 
 Sources (:func:`load_preference_data`):
 
@@ -8,23 +8,26 @@ Sources (:func:`load_preference_data`):
 - anything else (a Hugging Face dataset name, a dataset folder) through ``datasets.load_dataset``; a
   dataset that needs the hub while the hub is unreachable raises :class:`HubUnreachableError`.
 
-Only the standard format is accepted: the three fields are strings (TRL's conversational format, lists of
-messages, must be rendered with a chat template first). Other columns (e.g. ``topic``) are kept.
+Rows are ``{"prompt", "chosen", "rejected"}`` as strings (standard: each completion carries its own leading space,
+``" blue."``) or as lists of ``{"role", "content"}`` messages (conversational); without ``prompt`` the prompt is
+implicit, the common start of chosen and rejected. Other columns (e.g. ``topic``) are kept.
 
 Validation (:func:`find_problems`, :func:`validate_rows`) reports every problem with its source, its
 1-based row (the line of a JSONL file, the position of the object in a JSON list) and its field: a missing,
-null or empty field, a value that is not a string, chosen equal to rejected, a duplicated prompt, a line
-that is not JSON. Nothing is dropped silently: any problem raises one :class:`PreferenceDataError` that
-lists them all; with ``drop_invalid=True`` the bad rows are dropped instead and a
-:class:`DroppedRowsWarning` says which and why.
+null or empty field, a value that is neither a string nor a list of messages, a message with an unknown role or
+no content, chosen equal to rejected, rows in two formats, a line that is not JSON, and with
+``unique_prompts=True`` a repeated prompt. Nothing is dropped silently: any problem raises one
+:class:`PreferenceDataError` that lists them all; with ``drop_invalid=True`` the bad rows are dropped instead and
+a :class:`DroppedRowsWarning` says which and why.
 
-Two prompts are *duplicates* when their normalised forms are equal (:func:`normalize_prompt`: lower-case,
-punctuation stripped, whitespace collapsed), and *near-duplicates* when they are duplicates or the Jaccard
-similarity of their normalised token sets reaches 0.8 (:func:`is_near_duplicate`): "The lecture today was
-insightful and" and "the lecture, today, was insightful and" are duplicates; two ten-word prompts that
-differ in one word (9 shared tokens of 11, 0.82) are near-duplicates, two five-word prompts that differ in
-one word (4 of 6, 0.67) are not. The loader rejects duplicates; the Penn set's split also keeps
-near-duplicates on one side.
+Several pairs per prompt are normal in preference data and accepted by default (:func:`count_prompts` counts
+the distinct prompts). With ``unique_prompts=True`` two rows whose prompts are equal after collapsing whitespace
+(:func:`dpolab.data.formats.prompt_key`) are an error. The Penn set's own checks go further: prompts are
+*near-duplicates* when their normalised forms are equal (:func:`normalize_prompt`: lower-case, punctuation
+stripped, whitespace collapsed) or the Jaccard similarity of their normalised token sets reaches 0.8
+(:func:`is_near_duplicate`): "The lecture today was insightful and" and "the lecture, today, was insightful and"
+are near-duplicates; two ten-word prompts that differ in one word (9 shared tokens of 11, 0.82) are too, two
+five-word prompts that differ in one word (4 of 6, 0.67) are not.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict
 
+from .formats import prompt_key, row_format, row_problems
+
 __all__ = [
     "FIELDS",
     "Problem",
@@ -54,6 +59,7 @@ __all__ = [
     "near_duplicates",
     "read_rows",
     "find_problems",
+    "count_prompts",
     "validate_rows",
     "load_preference_data",
 ]
@@ -163,24 +169,16 @@ def near_duplicates(
 # ---------------------------------------------------------------------------------------- validation
 
 
-def _field_problems(row: Any) -> list[tuple[str | None, str]]:
-    """(field, message) for everything wrong inside one row, duplicates aside."""
-    if not isinstance(row, Mapping):
-        return [(None, f"expected a JSON object with fields {', '.join(FIELDS)}, got {type(row).__name__}")]
-    found = []
-    for field in FIELDS:
-        value = row.get(field)
-        if field not in row:
-            found.append((field, "is missing"))
-        elif value is None:
-            found.append((field, "is null"))
-        elif not isinstance(value, str):
-            found.append((field, f"must be a string, got {type(value).__name__}: {str(value)[:40]!r}"))
-        elif not value.strip():
-            found.append((field, "is empty"))
-    if not found and row["chosen"].strip() == row["rejected"].strip():
-        found.append(("rejected", "is equal to chosen"))
-    return found
+def _format_problem(row: Mapping, first: Mapping, first_number: str) -> tuple[str, str]:
+    """(field, message) for a row whose format differs from the first valid row's."""
+    if ("prompt" in row) != ("prompt" in first):
+        what = "is missing (an implicit prompt)" if "prompt" not in row else "is given"
+        other = "has one" if "prompt" in first else "has none"
+        return "prompt", f"{what} while {first_number} {other}: TRL reads every row in one format, use one throughout"
+    return "chosen", (
+        f"is in the {row_format(row)} format while {first_number} is {row_format(first)}: TRL reads every row in "
+        "one format, use one throughout"
+    )
 
 
 def find_problems(
@@ -188,29 +186,43 @@ def find_problems(
     *,
     source: str = "<rows>",
     where: Sequence[tuple[str, int]] | None = None,
-    allow_duplicate_prompts: bool = False,
+    unique_prompts: bool = False,
 ) -> list[Problem]:
     """Every problem in ``rows``; ``where[i]`` is row i's (source, 1-based row), by default (source, i + 1).
 
-    A duplicated prompt is reported on its second and later occurrences, naming the first one; rows with
-    other problems take no part in the duplicate check.
+    Every valid row must be in the format of the first valid one. With ``unique_prompts``, a prompt repeated
+    (up to whitespace) is reported on its second and later occurrences, naming the first one. Rows with other
+    problems take no part in the format and duplicate checks.
     """
     where = where if where is not None else [(source, i + 1) for i in range(len(rows))]
-    problems, first_seen = [], {}
+    problems, first_seen, first_valid = [], {}, None
+
+    def name(index: int, row_source: str) -> str:
+        first_source, first_number = where[index]
+        return f"row {first_number}" if first_source == row_source else f"{first_source}, row {first_number}"
+
     for index, (row, (row_source, row_number)) in enumerate(zip(rows, where, strict=True)):
-        found = _field_problems(row)
+        found = row_problems(row)
+        if not found and first_valid is not None and row_format(row) != row_format(rows[first_valid]):
+            found = [_format_problem(row, rows[first_valid], name(first_valid, row_source))]
         problems += [Problem(row_source, row_number, field, message, index) for field, message in found]
-        if found or allow_duplicate_prompts:
+        if found:
             continue
-        key = normalize_prompt(row["prompt"])
+        first_valid = index if first_valid is None else first_valid
+        if not unique_prompts:
+            continue
+        key = prompt_key(row)
         if key in first_seen:
-            first_source, first_number = where[first_seen[key]]
-            other = f"row {first_number}" if first_source == row_source else f"{first_source}, row {first_number}"
-            message = f"duplicates the prompt of {other} (equal after lower-casing and stripping punctuation)"
+            message = f"duplicates the prompt of {name(first_seen[key], row_source)} (equal up to whitespace)"
             problems.append(Problem(row_source, row_number, "prompt", message, index))
         else:
             first_seen[key] = index
     return problems
+
+
+def count_prompts(rows: Sequence[Mapping]) -> int:
+    """The number of distinct prompts (up to whitespace) among valid ``rows``: pairs per prompt = len(rows) / this."""
+    return len({prompt_key(row) for row in rows})
 
 
 def _kept_indices(n_rows: int, problems: Sequence[Problem], drop_invalid: bool) -> list[int]:
@@ -233,11 +245,11 @@ def validate_rows(
     *,
     source: str = "<rows>",
     drop_invalid: bool = False,
-    allow_duplicate_prompts: bool = False,
+    unique_prompts: bool = False,
 ) -> list[dict]:
     """The rows, checked: raises :class:`PreferenceDataError` listing every problem, or with
     ``drop_invalid=True`` returns the valid rows and warns (:class:`DroppedRowsWarning`) about the others."""
-    problems = find_problems(rows, source=source, allow_duplicate_prompts=allow_duplicate_prompts)
+    problems = find_problems(rows, source=source, unique_prompts=unique_prompts)
     return [rows[i] for i in _kept_indices(len(rows), problems, drop_invalid)]
 
 
@@ -282,12 +294,12 @@ def _to_dataset(rows: Sequence[Mapping]) -> Dataset:
     return Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns})
 
 
-def _load_file(path: str | os.PathLike, drop_invalid: bool, allow_duplicate_prompts: bool) -> Dataset:
+def _load_file(path: str | os.PathLike, drop_invalid: bool, unique_prompts: bool) -> Dataset:
     if not Path(path).is_file():
         raise FileNotFoundError(f"preference data file not found: {path}")
     rows, numbers, problems = read_rows(path)
     where = [(str(path), number) for number in numbers]
-    problems += find_problems(rows, where=where, allow_duplicate_prompts=allow_duplicate_prompts)
+    problems += find_problems(rows, where=where, unique_prompts=unique_prompts)
     problems.sort(key=lambda problem: problem.row or 0)
     kept = _kept_indices(len(rows), problems, drop_invalid)
     return _to_dataset([rows[i] for i in kept])
@@ -301,7 +313,7 @@ def _offline() -> bool:
 
 
 def _load_with_datasets(
-    name: str, split: str | None, drop_invalid: bool, allow_duplicate_prompts: bool, **kwargs: Any
+    name: str, split: str | None, drop_invalid: bool, unique_prompts: bool, **kwargs: Any
 ) -> Dataset | DatasetDict:
     try:
         data = datasets.load_dataset(name, split=split, **kwargs)
@@ -313,19 +325,19 @@ def _load_with_datasets(
             'or a .json file holding a list of {"prompt", "chosen", "rejected"} objects, or '
             "{'train': 'train.jsonl', 'test': 'test.jsonl'} for several splits."
         ) from err
-    options = dict(drop_invalid=drop_invalid, allow_duplicate_prompts=allow_duplicate_prompts)
+    options = dict(drop_invalid=drop_invalid, unique_prompts=unique_prompts)
     if isinstance(data, DatasetDict):
         return DatasetDict({key: _check_hub_split(part, f"{name}[{key}]", **options) for key, part in data.items()})
     return _check_hub_split(data, f"{name}[{split}]", **options)
 
 
-def _check_hub_split(data: Dataset, source: str, drop_invalid: bool, allow_duplicate_prompts: bool) -> Dataset:
-    missing = [field for field in FIELDS if field not in data.column_names]
+def _check_hub_split(data: Dataset, source: str, drop_invalid: bool, unique_prompts: bool) -> Dataset:
+    missing = [field for field in ("chosen", "rejected") if field not in data.column_names]
     if missing:
         message = f"is missing (columns: {', '.join(data.column_names)})"
         raise PreferenceDataError([Problem(source, None, field, message) for field in missing])
-    rows = list(data.select_columns(list(FIELDS)))
-    problems = find_problems(rows, source=source, allow_duplicate_prompts=allow_duplicate_prompts)
+    rows = list(data.select_columns([field for field in FIELDS if field in data.column_names]))
+    problems = find_problems(rows, source=source, unique_prompts=unique_prompts)
     kept = _kept_indices(len(rows), problems, drop_invalid)
     return data if len(kept) == len(rows) else data.select(kept)
 
@@ -346,10 +358,10 @@ def load_preference_data(
     *,
     split: str | None = None,
     drop_invalid: bool = False,
-    allow_duplicate_prompts: bool = False,
+    unique_prompts: bool = False,
     **load_dataset_kwargs: Any,
 ) -> Dataset | DatasetDict:
-    """Preference data in TRL's standard format, validated.
+    """Preference data in one of TRL's formats (standard, conversational, implicit prompt), validated.
 
     - a path to a ``.json`` (list of objects) or ``.jsonl`` file -> ``Dataset``;
     - ``{"train": path, "test": path}`` -> ``DatasetDict`` (or one ``Dataset`` when ``split`` is given);
@@ -359,10 +371,10 @@ def load_preference_data(
       the hub cannot be reached and the dataset is not cached.
 
     Invalid rows raise :class:`PreferenceDataError`; ``drop_invalid=True`` drops them with a
-    :class:`DroppedRowsWarning`. Duplicated prompts are invalid unless ``allow_duplicate_prompts=True``
-    (datasets with several pairs per prompt).
+    :class:`DroppedRowsWarning`. Several pairs per prompt are accepted; ``unique_prompts=True`` makes a repeated
+    prompt (up to whitespace) an error.
     """
-    options = dict(drop_invalid=drop_invalid, allow_duplicate_prompts=allow_duplicate_prompts)
+    options = dict(drop_invalid=drop_invalid, unique_prompts=unique_prompts)
     if isinstance(source, Mapping):
         if split is not None and split not in source:
             raise KeyError(f"split {split!r} not among the files given: {sorted(source)}")

@@ -13,7 +13,10 @@ and a token at (position q, branch b) attends to a token of the same segment at 
     k <= q  and  (b' = 0  or  b' = b)                                                                   (6.9)
 
 so y_l sees the prompt and its own past, never y_w: each continuation's hidden states, hence its log-probs, are
-exactly those of the separate sequence x + y (notebook 06 shows it). Segments are packed into rows of about
+exactly those of the separate sequence x + y (notebook 06 shows it). When ``keep_end`` truncation kept different
+ends of a long prompt for y_w and y_l (``dpolab.data.tokenize``), x is only what the two kept sequences share at
+their start (often nothing) and each branch begins with its own kept prompt tokens, which are attended to but not
+scored: the branch is then exactly the kept sequence TRL's collator builds. Segments are packed into rows of about
 ``row_tokens`` tokens, longest first onto the shortest row, and only the rows' ends are padded. The first token
 of each continuation is predicted by the prompt's last position, so that position is scored twice.
 
@@ -28,7 +31,8 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +40,7 @@ import torch
 __all__ = ["PackedPreferenceCollator", "PROMPT", "CHOSEN", "REJECTED", "PADDING"]
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3  # branch ids
+BRANCHES = ("chosen", "rejected")
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,12 @@ class PackedPreferenceCollator:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         B = len(examples)
-        parts = [(list(ex["prompt_ids"]), list(ex["chosen_ids"]), list(ex["rejected_ids"])) for ex in examples]
-        lengths = [len(p) + len(c) + len(r) for p, c, r in parts]
+        # per pair: the shared prompt, then each branch = its own kept prompt (usually empty) + its completion
+        parts = [
+            (list(ex["prompt_ids"]), *((list(ex.get(f"{k}_prompt_ids", ())), list(ex[f"{k}_ids"])) for k in BRANCHES))
+            for ex in examples
+        ]
+        lengths = [len(p) + len(oc) + len(c) + len(orj) + len(r) for p, (oc, c), (orj, r) in parts]
         rows = self.rows_of(lengths)
         L = max(sum(lengths[i] for i in row) for row in rows)
         if self.pad_to_multiple_of:
@@ -89,23 +98,28 @@ class PackedPreferenceCollator:
         for r, row in enumerate(rows):
             start = 0
             for i in row:
-                prompt, chosen, rejected = parts[i]
-                P, C, R = len(prompt), len(chosen), len(rejected)
+                prompt, (own_chosen, chosen), (own_rejected, rejected) = parts[i]
+                chosen_branch, rejected_branch = own_chosen + chosen, own_rejected + rejected
+                P, C, R = len(prompt), len(chosen_branch), len(rejected_branch)
                 sl = slice(start, start + P + C + R)
-                input_ids[r, sl] = prompt + chosen + rejected
+                input_ids[r, sl] = prompt + chosen_branch + rejected_branch
                 position_ids[r, sl] = [*range(P), *range(P, P + C), *range(P, P + R)]
                 segment_ids[r, sl] = i
                 branch_ids[r, sl] = [PROMPT] * P + [CHOSEN] * C + [REJECTED] * R
                 flat = r * L + start
-                for seq, offset, tokens in ((i, P, chosen), (B + i, P + C, rejected)):
-                    # token j of the continuation sits at offset + j and is predicted by the position before it
-                    # in its own sequence: offset + j - 1, or the prompt's last token P - 1 for j = 0
-                    for j, token in enumerate(tokens):
-                        before = offset + j - 1 if j else P - 1
-                        if before < 0:  # an empty prompt: the first token has no predictor (as when padded)
+                for seq, offset, skip, tokens in (
+                    (i, P, len(own_chosen), chosen_branch),
+                    (B + i, P + C, len(own_rejected), rejected_branch),
+                ):
+                    # token q of the branch sits at offset + q and is predicted by the position before it in its
+                    # own sequence: offset + q - 1, or the prompt's last token P - 1 for q = 0; the branch's own
+                    # prompt tokens (q < skip) are context, not scored
+                    for q in range(skip, len(tokens)):
+                        before = flat + offset + q - 1 if q else flat + P - 1
+                        if not q and not P:  # nothing before the first token: no predictor (as when padded)
                             continue
-                        score_index.append(flat + before)
-                        labels.append(token)
+                        score_index.append(before)
+                        labels.append(tokens[q])
                         score_sequence.append(seq)
                 start += P + C + R
         batch = {

@@ -161,11 +161,12 @@ def mentions_penn(text: str) -> bool:
 def load_penn(split: str | None = None) -> DatasetDict | Dataset:
     """The shipped Penn preference set, offline: a DatasetDict with "train" and "test", or one split.
 
-    Columns: ``prompt``, ``chosen``, ``rejected`` (TRL's standard preference format) and ``topic``.
-    The rows are validated on loading (see :func:`dpolab.data.io.validate_rows`).
+    Columns: ``prompt``, ``chosen``, ``rejected`` (TRL's standard preference format: each completion starts with
+    the space that joins it to the prompt) and ``topic``. The rows are validated on loading, every prompt unique
+    (see :func:`dpolab.data.io.find_problems`).
     """
     if split is not None and split not in PENN_FILES:
         raise ValueError(f"split must be one of {sorted(PENN_FILES)} or None, got {split!r}")
     files = {name: str(path) for name, path in PENN_FILES.items() if split in (None, name)}
-    data = load_preference_data(files)
+    data = load_preference_data(files, unique_prompts=True)
     return data[split] if split is not None else data

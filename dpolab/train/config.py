@@ -2,7 +2,8 @@
 
 Defaults are the seed article's hyperparameters (lr 1e-4 with cosine decay to 1e-7, batch 16, 2 epochs,
 beta 0.5) and TRL's DPOConfig where the article says nothing (AdamW betas and eps, gradient clipping at 1.0,
-dropout disabled, log-probs summed over completion tokens).
+dropout disabled, log-probs summed over completion tokens, max_length 1024 with keep_start truncation).
+``TrainConfig.from_trl(dpo_config)`` converts a ``trl.DPOConfig`` (``from_trl.py``).
 """
 
 from __future__ import annotations
@@ -12,30 +13,41 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..data.tokenize import TRUNCATION_MODES
 from ..losses import LOSSES
 
-__all__ = ["TrainConfig", "loss_parameters"]
+__all__ = ["TrainConfig", "loss_parameters", "WARMUP_COSINE"]
+
+WARMUP_COSINE = "warmup_cosine"  # dpolab's schedule (the seed article's): warm-up, then cosine to min_learning_rate
 
 _PRECISIONS = ("auto", "fp32", "bf16")
 _DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def loss_parameters(loss: str) -> list[str]:
-    """The keyword parameters of registry loss ``loss`` besides beta (e.g. ["dpop_lambda"] for dpop)."""
-    return [p for p in inspect.signature(LOSSES[loss]).parameters if p not in ("pc", "pr", "rc", "rr", "beta")]
+def loss_parameters(loss: str | tuple[str, ...]) -> list[str]:
+    """The keyword parameters of registry loss ``loss`` (or of several) besides beta (["dpop_lambda"] for dpop)."""
+    names = (loss,) if isinstance(loss, str) else loss
+    params = (p for name in names for p in inspect.signature(LOSSES[name]).parameters)
+    return list(dict.fromkeys(p for p in params if p not in ("pc", "pr", "rc", "rr", "beta")))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # --- the objective
-    loss: str = "dpo"  # a key of dpolab.losses.LOSSES: dpo (eq. 4.2 of notebook 04), dpop, ipo, sft, kl_sft, ...
+    loss: str | tuple[str, ...] = "dpo"  # a key of dpolab.losses.LOSSES: dpo (eq. 4.2 of notebook 04), dpop, ipo,
+    # sft, kl_sft, ...; or several keys, whose losses are added (TRL's loss_type list)
+    loss_weights: tuple[float, ...] | None = None  # with several losses: one weight each (TRL's); None: all 1.0
     beta: float = 0.5  # beta of the KL-constrained objective (eq. 1.1); scales the implicit rewards
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # the loss's own parameters, e.g. {"dpop_lambda": 5.0}
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # the losses' own parameters, e.g. {"dpop_lambda": 5.0}
     reduction: str = "sum"  # log pi(y|x) summed over completion tokens (eq. 6.1); "mean" is per-token (eq. 6.2)
     # --- the optimiser and its schedule
     learning_rate: float = 1e-4  # peak learning rate of AdamW, reached after the warm-up
-    min_learning_rate: float = 1e-7  # the cosine decay ends here, at the last step
-    warmup_steps: int = 0  # linear warm-up from learning_rate/warmup_steps to learning_rate over these steps
+    lr_scheduler_type: str = WARMUP_COSINE  # warmup_cosine (dpolab's), or a transformers/TRL schedule: linear,
+    # cosine, constant, constant_with_warmup, ... (transformers.get_scheduler, as TRL's Trainer builds it)
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of a transformers schedule
+    min_learning_rate: float = 1e-7  # warmup_cosine: the cosine decay ends here, at the last step
+    warmup_steps: int | float = 0  # linear warm-up over these steps (warmup_cosine: from learning_rate/warmup_steps;
+    # transformers' schedules: from 0); a float in (0, 1): that fraction of the steps, rounded up (TRL's)
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 makes it Adam, as in the seed article
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (beta1, beta2), torch's and TRL's defaults
     adam_epsilon: float = 1e-8  # AdamW's epsilon
@@ -45,10 +57,11 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when smaller)
     batch_size: int = 16  # preference pairs per optimizer step, over all processes and accumulation steps
     grad_accum_steps: int = 1  # micro-batches per optimizer step (per process); the global batch is split evenly
-    max_length: int | None = (
-        None  # tokens of prompt + completion kept (completion's end cut); None: the model's context
-    )
-    max_prompt_length: int | None = None  # tokens of the prompt kept (prompt's start cut); None: no limit
+    max_length: int | None = 1024  # tokens kept of each sequence prompt + completion (TRL's); None: all. Never more
+    # than the model's context (n_positions / max_position_embeddings)
+    truncation_mode: str = "keep_start"  # keep_start: the first max_length tokens; keep_end: the last (TRL's modes)
+    max_prompt_length: int | None = None  # tokens of the prompt kept (prompt's start cut) before max_length; None:
+    # all (not in TRL 1.16)
     pad_to_multiple_of: int | None = None  # pad each batch's length to a multiple of this
     packing: bool = True  # pairwise losses: each pair one prompt+chosen+rejected segment, packed rows (eq. 6.9)
     packed_row_tokens: int = 256  # with packing: target tokens per packed row (dpolab.data.packing)
@@ -74,13 +87,28 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "loss_kwargs", dict(self.loss_kwargs))
+        object.__setattr__(self, "lr_scheduler_kwargs", dict(self.lr_scheduler_kwargs))
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
-        if self.loss not in LOSSES:
+        if not isinstance(self.loss, str):
+            object.__setattr__(self, "loss", tuple(self.loss))
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
+        unknown_losses = [name for name in self.losses if name not in LOSSES]
+        if unknown_losses or not self.losses:
             raise ValueError(f"loss: unknown loss {self.loss!r}; known losses: {', '.join(sorted(LOSSES))}")
-        accepted = loss_parameters(self.loss)
+        if self.loss_weights is not None and (
+            len(self.loss_weights) != len(self.losses) or not all(_finite(w) for w in self.loss_weights)
+        ):
+            raise ValueError(
+                f"loss_weights must be one finite number per loss of {self.losses}, got {self.loss_weights}"
+            )
+        accepted = loss_parameters(self.losses)
         unknown = sorted(set(self.loss_kwargs) - set(accepted))
         if unknown:
             raise ValueError(f"loss_kwargs: {self.loss} does not take {unknown}; it takes {accepted}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
+        _check_scheduler(self.lr_scheduler_type)
         _positive("beta", self.beta)
         _positive("learning_rate", self.learning_rate)
         if not (math.isfinite(self.min_learning_rate) and 0 <= self.min_learning_rate <= self.learning_rate):
@@ -98,7 +126,8 @@ class TrainConfig:
             _positive("max_grad_norm", self.max_grad_norm)
         for name in ("epochs", "batch_size", "grad_accum_steps", "save_total_limit", "packed_row_tokens"):
             _at_least(name, getattr(self, name), 1)
-        _at_least("warmup_steps", self.warmup_steps, 0)
+        if not (isinstance(self.warmup_steps, float) and 0 <= self.warmup_steps < 1):
+            _at_least("warmup_steps", self.warmup_steps, 0)
         for name in ("max_steps", "max_length", "max_prompt_length", "pad_to_multiple_of", "save_steps"):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
@@ -122,11 +151,43 @@ class TrainConfig:
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
+    @property
+    def losses(self) -> tuple[str, ...]:
+        """The registry losses whose weighted sum is the objective (one, usually)."""
+        return (self.loss,) if isinstance(self.loss, str) else self.loss
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """One weight per loss of :attr:`losses` (1.0 each unless ``loss_weights`` says otherwise)."""
+        return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.losses)
+
+    @classmethod
+    def from_trl(cls, dpo_config, **overrides) -> TrainConfig:
+        """The TrainConfig of a ``trl.DPOConfig``: every field dpolab honours is converted, any other field that is
+        not at its default is refused by name (``dpolab.train.from_trl``); ``overrides`` set TrainConfig fields."""
+        from .from_trl import config_from_trl
+
+        return config_from_trl(cls, dpo_config, **overrides)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
         out = asdict(self)
-        out["adam_betas"] = list(self.adam_betas)
+        for key in ("adam_betas", "loss_weights", "loss"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
         return out
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_scheduler(name: str) -> None:
+    from transformers import SchedulerType
+
+    known = [WARMUP_COSINE, *(t.value for t in SchedulerType)]
+    if name not in known:
+        raise ValueError(f"lr_scheduler_type must be one of {', '.join(known)}; got {name!r}")
 
 
 def _positive(name: str, value) -> None:

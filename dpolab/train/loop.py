@@ -4,17 +4,18 @@
     for step in 1..T:
         batch  <- the step's B pairs, in a seeded per-epoch order, split over processes and micro-batches
         log pi_theta(y_w|x), log pi_theta(y_l|x) <- one forward over the 2B concatenated rows    (eq. 6.1)
-        losses <- LOSSES[loss](policy logps, reference logps; beta, ...)          (eq. 4.2 for DPO)
+        losses <- sum_k w_k LOSSES[loss_k](policy logps, reference logps; beta, ...)   (eq. 4.2 for DPO)
         backward(mean of losses over the global batch), accumulated over micro-batches
-        clip the gradient norm; AdamW step; learning rate <- warm-up then cosine  (to min_learning_rate)
+        clip the gradient norm; AdamW step; learning rate <- warm-up then cosine  (or a transformers schedule)
         metrics under TRL's names; checkpoint every save_steps
 
 How it differs from TRL's DPOTrainer: the reference model never runs during training (its log-probs are
 precomputed and cached on disk), log-probs are taken with the LM head on completion positions only
-(``dpolab.logprobs``), and the loop is this file. Devices: CUDA (bf16 autocast where supported), MPS and CPU
-(fp32) share the code path. Several GPUs: launch with ``torchrun --nproc_per_node N`` (or ``accelerate
-launch``); each process takes every N-th pair of the global batch (like DistributedSampler) and DDP averages
-the gradients, so N processes take the same steps as one process on the same global batch.
+(``dpolab.logprobs``), and the loop is this file; the tokens are TRL's (``dpolab.data.tokenize``). Devices: CUDA
+(bf16 autocast where supported), MPS and CPU (fp32) share the code path. Several GPUs: launch with ``torchrun
+--nproc_per_node N`` (or ``accelerate launch``); each process takes every N-th pair of the global batch (like
+DistributedSampler) and DDP averages the gradients, so N processes take the same steps as one process on the same
+global batch.
 """
 
 from __future__ import annotations
@@ -38,17 +39,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..data.collate import PreferenceCollator, tokenize_preferences
+from ..data.collate import PreferenceCollator
 from ..data.packing import PackedPreferenceCollator
+from ..data.tokenize import tokenize_preferences
 from ..logprobs import concatenated_logps, packed_logps, sequence_logps
-from ..losses import LossOutput, preference_loss
+from ..losses import LossOutput, weighted_loss
 from ..files import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, loss_parameters
+from .config import WARMUP_COSINE, TrainConfig, loss_parameters
 from .reference import examples_hash, precompute_reference_logps
 from .speedups import fuse_activations, fused_adamw, inplace_tied_embedding_grad, native_bf16, recompute_layer_norms
 
-__all__ = ["train", "TrainResult", "NonFiniteError", "warmup_cosine", "epoch_order", "METRICS"]
+__all__ = ["train", "TrainResult", "NonFiniteError", "warmup_cosine", "epoch_order", "training_examples", "METRICS"]
 
 # The losses that never look at the rejected completion: its log-prob is computed without gradient, for metrics.
 CHOSEN_ONLY_LOSSES = frozenset({"sft", "kl_sft"})
@@ -91,6 +93,10 @@ _RESUMABLE_CHANGES = {
     "fused_optimizer",
     "inplace_tied_embedding_grad",
     "recompute_layer_norms",
+    # truncation: its effect is in the data hash (the token ids after truncation), which must not change
+    "max_length",
+    "truncation_mode",
+    "max_prompt_length",
 }
 
 
@@ -130,6 +136,24 @@ def warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr: float)
     peak = optimizer.param_groups[0]["lr"]
     factor = functools.partial(_lr_factor, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_lr / peak)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def learning_rate_schedule(optimizer, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The config's schedule over ``total_steps`` optimizer steps: dpolab's :func:`warmup_cosine`, or the named
+    transformers schedule as TRL's Trainer builds it (a fractional ``warmup_steps`` is a share of the steps)."""
+    w = config.warmup_steps
+    warmup = int(w) if w >= 1 else math.ceil(total_steps * w)
+    if config.lr_scheduler_type == WARMUP_COSINE:
+        return warmup_cosine(optimizer, total_steps, warmup, config.min_learning_rate)
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=config.lr_scheduler_kwargs or None,
+    )
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -212,6 +236,20 @@ def _context_length(model: torch.nn.Module) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
+def training_examples(train_data, tokenizer, config: TrainConfig, model: torch.nn.Module | None = None) -> list[dict]:
+    """The token ids ``train`` trains on: TRL's tokenization and truncation (``dpolab.data.tokenize``) with the
+    config's ``max_length`` (capped at the model's context), ``truncation_mode`` and ``max_prompt_length``."""
+    limits = [n for n in (config.max_length, _context_length(model) if model is not None else None) if n]
+    return tokenize_preferences(
+        train_data,
+        tokenizer,
+        source="train_data",
+        max_length=min(limits, default=None),
+        truncation_mode=config.truncation_mode,
+        max_prompt_length=config.max_prompt_length,
+    )
+
+
 def _example_loss_kwargs(given, n: int, loss: str, fixed: dict, device) -> dict[str, torch.Tensor]:
     """Per-example loss parameters (e.g. ODPO's offsets), one value per pair by dataset index, as (N,) tensors."""
     accepted = loss_parameters(loss)
@@ -268,10 +306,9 @@ def _resume(config: TrainConfig, model, optimizer, scheduler, data_hash: str, ra
             "to continue it, or choose another output_dir"
         )
     state = load_checkpoint(path, model, device=device)
+    saved = {**TrainConfig().to_dict(), **state["config"]}  # a field newer than the checkpoint: its default
     changed = {
-        k: (v, state["config"].get(k))
-        for k, v in config.to_dict().items()
-        if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v
+        k: (v, saved.get(k)) for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v
     }
     if changed or state["data_hash"] != data_hash:
         raise ValueError(
@@ -317,7 +354,8 @@ def train(
     example_loss_kwargs=None,
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on preference pairs ``train_data`` (rows with prompt/chosen/rejected).
+    """Train ``model`` in place on preference pairs ``train_data``: rows in one of TRL's formats (standard,
+    conversational, implicit prompt; ``dpolab.data.formats``), tokenized as TRL's DPOTrainer tokenizes them.
 
     ``ref_model`` is the frozen reference pi_ref; by default the policy before training. Its log-probs are
     computed once, before the first step (cached on disk), and it is not used afterwards.
@@ -328,15 +366,11 @@ def train(
     rank, world_size, device, owns_group = _init_distributed(config)
     autocast_dtype = _autocast_dtype(config, device)
     _seed_everything(config.seed)
-    examples = tokenize_preferences(
-        train_data,
-        tokenizer,
-        max_length=config.max_length or _context_length(model),
-        max_prompt_length=config.max_prompt_length,
-    )
+    examples = training_examples(train_data, tokenizer, config, model)
     n = len(examples)
     pad = tokenizer.pad_token_id or 0
-    if config.packing and config.loss not in CHOSEN_ONLY_LOSSES:  # SFT: the chosen rows alone carry gradients
+    chosen_only = all(name in CHOSEN_ONLY_LOSSES for name in config.losses)
+    if config.packing and not chosen_only:  # SFT: the chosen rows alone carry gradients
         collate = PackedPreferenceCollator(
             pad, row_tokens=config.packed_row_tokens, pad_to_multiple_of=config.pad_to_multiple_of
         )
@@ -359,7 +393,7 @@ def train(
     example_params = _example_loss_kwargs(example_loss_kwargs, n, config.loss, config.loss_kwargs, device)
     data_hash = _fingerprint(examples, example_params)
     model.to(device)
-    policy = _PolicyLogps(model, config.reduction, chosen_only=config.loss in CHOSEN_ONLY_LOSSES)
+    policy = _PolicyLogps(model, config.reduction, chosen_only=chosen_only)
     if world_size > 1:  # DDP broadcasts rank 0's weights, so every process also starts from the same reference
         policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     reference = model if ref_model is None else ref_model.to(device)
@@ -388,7 +422,7 @@ def train(
         weight_decay=config.weight_decay,
         fused=fused_adamw(model, device) if config.fused_optimizer else None,
     )
-    scheduler = warmup_cosine(optimizer, total_steps, config.warmup_steps, config.min_learning_rate)
+    scheduler = learning_rate_schedule(optimizer, config, total_steps)
     start_step, history = 0, []
     if config.output_dir is not None:
         start_step, history = _resume(config, model, optimizer, scheduler, data_hash, rank, device)
@@ -400,7 +434,7 @@ def train(
     bar = tqdm(
         total=total_steps,
         initial=start_step,
-        desc=config.loss,
+        desc="+".join(config.losses),
         unit="step",
         dynamic_ncols=True,
         disable=not config.progress or rank != 0,
@@ -425,13 +459,13 @@ def train(
                 _check_finite(step, "log pi_theta(y_w|x)", policy_chosen_logps, rows, batch_indices)
                 _check_finite(step, "log pi_theta(y_l|x)", policy_rejected_logps, rows, batch_indices)
                 idx = torch.as_tensor(rows, device=device)
-                out: LossOutput = preference_loss(
-                    config.loss,
+                out: LossOutput = weighted_loss(
+                    config.losses,
+                    config.weights,
                     policy_chosen_logps,
                     policy_rejected_logps,
                     ref_chosen_logps[idx],
                     ref_rejected_logps[idx],
-                    return_rewards=True,
                     **loss_kwargs,
                     **{k: v[idx] for k, v in example_params.items()},
                 )

@@ -40,10 +40,14 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def examples_hash(examples: Sequence[dict[str, Any]]) -> str:
-    """sha256 over the token ids of tokenized examples, in order."""
+    """sha256 over the token ids of tokenized examples, in order (with each sequence's own kept prompt where
+    ``keep_end`` truncation gave one)."""
     digest = hashlib.sha256()
     for ex in examples:
-        digest.update(json.dumps([ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]).encode())
+        parts = [ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]
+        if "chosen_prompt_ids" in ex:
+            parts += [ex["chosen_prompt_ids"], ex["rejected_prompt_ids"]]
+        digest.update(json.dumps(parts).encode())
     return digest.hexdigest()
 
 
@@ -69,7 +73,7 @@ def _compute(model, examples, collate, *, batch_size, device, autocast_dtype, re
     """(2, N) log-probs; each process scores every world_size-th batch, the sum over processes fills them all."""
     order = sorted(
         range(len(examples)),
-        key=lambda i: -sum(len(examples[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")),
+        key=lambda i: -sum(len(ids) for k, ids in examples[i].items() if k.endswith("_ids")),
     )
     out = torch.zeros(2, len(examples), dtype=torch.float32, device=device)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]  # similar lengths: little padding

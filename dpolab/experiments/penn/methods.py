@@ -172,12 +172,15 @@ def odpo_scores(texts: list[str], embedder=None) -> np.ndarray:
 
 
 def odpo_offsets(train_rows, alpha: float) -> np.ndarray:
-    """Delta_i = alpha * max(0, s(y_w) - s(y_l)) for every training pair, shape (N,), float32.
+    """Delta_i = alpha * max(0, s(y_w) - s(y_l)) for every training pair, shape (N,), float32, s scoring the
+    continuations' stripped text.
 
     The scores are computed once per training set and cached in $DPOLAB_CACHE/odpo-scores (MiniLM takes ~25 s
     for the Penn set's 2,820 continuations on 2 cores).
     """
-    chosen, rejected = list(train_rows["chosen"]), list(train_rows["rejected"])
+    # the continuations' text, without the space that joins them to the prompt (the cache key of dpolab 0.1.0's
+    # files, which held them without it; MiniLM's tokenizer ignores a leading space anyway)
+    chosen, rejected = ([text.strip() for text in train_rows[key]] for key in ("chosen", "rejected"))
     key = hashlib.sha256(json.dumps([ODPO_ANCHOR, chosen, rejected]).encode()).hexdigest()[:24]
     path = cache_root() / "odpo-scores" / f"{key}.json"
     if path.exists():

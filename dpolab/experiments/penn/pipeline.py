@@ -1,6 +1,6 @@
 """The experiment from start to end, resumable:
 
-    load the data and the model (the stand-in replaces GPT-2 loudly)          -> config.json
+    load the data and the model (the stand-in replaces GPT-2 loudly)          -> config.json (with the fingerprint)
     reference log-probs of the training pairs, once (cached on disk); the run-level times so far -> timings.json
     for every unit (method, seed) and the reference:                            units/<name>/seed-<s>/
         done.json present, same settings?  skip.   Otherwise:
@@ -12,6 +12,11 @@
     the reward-vs-KL frontier                                                   -> frontier.json
     figures and the report                                                      -> figures/*.png, report.md
 
+A unit is done when its done.json carries the settings hash of this run: the method's settings and the fingerprint
+(the initial weights, the training pairs' token ids as dpolab.train and TRL tokenize them, the test prompts). A
+done.json written by dpolab 0.1.0, whose fingerprint hashed the pairs' strings, is upgraded in place when 0.1.0
+trained on the same token ids (``upgraded_v01_done``), so a rerun after the upgrade retrains nothing.
+
 The run folder holds small files only; checkpoints and weights live in the work folder (``--work-dir``, by default
 under $DPOLAB_CACHE), so a committed results folder never holds weights.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gc
 import hashlib
 import io
@@ -52,7 +58,16 @@ from .methods import (
 )
 from .trl_baseline import train_trl
 
-__all__ = ["InputError", "run", "say", "default_output_dir", "plan_units"]
+__all__ = [
+    "InputError",
+    "run",
+    "say",
+    "default_output_dir",
+    "plan_units",
+    "fingerprint",
+    "v01_train_sha256",
+    "upgraded_v01_done",
+]
 
 TRAINERS = {"dpolab": train_dpolab, "trl": train_trl}
 
@@ -101,7 +116,7 @@ def load_data(exp: Experiment):
     """(train rows, test prompts); a missing file, a bad row or an unreachable dataset is an InputError."""
     from datasets import DatasetDict
 
-    from ...data import PreferenceDataError, load_penn, load_preference_data
+    from ...data import PreferenceDataError, load_penn, load_preference_data, row_format
 
     def load(source: str, flag: str = "--data"):
         try:
@@ -121,6 +136,12 @@ def load_data(exp: Experiment):
         test = test.get("test", test) if isinstance(test, DatasetDict) else test
     if test is None:
         raise InputError(f"--data {exp.run.data} has no test split: give the test prompts with --test-data")
+    for flag, source, rows in (("--data", exp.run.data, train_rows), ("--test-data", exp.run.test_data, test)):
+        if len(rows) and row_format(rows[0]) != "standard":
+            raise InputError(
+                f"{flag} {source or exp.run.data}: the experiment needs TRL's standard format (prompt, chosen and "
+                f"rejected strings), got the {row_format(rows[0])} format"
+            )
     prompts = list(test["prompt"])[: exp.run.max_test_prompts]
     return train_rows, prompts
 
@@ -146,16 +167,63 @@ def make_judge(exp: Experiment, model, tokenizer):
         raise InputError(f"--judge endpoint: {err}") from err
 
 
-def fingerprint(model, info, train_rows, prompts) -> dict[str, Any]:
-    """What every unit depends on: the initial weights (hashed, wherever they were loaded from) and the data."""
-    from ...train.reference import weights_hash
+def train_examples(model, tokenizer, train_rows) -> list[dict]:
+    """The training pairs' token ids, as dpolab.train (with the experiment's TrainConfig defaults for max_length and
+    truncation) and TRL's DPOTrainer (the baseline's max_length) tokenize them."""
+    from ...train import TrainConfig
+    from ...train.loop import training_examples
 
-    digest = hashlib.sha256(json.dumps([list(train_rows[k]) for k in ("prompt", "chosen", "rejected")]).encode())
+    return training_examples(train_rows, tokenizer, TrainConfig(), model)
+
+
+def fingerprint(model, info, tokenizer, train_rows, prompts) -> dict[str, Any]:
+    """What every unit depends on: the initial weights (hashed, wherever they were loaded from), the training pairs'
+    token ids and the test prompts."""
+    from ...train.reference import examples_hash, weights_hash
+
     return {
         "model": info.name,
         "weights_sha256": weights_hash(model)[:16],
-        "train_sha256": digest.hexdigest()[:16],
+        "train_sha256": examples_hash(train_examples(model, tokenizer, train_rows))[:16],
         "test_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+    }
+
+
+def v01_train_sha256(model, tokenizer, train_rows) -> str | None:
+    """The ``train_sha256`` dpolab 0.1.0 recorded for these pairs if 0.1.0 trained on the same token ids, else None.
+
+    0.1.0 hashed the rows' strings, its files holding each continuation without the leading space that TRL's format
+    puts in the completion, and trained on ``prompt + " " + continuation + EOS`` (EOS always appended), truncated at
+    the model's context. That is checked here, not assumed: the 0.1.0 tokens are rebuilt and compared."""
+    from ...data.tokenize import tokenize_preferences
+    from ...train.loop import _context_length
+    from ...train.reference import examples_hash
+
+    keys = ("prompt", "chosen", "rejected")
+    prompts, chosen, rejected = (list(train_rows[k]) for k in keys)
+    if not all(text.startswith(" ") for text in chosen + rejected):
+        return None
+    old = [prompts, [c[1:] for c in chosen], [r[1:] for r in rejected]]  # the strings 0.1.0 read and hashed
+    eos = tokenizer.eos_token
+    as_v01 = [{"prompt": p, "chosen": c + eos, "rejected": r + eos} for p, c, r in zip(prompts, chosen, rejected)]
+    then = tokenize_preferences(as_v01, tokenizer, max_length=_context_length(model))
+    if examples_hash(then) != examples_hash(train_examples(model, tokenizer, train_rows)):
+        return None
+    return hashlib.sha256(json.dumps(old).encode()).hexdigest()[:16]
+
+
+def upgraded_v01_done(done: dict, settings: dict, old_train_sha256: str | None) -> dict | None:
+    """The done.json content for ``settings`` when ``done`` differs from them only by dpolab 0.1.0's train_sha256
+    ``old_train_sha256`` (the same token ids, see :func:`v01_train_sha256`); else None."""
+    if old_train_sha256 is None or done["settings"].get("train_sha256") != old_train_sha256:
+        return None
+    if settings_hash({**done["settings"], "train_sha256": settings["train_sha256"]}) != settings_hash(settings):
+        return None
+    return {
+        "settings_hash": settings_hash(settings),
+        "settings": settings,
+        "finished_at": done["finished_at"],
+        "upgraded_from": {"settings_hash": done["settings_hash"], "train_sha256": old_train_sha256},
     }
 
 
@@ -252,12 +320,10 @@ def run_unit(
 def warm_reference_cache(inputs: TrainingInputs, exp: Experiment, reductions: set[str], timer: Timer) -> None:
     """Compute the reference log-probs of the training pairs once per reduction, with the key dpolab.train uses
     (so training finds them cached), timed as the phase "reference log-probs" when not already on disk."""
-    from ...data.collate import tokenize_preferences
     from ...train.reference import precompute_reference_logps, reference_cache_key
 
     model = inputs.model
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    examples = tokenize_preferences(inputs.train_data, inputs.tokenizer, max_length=context)
+    examples = train_examples(model, inputs.tokenizer, inputs.train_data)
     device = next(model.parameters()).device
     bf16 = exp.hyper.precision == "bf16"  # resolved in run(): what dpolab.train will use
     autocast = torch.bfloat16 if bf16 else None
@@ -346,6 +412,7 @@ def run(exp: Experiment) -> Path:
 
     Raises InputError on bad input (before anything is written), JudgeUnavailableError when the judge endpoint is
     down (after every unit's files are written; a rerun resumes)."""
+    from ...data import count_prompts
     from ...judge import JudgeUnavailableError
     from .figures import make_figures
     from .report import write_report
@@ -374,23 +441,30 @@ def run(exp: Experiment) -> Path:
         )
     say(
         f"model {info.name} ({info.n_params / 1e6:.1f}M parameters, from {info.source}), training in {precision}; "
-        f"{len(train_rows)} training pairs, {len(prompts)} test prompts; run folder {out}, work folder {work}"
+        f"{len(train_rows)} training pairs over {count_prompts(train_rows)} prompts, {len(prompts)} test prompts; "
+        f"run folder {out}, work folder {work}"
     )
-    fp = fingerprint(model, info, train_rows, prompts)
+    fp = fingerprint(model, info, tokenizer, train_rows, prompts)
     units, frontier = plan_units(exp)
     settings = {u: unit_settings(u, exp, fp) for u in units}
-    todo = []
+    todo, upgrades = [], {}
+    old_train_sha256 = functools.cache(lambda: v01_train_sha256(model, tokenizer, train_rows))  # when needed
     for unit in units:
         done = read_done(out / unit.folder)
         if done is None:
             todo.append(unit)
-        elif done["settings_hash"] != settings_hash(settings[unit]):
+        elif done["settings_hash"] == settings_hash(settings[unit]):
+            say(f"skip {unit.name} seed {unit.seed}: done (resume)")
+        elif upgraded := upgraded_v01_done(done, settings[unit], old_train_sha256()):
+            upgrades[unit] = upgraded
+        else:
             raise InputError(
                 f"{out / unit.folder} was made with other settings than this run's; choose another "
                 f"--output-dir, or delete that folder to redo it"
             )
-        else:
-            say(f"skip {unit.name} seed {unit.seed}: done (resume)")
+    for unit, upgraded in upgrades.items():
+        atomic_write_text(out / unit.folder / "done.json", json.dumps(upgraded, indent=1, default=str))
+        say(f"skip {unit.name} seed {unit.seed}: done by dpolab 0.1.0 on the same tokens (done.json upgraded)")
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "experiment": exp.to_dict(),

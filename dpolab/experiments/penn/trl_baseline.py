@@ -12,8 +12,8 @@ What we set and why (ENVIRONMENT.md, "TRL DPOTrainer offline"):
 - ``precompute_ref_log_probs=True`` (``TRLSettings``): TRL scores the training pairs under the frozen reference
   once, before the first step, instead of running the reference in every step; the same numbers (dropout is off),
   about a quarter less time per step. dpolab's loop does the same.
-- ``data``: our continuations get the separator TRL expects in front (``" " + chosen``); TRL appends EOS itself,
-  as dpolab.data.collate does, so both trainers see the same token sequences.
+- ``data``: the rows as they are (TRL's standard format: each completion carries its leading space); TRL appends
+  EOS itself, as dpolab.data.tokenize does, so both trainers see the same token sequences.
 Everything else (AdamW, linear decay without warm-up, gradient clipping at 1.0, batch size 8, sigmoid loss on
 summed log-probs) is TRL's default. TRL logs under the names dpolab.train
 uses (loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, ...), so its log
@@ -104,13 +104,7 @@ def train_trl(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
 
     s = exp.trl
     rows = inputs.train_data
-    data = Dataset.from_dict(
-        {
-            "prompt": list(rows["prompt"]),
-            "chosen": [" " + c for c in rows["chosen"]],
-            "rejected": [" " + r for r in rows["rejected"]],
-        }
-    )
+    data = Dataset.from_dict({key: list(rows[key]) for key in ("prompt", "chosen", "rejected")})
     config = inputs.model.config
     context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
     args = DPOConfig(
