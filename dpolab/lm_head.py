@@ -7,7 +7,8 @@ between the two, and the log-probs must be those of the model's own logits (eq. 
 - the post-head transforms that transformers' causal LMs apply are applied here too, as ``LogitTransform``:
   logits z -> c tanh(s z / c), with s the logit scale (Cohere's ``logit_scale`` multiplies, Granite's
   ``logits_scaling`` divides) and c the final-logit soft-cap (Gemma-2/3's ``final_logit_softcapping``), or s z
-  without a cap. The fused head ``linear_log_softmax`` takes s and c and differentiates through them (eq. 6.11);
+  without a cap. The fused head ``linear_log_softmax`` takes s and c; its backward multiplies eq. (6.8)'s
+  d/dz' by dz'/dz = s (1 - (z'/c)^2), or s;
 - a PEFT-wrapped model (``peft.PeftModel``) is looked through to the transformers model it wraps, whose body and
   head carry the adapters;
 - whatever else a model does, a one-time probe decides: on the first call with a model, the first row's first

@@ -171,3 +171,25 @@ def test_cli_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(SystemExit, match=r"^error: report_to='tensorboard' needs the tensorboard package"):
         main(["train", "--report-to", "tensorboard", "--output-dir", str(tmp_path)])
+
+
+def test_speedups_applied_puts_back_the_modules_it_replaced():
+    """Outside GPT-2's MLP layout, fuse_activations replaces a NewGELUActivation module by a fused GELUTanh (a new
+    child, not a class change): the block gives the original object back, and the function is unchanged inside."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from dpolab.train.speedups import speedups_applied
+
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(
+        GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global"], 2]])
+    ).eval()
+    acts = [block.mlp.act for block in model.transformer.h]
+    assert all(type(act) is NewGELUActivation for act in acts)
+    ids = torch.arange(12)[None]
+    expected = model(ids).logits
+    with speedups_applied(model):
+        assert all(type(block.mlp.act) is GELUTanh for block in model.transformer.h)
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert [block.mlp.act for block in model.transformer.h] == acts
