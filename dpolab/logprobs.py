@@ -22,16 +22,23 @@ autograd function with the gradient of eq. (6.8) written out, three matrix produ
 computed transposed, vocabulary x token, a few thousand vocabulary rows per product: each product writes one
 contiguous block that is exponentiated while still in cache (GPT-2, 488 tokens, 2 CPU cores: the head's forward
 1.3-1.6x faster than through one (n x 50,257) product, in interleaved runs; the backward as fast as before).
+
+Any causal LM: the lean head is the model's own head followed by its post-head transform (Gemma's soft-cap,
+Cohere's and Granite's logit scales), checked once per model against its own forward (``dpolab.lm_head``); a model
+it does not match is scored from its own forward logits, and a model that cannot take the packed layout exactly is
+scored padded, each said once.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .lm_head import LogitTransform, attention_implementation, close, lean_head, probing, say_once
 from .matmul import matmul, uses_onednn
 
 __all__ = [
@@ -102,16 +109,22 @@ def sequence_logps_from_logits(
     return _reduce(token_logps, completion_mask[:, 1:].to(token_logps.dtype), reduction)
 
 
-def _chunk_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
-    logits = F.linear(hidden, weight, bias).float()  # (n, V), freed after this chunk
+def _chunk_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    transform: LogitTransform = LogitTransform(),
+):
+    logits = transform(F.linear(hidden, weight, bias).float())  # (n, V), freed after this chunk
     return selective_log_softmax(logits, labels)
 
 
-def _lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"{type(model).__name__}'s output embedding is {type(head).__name__}, not nn.Linear")
-    return head.weight, head.bias
+def _own_logits(model: torch.nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """The model's own forward logits, (R, L, V): the fallback where the lean head is not the model's
+    (``dpolab.lm_head``)."""
+    kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
 
 
 def sequence_logps(
@@ -126,30 +139,34 @@ def sequence_logps(
     """log pi(y|x) of every row under a Hugging Face causal LM, eq. (6.1), memory-lean.
 
     Runs the transformer body once, gathers the hidden states at the positions i whose next token s_{i+1}
-    is a completion token, and applies the LM head to those rows only, ``chunk_size`` rows at a time
-    (recomputed in backward). Equals ``sequence_logps_from_logits(model(input_ids).logits, ...)`` to float
-    tolerance for models whose logits are ``lm_head(last_hidden_state)`` (GPT-2, Llama, SmolLM2, ...).
+    is a completion token, and applies the LM head (and the model's post-head transform: soft-cap, scale) to
+    those rows only, ``chunk_size`` rows at a time (recomputed in backward). Equals
+    ``sequence_logps_from_logits(model(input_ids).logits, ...)`` to float tolerance; a model whose logits are not
+    its head's output under a known transform (``dpolab.lm_head``) is scored from those full logits.
 
     Shapes: input_ids, attention_mask, completion_mask (B, L) -> (B,).
     """
     check_completion_mask(completion_mask)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    body = model.base_model
+    head = lean_head(model, input_ids)
+    if head is None:  # the model's own logits
+        logits = _own_logits(model, input_ids, attention_mask, position_ids)
+        return sequence_logps_from_logits(logits, input_ids, completion_mask, reduction)
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
+    hidden = head.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
     scored = completion_mask[:, 1:].bool()  # (B, L-1): position i predicts token i+1
     rows, cols = scored.nonzero(as_tuple=True)  # (n,) each
     h = hidden[:, :-1][rows, cols]  # (n, D)
     labels = input_ids[:, 1:][rows, cols]  # (n,)
-    weight, bias = _lm_head(model)
+    weight, bias, transform = head.weight, head.bias, head.transform
     pieces = []
     for start in range(0, h.shape[0], chunk_size):
         hs, ls = h[start : start + chunk_size], labels[start : start + chunk_size]
         if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
-            pieces.append(checkpoint(_chunk_token_logps, hs, weight, bias, ls, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_token_logps, hs, weight, bias, ls, transform, use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(hs, weight, bias, ls))
+            pieces.append(_chunk_token_logps(hs, weight, bias, ls, transform))
     token_logps = torch.cat(pieces) if pieces else h.new_zeros(0)
     totals = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     totals = totals.index_add(0, rows, token_logps)  # sum per row, eq. (6.1)
@@ -218,23 +235,38 @@ def _logits_t(weight, bias, hidden_t: torch.Tensor, v0: int, v1: int, acc: torch
     return z if bias is None else z.add_(bias[v0:v1, None].to(acc))
 
 
+def _transform_(z: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """In place: z <- c tanh(s z / c) with a cap c, else s z (``dpolab.lm_head.LogitTransform``)."""
+    if softcap is not None:
+        return z.mul_(scale / softcap).tanh_().mul_(softcap)
+    return z.mul_(scale) if scale != 1.0 else z
+
+
+def _capped_exp(z: torch.Tensor, m: torch.Tensor, softcap: float) -> torch.Tensor:
+    """exp(z - m) (z: soft-capped logits, overwritten) times the cap's derivative over s, 1 - (z / c)^2."""
+    e = (z - m).exp_()
+    return e.mul_(z.div_(softcap).square_().neg_().add_(1))
+
+
 class _LinearLogSoftmax(torch.autograd.Function):
-    """log_softmax(h W^T + b)[label], token by token, with the backward of eq. (6.8) written out:
+    """log_softmax(T(h W^T + b))[label], token by token, with the backward of eq. (6.8) written out:
 
         d log pi(y_t) / d logits_t = onehot(y_t) - softmax(logits_t)                                    (6.8)
 
     so with g_t the incoming gradient, dlogits = g (onehot - p), dh = dlogits W, dW = dlogits^T h, db = sum dlogits.
+    T is the model's post-head transform (``dpolab.lm_head.LogitTransform``): the identity, a scale z' = s z, or a
+    soft-cap z' = c tanh(s z / c), whose derivative s (1 - (z'/c)^2) multiplies dlogits element by element.
     The logits are computed transposed, vocabulary x token, ``vocab_chunk`` vocabulary rows c per product: each
     chunk's max m_c, exp(z - m_c) and its sums are taken while the chunk is in cache, and log-sum-exp combines the
     chunks (6.10): lse = M + log sum_c exp(m_c - M) sum_{v in c} exp(z_v - m_c), M = max_c m_c. With ``keep`` (one
-    block of all n tokens) the chunks' exp(z - m_c) are kept for the backward, where p = exp(z - m_c) exp(m_c - lse):
-    three products per token in all. Without, tokens go in blocks of ``chunk_size`` and each block's chunks are
-    recomputed in the backward (four products; one (vocab_chunk x chunk_size) chunk alive at a time). The one-hot
-    term of (6.8) is a gather and an index_add, outside the loops.
+    block of all n tokens) the chunks' exp(z - m_c) (with a soft-cap: z itself) are kept for the backward, where
+    p = exp(z - m_c) exp(m_c - lse): three products per token in all. Without, tokens go in blocks of ``chunk_size``
+    and each block's chunks are recomputed in the backward (four products; one (vocab_chunk x chunk_size) chunk
+    alive at a time). The one-hot term of (6.8) is a gather and an index_add, outside the loops.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, keep: bool, vocab_chunk: int):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, keep: bool, vocab_chunk: int, scale, softcap):
         (n, _), vocab = hidden.shape, weight.shape[0]
         mm, acc = _mm_dtype(hidden), torch.promote_types(hidden.dtype, torch.float32)  # products; softmax, gradients
         chunks = _spans(vocab, vocab_chunk)
@@ -242,22 +274,25 @@ class _LinearLogSoftmax(torch.autograd.Function):
         sums = torch.empty_like(m)
         picked = hidden.new_empty(n, dtype=acc)  # z[label]
         label_chunk = torch.div(labels, vocab_chunk, rounding_mode="floor")
-        # with keep: each chunk's exp(z - m_c), (c, n), in one (V, n) buffer (one allocation, released as a whole)
+        # with keep: each chunk's exp(z - m_c) (or z), (c, n), in one (V, n) buffer (one allocation, released whole)
         kept = hidden.new_empty((vocab, n), dtype=acc) if keep else None
         for t0, t1 in _spans(n, n if keep else chunk_size):
             h_t = hidden[t0:t1].t().to(mm)
             for i, (v0, v1) in enumerate(chunks):
-                z = _logits_t(weight, bias, h_t, v0, v1, acc)  # (c, tokens)
+                z = _transform_(_logits_t(weight, bias, h_t, v0, v1, acc), scale, softcap)  # (c, tokens)
                 cols = (label_chunk[t0:t1] == i).nonzero().flatten()
                 picked[t0 + cols] = z[labels[t0 + cols] - v0, cols]
                 m_i = torch.amax(z, 0, out=m[i, t0:t1])
+                if keep and softcap is not None:  # the backward needs z for the cap's derivative
+                    kept[v0:v1] = z
                 sums[i, t0:t1] = z.sub_(m_i).exp_().sum(0)
-                if keep:
+                if keep and softcap is None:
                     kept[v0:v1] = z
         top = m.amax(0)
         lse = top + (m - top).exp_().mul_(sums).sum(0).log_()  # (6.10)
         ctx.chunk_size, ctx.keep, ctx.vocab_chunk, ctx.mm_dtype, ctx.used = chunk_size, keep, vocab_chunk, mm, False
-        ctx.save_for_backward(hidden, weight, bias, labels, m, lse, *([kept] if keep else []))
+        ctx.scale, ctx.softcap = scale, softcap
+        ctx.save_for_backward(hidden, weight, bias, labels, m, lse, picked, *([kept] if keep else []))
         return picked - lse
 
     @staticmethod
@@ -266,11 +301,13 @@ class _LinearLogSoftmax(torch.autograd.Function):
         if ctx.used and ctx.keep:
             raise RuntimeError("linear_log_softmax's backward overwrites its saved softmax: it runs once per forward")
         ctx.used = True
-        hidden, weight, bias, labels, m, lse, *kept = ctx.saved_tensors
+        hidden, weight, bias, labels, m, lse, picked, *kept = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        mm, acc = ctx.mm_dtype, m.dtype
+        mm, acc, scale, softcap = ctx.mm_dtype, m.dtype, ctx.scale, ctx.softcap
         (n, width), vocab = hidden.shape, weight.shape[0]
         g = grad_out.to(acc)
+        if scale != 1.0:  # dz = s dz' (a soft-cap's 1 - (z'/c)^2 is applied per logit below)
+            g = g * scale
         grad_h = hidden.new_empty((n, width), dtype=acc) if need_h else None
         grad_w = weight.new_empty(weight.shape, dtype=acc) if need_w else None
         grad_b = weight.new_zeros(vocab, dtype=acc) if need_b else None
@@ -281,10 +318,13 @@ class _LinearLogSoftmax(torch.autograd.Function):
                 (m[:, t0:t1] - lse[t0:t1]).exp_().mul_(-g[t0:t1])
             )  # -g exp(m_c - lse): p = exp(z - m_c) exp(m_c - lse)
             for i, (v0, v1) in enumerate(_spans(vocab, ctx.vocab_chunk)):
-                if ctx.keep:  # exp(z - m_c), overwritten in place
+                if ctx.keep:  # exp(z - m_c) (or z, with a cap), overwritten in place
                     e = kept[0][v0:v1]
                 else:  # recomputed exactly as the forward computed it
-                    e = _logits_t(weight, bias, h.t(), v0, v1, acc).sub_(m[i, t0:t1]).exp_()
+                    e = _transform_(_logits_t(weight, bias, h.t(), v0, v1, acc), scale, softcap)
+                    e = e.sub_(m[i, t0:t1]).exp_() if softcap is None else e
+                if softcap is not None:
+                    e = _capped_exp(e, m[i, t0:t1], softcap)
                 d = e.mul_(coef[i]).to(mm)  # (c, tokens): -g p, the softmax term of (6.8), transposed
                 if need_w:
                     _mm_into(grad_w[v0:v1], d, h_t.t(), first=t0 == 0)
@@ -292,6 +332,8 @@ class _LinearLogSoftmax(torch.autograd.Function):
                     grad_b[v0:v1] += d.to(acc).sum(1)
                 if need_h:  # the sum runs down both operands' rows: torch's mm, where oneDNN would copy both
                     _mm_into(grad_h[t0:t1], d.t(), weight[v0:v1].to(mm), first=i == 0, onednn=False)
+        if softcap is not None:  # the one-hot term's cap derivative, at each token's label
+            g = g * (1 - (picked / softcap).square())
         g_col = g[:, None]  # the one-hot term of (6.8): + g_t at each token's label
         if need_h:
             grad_h += g_col * weight[labels].to(acc)
@@ -302,7 +344,7 @@ class _LinearLogSoftmax(torch.autograd.Function):
         grad_h = grad_h.to(hidden.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def linear_log_softmax(
@@ -313,10 +355,12 @@ def linear_log_softmax(
     chunk_size: int = 1024,
     keep_softmax_bytes: int | None = None,
     vocab_chunk: int | None = None,
+    transform: LogitTransform = LogitTransform(),
 ) -> torch.Tensor:
-    """log_softmax(hidden @ weight.T + bias)[i, labels[i]] for every row i, never the full log-softmax.
+    """log_softmax(T(hidden @ weight.T + bias))[i, labels[i]] for every row i, never the full log-softmax.
 
-    Naive equivalent: ``torch.log_softmax(F.linear(hidden, weight, bias), -1).gather(-1, labels[:, None])[:, 0]``.
+    Naive equivalent: ``torch.log_softmax(T(F.linear(hidden, weight, bias)), -1).gather(-1, labels[:, None])[:, 0]``
+    with T the model's post-head ``transform`` (the identity by default; a scale, a soft-cap: ``dpolab.lm_head``).
     The fused function of eq. (6.8) (``_LinearLogSoftmax``), ``vocab_chunk`` (default ``VOCAB_CHUNK``) vocabulary
     rows per product. With gradients, its softmax (n x V floats) is kept when it fits in ``keep_softmax_bytes``
     (default: ``KEEP_SOFTMAX_BYTES``; three products per token), else recomputed for ``chunk_size`` tokens at a time
@@ -336,7 +380,9 @@ def linear_log_softmax(
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     budget = KEEP_SOFTMAX_BYTES if keep_softmax_bytes is None else keep_softmax_bytes
     keep = grad and hidden.shape[0] * weight.shape[0] * 4 <= budget  # without gradients: nothing kept, no graph
-    return _LinearLogSoftmax.apply(hidden, weight, bias, labels, chunk_size, keep, vocab_chunk)
+    return _LinearLogSoftmax.apply(
+        hidden, weight, bias, labels, chunk_size, keep, vocab_chunk, transform.scale, transform.softcap
+    )
 
 
 # ------------------------------------------------------------------------------- shared-prefix packed batches
@@ -365,6 +411,90 @@ def shared_prefix_mask(batch: dict[str, torch.Tensor], implementation: str, dtyp
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def _sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention's sliding window where some layer has one (Mistral; Gemma-2's sliding layers), else None."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not isinstance(window, int) or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
+_packing_problems: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> str | None (_probe_packing)
+
+
+def _probe_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> str | None:
+    """None if two pairs made of the first row's tokens, packed into one row, get the log-probs of their padded
+    layout (eval mode, no gradient, no autocast), else why not: a model that ignores position_ids (ALiBi), the 4D
+    mask (recurrent layers) or anything else eq. (6.9) relies on, does not."""
+    from .data.collate import PreferenceCollator
+    from .data.packing import PackedPreferenceCollator
+
+    tokens = input_ids[0].tolist()
+    t = [tokens[i % len(tokens)] for i in range(32)]
+    pairs = [  # the rejected continuation restarts 8 positions back; the second pair starts a new segment
+        {"prompt_ids": t[0:4], "chosen_ids": t[4:12], "rejected_ids": t[12:18]},
+        {"prompt_ids": t[18:23], "chosen_ids": t[23:26], "rejected_ids": t[26:32]},
+    ]
+    packed = PackedPreferenceCollator(0, row_tokens=len(t))(pairs)
+    padded = PreferenceCollator(pad_token_id=0)(pairs)
+    device = input_ids.device
+    with probing(model):
+        theirs = torch.cat(concatenated_logps(model, {k: v.to(device) for k, v in padded.items()}))
+        try:
+            ours = torch.cat(_packed(model, {k: v.to(device) for k, v in packed.items()}, "sum", 1024, None))
+        except Exception as error:
+            return f"its forward fails on a packed batch ({type(error).__name__}: {error})"
+    if not close(ours, theirs, _dtype(model)):
+        return "its forward gives packed pairs other log-probs than their own sequences (position_ids or 4D mask)"
+    return None
+
+
+def _packing_problem(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
+    """Why this packed batch cannot give ``model`` the log-probs of the padded layout exactly, or None."""
+    implementation = attention_implementation(model)
+    if implementation not in _MASK_KINDS:
+        return f"its attention implementation {implementation!r} takes no 4D mask (eq. 6.9 needs sdpa or eager)"
+    window = _sliding_window(model)
+    if window is not None and int(batch["position_ids"].max()) + 1 >= window:
+        return f"a sequence reaches its sliding attention window ({window} tokens), which a 4D mask does not apply"
+    if model not in _packing_problems:
+        _packing_problems[model] = _probe_packing(model, batch["input_ids"])
+    return _packing_problems[model]
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _packed(model, batch, reduction, chunk_size, keep_softmax_bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """``packed_logps`` once the packed layout is known to be exact for ``model``."""
+    sequence = batch["score_sequence"]
+    n_sequences = 2 * batch["index"].shape[0] if "index" in batch else int(sequence.max()) + 1
+    counts = torch.bincount(sequence, minlength=n_sequences)
+    head = lean_head(model, batch["input_ids"])
+    mask = shared_prefix_mask(batch, attention_implementation(model), _dtype(model))
+    if head is None:  # the model's own logits, (R, L, V)
+        logits = _own_logits(model, batch["input_ids"], mask, batch["position_ids"])
+        token_logps = selective_log_softmax(logits.flatten(0, 1)[batch["score_index"]].float(), batch["labels"])
+    else:
+        hidden = head.body(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state  # (R, L, D)
+        h = hidden.flatten(0, 1)[batch["score_index"]]  # (n, D)
+        token_logps = linear_log_softmax(
+            h, head.weight, head.bias, batch["labels"], chunk_size, keep_softmax_bytes, transform=head.transform
+        )
+    totals = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device)
+    totals = totals.index_add(0, sequence, token_logps)  # eq. (6.1) per sequence
+    if reduction == "mean":
+        totals = totals / counts
+    elif reduction != "sum":
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return totals.chunk(2)
+
+
 def packed_logps(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -376,7 +506,10 @@ def packed_logps(
 
     Equals ``concatenated_logps`` on the padded batch of the same pairs (to float tolerance, values and
     gradients): eq. (6.9) gives every token the hidden state it has in its own sequence x + y, and eq. (6.1)
-    sums the scored tokens of each sequence. Shapes: see ``dpolab.data.packing``.
+    sums the scored tokens of each sequence. Where the model cannot take the packed layout exactly (an attention
+    without 4D masks, a sliding window the batch reaches, a probe of its forward on two packed pairs that
+    disagrees with their padded layout, once per model), the batch is unpacked and scored padded, and that is
+    said once. Shapes: see ``dpolab.data.packing``.
     """
     sequence = batch["score_sequence"]
     n_sequences = 2 * batch["index"].shape[0] if "index" in batch else int(sequence.max()) + 1
@@ -387,19 +520,13 @@ def packed_logps(
             f"no completion token is scored for sequences {empty[:10]} of the packed batch "
             "(0..B-1 chosen, B..2B-1 rejected): an empty prompt and a one-token completion?"
         )
-    weight, bias = _lm_head(model)
-    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-    mask = shared_prefix_mask(batch, implementation, weight.dtype)
-    body = model.base_model
-    hidden = body(
-        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
-    ).last_hidden_state  # (R, L, D)
-    h = hidden.flatten(0, 1)[batch["score_index"]]  # (n, D)
-    token_logps = linear_log_softmax(h, weight, bias, batch["labels"], chunk_size, keep_softmax_bytes)
-    totals = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device)
-    totals = totals.index_add(0, sequence, token_logps)  # eq. (6.1) per sequence
-    if reduction == "mean":
-        totals = totals / counts
-    elif reduction != "sum":
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    return totals.chunk(2)
+    problem = _packing_problem(model, batch)
+    if problem is not None:
+        from .data.collate import PreferenceCollator
+        from .data.packing import unpack
+
+        say_once(f"dpolab: {type(model).__name__}: {problem}; its pairs are scored in the padded layout instead")
+        padded = PreferenceCollator(pad_token_id=0)(unpack(batch))
+        padded = {k: v.to(batch["input_ids"].device) for k, v in padded.items() if k != "index"}
+        return concatenated_logps(model, padded, reduction=reduction, chunk_size=chunk_size)
+    return _packed(model, batch, reduction, chunk_size, keep_softmax_bytes)

@@ -255,11 +255,12 @@ def _count_forwards(model):
 def test_no_reference_forward_during_training(small_tokenizer, rows, loss, no_grad_per_step):
     """The reference runs once over the data (two batches of 16 pairs), never per step.
 
-    SFT's rejected half runs without gradient, for the metrics only."""
+    SFT's rejected half runs without gradient, for the metrics only. Once per model, dpolab.lm_head's probe runs the
+    body twice (the model's own forward, the lean path) and the packing probe twice (packed, padded)."""
     model = make_tiny_gpt2(small_tokenizer)
     counts = _count_forwards(model)
     train(model, small_tokenizer, rows, config(loss=loss, epochs=2))
-    assert counts == {"grad": 8, "no_grad": 2 + 8 * no_grad_per_step}
+    assert counts == {"grad": 8, "no_grad": 2 + 4 + 8 * no_grad_per_step}
 
 
 def test_a_separate_reference_is_not_kept_during_training(small_tokenizer, rows):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["PackedPreferenceCollator", "PROMPT", "CHOSEN", "REJECTED", "PADDING"]
+__all__ = ["PackedPreferenceCollator", "unpack", "PROMPT", "CHOSEN", "REJECTED", "PADDING"]
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3  # branch ids
 BRANCHES = ("chosen", "rejected")
@@ -134,3 +134,20 @@ class PackedPreferenceCollator:
         if all("index" in ex for ex in examples):
             batch["index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)  # (B,)
         return batch
+
+
+def unpack(batch: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """The pairs of a packed batch, in its order (0..B-1): dicts of ``prompt_ids``, ``chosen_ids``, ``rejected_ids``
+    (and ``index`` where the batch has it), what ``PackedPreferenceCollator`` was given; for the padded layout of
+    the same pairs (``collate.PreferenceCollator``)."""
+    n_pairs = int(batch["segment_ids"].max()) + 1
+    pairs: list[dict[str, Any]] = [{"prompt_ids": [], "chosen_ids": [], "rejected_ids": []} for _ in range(n_pairs)]
+    keys = {PROMPT: "prompt_ids", CHOSEN: "chosen_ids", REJECTED: "rejected_ids"}
+    tokens, segments, branches = (batch[k].flatten().tolist() for k in ("input_ids", "segment_ids", "branch_ids"))
+    for token, segment, branch in zip(tokens, segments, branches):  # a segment's tokens are contiguous, in order
+        if segment >= 0:
+            pairs[segment][keys[branch]].append(token)
+    if "index" in batch:
+        for pair, index in zip(pairs, batch["index"].tolist()):
+            pair["index"] = index
+    return pairs

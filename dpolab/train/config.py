@@ -8,6 +8,7 @@ dropout disabled, log-probs summed over completion tokens, max_length 1024 with 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ WARMUP_COSINE = "warmup_cosine"  # dpolab's schedule (the seed article's): warm-
 
 _PRECISIONS = ("auto", "fp32", "bf16")
 _DEVICES = ("auto", "cpu", "cuda", "mps")
+_REPORT_TO = ("none", "tensorboard")
 
 
 def loss_parameters(loss: str | tuple[str, ...]) -> list[str]:
@@ -70,6 +72,11 @@ class TrainConfig:
     inplace_tied_embedding_grad: bool = True  # a tied input embedding adds its rows into weight.grad (one process only)
     recompute_layer_norms: bool = True  # GPT-2: the linear after a layer norm keeps the norm's input, not its output
     fused_optimizer: bool = True  # AdamW's fused kernel where torch has it (CPU, CUDA)
+    # --- memory
+    gradient_checkpointing: bool = (
+        False  # TRL's flag: recompute each layer's activations in the backward (transformers'
+    )
+    # activation checkpointing, non-reentrant), less memory for more time, the same numbers; off by default (TRL: on)
     seed: int = 0  # seeds the data order and the torch/numpy/python RNGs
     disable_dropout: bool = True  # set every nn.Dropout's p to 0, as TRL does: the reference log-probs have no dropout
     # --- where it runs
@@ -84,6 +91,8 @@ class TrainConfig:
     ref_cache_dir: str | None = None  # reference log-prob cache; None: $DPOLAB_CACHE/ref-logps or ~/.cache/dpolab/...
     use_ref_cache: bool = True  # read/write the reference log-prob cache
     progress: bool = True  # show a tqdm progress bar with ETA and live metrics
+    report_to: str = "none"  # "tensorboard": each step's metrics as TensorBoard scalars under TRL's names (train/loss,
+    # ...) in output_dir/runs ($TENSORBOARD_LOGGING_DIR overrides, as in transformers); needs dpolab[tensorboard]
 
     def __post_init__(self):
         object.__setattr__(self, "loss_kwargs", dict(self.loss_kwargs))
@@ -148,6 +157,15 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
         if self.output_dir is None and (self.save_steps is not None or self.resume):
             raise ValueError("save_steps and resume need an output_dir")
+        if self.report_to not in _REPORT_TO:
+            raise ValueError(f"report_to must be one of {_REPORT_TO}, got {self.report_to!r}")
+        if self.report_to == "tensorboard" and self.output_dir is None:
+            raise ValueError("report_to='tensorboard' needs an output_dir: its event files go to output_dir/runs")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError(
+                "report_to='tensorboard' needs the tensorboard package, which is not installed: "
+                "pip install 'dpolab[tensorboard]' (or pip install tensorboard), or report_to='none'"
+            )
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 

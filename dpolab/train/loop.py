@@ -48,7 +48,7 @@ from ..files import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import WARMUP_COSINE, TrainConfig, loss_parameters
 from .reference import examples_hash, precompute_reference_logps
-from .speedups import fuse_activations, fused_adamw, inplace_tied_embedding_grad, native_bf16, recompute_layer_norms
+from .speedups import fused_adamw, native_bf16, speedups_applied
 
 __all__ = ["train", "TrainResult", "NonFiniteError", "warmup_cosine", "epoch_order", "training_examples", "METRICS"]
 
@@ -93,6 +93,8 @@ _RESUMABLE_CHANGES = {
     "fused_optimizer",
     "inplace_tied_embedding_grad",
     "recompute_layer_norms",
+    "gradient_checkpointing",
+    "report_to",
     # truncation: its effect is in the data hash (the token ids after truncation), which must not change
     "max_length",
     "truncation_mode",
@@ -225,10 +227,49 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _disable_dropout(model: torch.nn.Module | None) -> None:
-    for module in model.modules() if model is not None else ():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+@contextlib.contextmanager
+def _dropout_disabled(model: torch.nn.Module, disable: bool):
+    """Every nn.Dropout's p set to 0 inside the block (as TRL does), its own p back afterwards."""
+    dropouts = [(module, module.p) for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    for module, _ in dropouts if disable else ():
+        module.p = 0.0
+    try:
+        yield
+    finally:
+        for module, p in dropouts:
+            module.p = p
+
+
+def _checkpointing_on(model: torch.nn.Module) -> bool:
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+@contextlib.contextmanager
+def _gradient_checkpointing(model: torch.nn.Module, enable: bool):
+    """transformers' activation checkpointing (non-reentrant) inside the block, where asked and not already on;
+    switched off again afterwards, with the input-embedding hook transformers adds for it."""
+    if not enable or _checkpointing_on(model):
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing: {type(model).__name__} does not support it (transformers' "
+            "supports_gradient_checkpointing is False); train with gradient_checkpointing=False"
+        )
+    hooked = bool(getattr(model, "_require_grads_hooks", None))
+    enable_checkpointing = getattr(model, "activation_checkpointing_enable", None)  # gradient_checkpointing_enable's
+    # current name in transformers (the old one is its deprecated alias)
+    if enable_checkpointing is not None:
+        enable_checkpointing(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+        if not hooked and hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
 
 
 def _context_length(model: torch.nn.Module) -> int | None:
@@ -344,6 +385,33 @@ def _save(config, step, model, optimizer, scheduler, history, data_hash, rank, w
         dist.barrier()
 
 
+class _TensorBoard:
+    """``report_to="tensorboard"``: each history row as TensorBoard scalars at its step, under TRL's names as
+    transformers' TensorBoardCallback writes them (``train/loss``, ``train/rewards/chosen``, ...), through
+    ``torch.utils.tensorboard.SummaryWriter`` on ``$TENSORBOARD_LOGGING_DIR`` (transformers' variable) or
+    ``output_dir/runs``. The writer (and its event file) comes with the first row, on rank 0 only."""
+
+    def __init__(self, config: TrainConfig, on_step: Callable[[dict[str, float]], None] | None):
+        self.log_dir = os.path.expanduser(os.environ.get("TENSORBOARD_LOGGING_DIR") or Path(config.output_dir) / "runs")
+        self.on_step, self.writer = on_step, None
+
+    def __call__(self, row: dict[str, float]) -> None:
+        if (not dist.is_initialized() or dist.get_rank() == 0) and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        if self.writer is not None:
+            for name in METRICS[1:]:
+                self.writer.add_scalar(f"train/{name}", row[name], row["step"])
+            self.writer.flush()
+        if self.on_step is not None:
+            self.on_step(row)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def train(
     model: torch.nn.Module,
     tokenizer,
@@ -362,7 +430,36 @@ def train(
     ``example_loss_kwargs`` maps a loss parameter to one value per pair, in dataset order (e.g. ODPO's
     ``{"offset": offsets}``); each batch passes the values of its own pairs.
     ``on_step`` is called with each step's history row right after its optimizer step (logging, timing).
+
+    The models are left as they were: the reference is only read (and put back on its device); the policy's
+    dropout, speed-ups (``speedups.py``) and gradient checkpointing hold while ``train`` runs and are undone when it
+    returns or raises, so only its weights (and their device) change. ``config.report_to="tensorboard"`` also writes
+    each history row as TensorBoard scalars (``TrainConfig.report_to``).
     """
+    if config.report_to == "tensorboard":
+        on_step = _TensorBoard(config, on_step)
+    with contextlib.ExitStack() as restore:
+        restore.enter_context(_dropout_disabled(model, config.disable_dropout))
+        restore.enter_context(
+            speedups_applied(
+                model,
+                activations=config.fuse_activations,  # the same functions in fused kernels
+                tied_embedding_grad=config.inplace_tied_embedding_grad,  # a plain lookup under DDP
+                layer_norms=config.recompute_layer_norms,
+            )
+        )
+        restore.enter_context(_gradient_checkpointing(model, config.gradient_checkpointing))
+        if isinstance(on_step, _TensorBoard):
+            restore.callback(on_step.close)
+        handed_over = [ref_model]  # this frame keeps no reference to it: _train frees it once its log-probs are in
+        del ref_model
+        return _train(model, tokenizer, train_data, config, handed_over, example_loss_kwargs, on_step)
+
+
+def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list, example_loss_kwargs, on_step):
+    """``train`` on a policy prepared for it (dropout off, speed-ups, gradient checkpointing); ``handed_over`` holds
+    the reference model (or None), which this function takes out."""
+    ref_model = handed_over.pop()
     rank, world_size, device, owns_group = _init_distributed(config)
     autocast_dtype = _autocast_dtype(config, device)
     _seed_everything(config.seed)
@@ -379,23 +476,13 @@ def train(
     steps_per_epoch = _steps_per_epoch(n, config.batch_size, world_size * config.grad_accum_steps)
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
 
-    if config.disable_dropout:
-        _disable_dropout(model)
-        _disable_dropout(ref_model)
-    if config.fuse_activations:  # the same functions in fused kernels (speedups.py)
-        fuse_activations(model)
-        if ref_model is not None:
-            fuse_activations(ref_model)
-    if config.inplace_tied_embedding_grad:  # a plain lookup under DDP (speedups.RowGradEmbedding)
-        inplace_tied_embedding_grad(model)
-    if config.recompute_layer_norms:  # the reference runs without gradients: nothing to keep there
-        recompute_layer_norms(model)
     example_params = _example_loss_kwargs(example_loss_kwargs, n, config.loss, config.loss_kwargs, device)
     data_hash = _fingerprint(examples, example_params)
     model.to(device)
     policy = _PolicyLogps(model, config.reduction, chosen_only=chosen_only)
     if world_size > 1:  # DDP broadcasts rank 0's weights, so every process also starts from the same reference
         policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    ref_device = None if ref_model is None else next(ref_model.parameters()).device
     reference = model if ref_model is None else ref_model.to(device)
     ref_chosen_logps, ref_rejected_logps = precompute_reference_logps(
         reference,
@@ -411,6 +498,8 @@ def train(
         world_size=world_size,
         packing=config.packing,
     )
+    if ref_model is not None and ref_model is not model:  # the caller's reference goes back where it was
+        ref_model.to(ref_device)
     del reference, ref_model  # the reference's work is done; training never runs it
     ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(device), ref_rejected_logps.to(device)
 

@@ -19,11 +19,15 @@
 - The products inside these autograd functions go through ``dpolab.matmul``: oneDNN's fp32 kernels on a CPU (faster
   than torch's MKL sgemm here), torch's own elsewhere.
 
-Packing (``dpolab.data.packing``) and the fused LM head (``dpolab.logprobs.linear_log_softmax``) live with the data
-and the log-probs they compute.
+``speedups_applied`` applies the first three to a model for the duration of a block (``dpolab.train`` wraps its run in
+it) and undoes them afterwards, also when the block raises: the caller's model comes back with its own classes and
+modules. Packing (``dpolab.data.packing``) and the fused LM head (``dpolab.logprobs.linear_log_softmax``) live with
+the data and the log-probs they compute.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -33,6 +37,7 @@ from transformers.pytorch_utils import Conv1D
 from ..matmul import matmul
 
 __all__ = [
+    "speedups_applied",
     "fuse_activations",
     "fused_adamw",
     "native_bf16",
@@ -302,3 +307,44 @@ def fused_adamw(model: torch.nn.Module, device: torch.device) -> bool | None:
         all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in model.parameters())
         or None
     )
+
+
+def _undo(changed_classes, replaced_children) -> None:
+    for parent, name, child in replaced_children:
+        setattr(parent, name, child)
+    for module, cls in changed_classes:
+        module.__class__ = cls
+
+
+@contextlib.contextmanager
+def speedups_applied(
+    model: torch.nn.Module, *, activations: bool = True, tied_embedding_grad: bool = True, layer_norms: bool = True
+):
+    """``fuse_activations``, ``inplace_tied_embedding_grad`` and ``recompute_layer_norms`` (each where asked) on
+    ``model`` inside the block; on leaving it, normally or by an exception, every module whose class they changed
+    gets its class back and every child module they replaced is put back (the same objects, so parameters, hooks and
+    state-dict keys are the caller's)."""
+    classes = {module: type(module) for module in model.modules()}
+    children = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+
+    def changes():
+        changed = [(module, cls) for module, cls in classes.items() if type(module) is not cls]
+        return changed, [
+            (parent, name, child) for parent, name, child in children if getattr(parent, name) is not child
+        ]
+
+    try:
+        if activations:
+            fuse_activations(model)
+        if tied_embedding_grad:
+            inplace_tied_embedding_grad(model)
+        if layer_norms:
+            recompute_layer_norms(model)
+    except BaseException:
+        _undo(*changes())
+        raise
+    made = changes()
+    try:
+        yield
+    finally:
+        _undo(*made)
