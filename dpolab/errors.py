@@ -70,8 +70,9 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (a training run continues from its last checkpoint with --resume)"
     message = str(err) or type(err).__name__
-    if isinstance(err, OSError) and err.strerror and err.errno in _HINTS:  # the system's message: add the fix
-        message = f"{message}: {_HINTS[err.errno]}"
+    system = err if isinstance(err, OSError) else err.__cause__  # the system's own message, maybe wrapped
+    if isinstance(system, OSError) and system.strerror and system.errno in _HINTS:  # it names no fix: add it
+        message = f"{message}: {_HINTS[system.errno]}"
     if not _expected(err):
         message = (
             f"{type(err).__name__}: {message} (unexpected; rerun with --debug or DPOLAB_DEBUG=1 for the traceback)"

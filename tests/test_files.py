@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, subprocess_env
-from dpolab.errors import exit_status, one_line
+from dpolab.errors import InputError, exit_status, one_line
 from dpolab.files import (
     atomic_directory,
     atomic_write_text,
@@ -90,6 +90,16 @@ def test_urls_are_written_without_credentials_query_or_fragment(url, written):
     assert redact_url(url) == written
 
 
+def _wrapped() -> InputError:
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "x.jsonl")
+        except PermissionError as err:
+            raise InputError(f"--data x.jsonl: {err}") from err
+    except InputError as err:
+        return err
+
+
 @pytest.mark.parametrize(
     "error, status, words",
     [
@@ -98,6 +108,8 @@ def test_urls_are_written_without_credentials_query_or_fragment(url, written):
         (PermissionError(errno.EACCES, "Permission denied", "/data/run"), 2, "check the permissions of that path"),
         (OSError(errno.ENOSPC, "No space left on device", "/data/run/model"), 1, "free some space and rerun"),
         (KeyError("rewards/chosen"), 1, "KeyError: 'rewards/chosen' (unexpected; rerun with --debug"),
+        (KeyboardInterrupt(), 130, "interrupted (a training run continues from its last checkpoint with --resume)"),
+        (_wrapped(), 2, "--data x.jsonl: [Errno 13] Permission denied: 'x.jsonl': check the permissions"),
     ],
 )
 def test_an_error_becomes_one_line_and_an_exit_status(error, status, words):
