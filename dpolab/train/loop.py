@@ -480,6 +480,9 @@ def train(
     ``example_loss_kwargs`` maps a loss parameter to one value per pair, in dataset order (e.g. ODPO's
     ``{"offset": offsets}``); each batch passes the values of its own pairs.
     ``on_step`` is called with each step's history row right after its optimizer step (logging, timing).
+    Whatever can refuse the run is checked before any work: the device, the output folder and the checkpoint to
+    resume (:func:`check_output_dir`), max_length against the model's context, the tokenizer against the
+    embedding, the data against the resumed run's.
     """
     check_device(config)
     resume_from, skipped = check_output_dir(config)
