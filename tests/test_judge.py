@@ -4,6 +4,7 @@ out of every record and log; the offline judge on examples whose winner is known
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -63,7 +64,9 @@ class CannedJudgeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), CannedJudgeHandler)
         self.requests: list[tuple[str, str]] = []
         self.authorizations: set[str] = set()
+        self.queries: set[str] = set()
         self.healthy = False  # True: SPECIAL sleeps and errors are off (the endpoint was fixed)
+        self.every: tuple[str, object] | None = None  # while not healthy: this answer to every request
         self.lock = threading.Lock()
 
     @property
@@ -75,17 +78,18 @@ class CannedJudgeHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep the test output quiet
         pass
 
-    def _send(self, status: int, body: dict):
-        data = json.dumps(body).encode()
+    def _send(self, status: int, body, content_type: str = "application/json"):
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path != "/v1/chat/completions":
+        path, _, query = self.path.partition("?")
+        if path != "/v1/chat/completions":
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
         user = body["messages"][-1]["content"]
         a, b = re.search(r"Continuation A: (.*)\n\nContinuation B: (.*)\n\n", user).groups()
@@ -93,13 +97,20 @@ class CannedJudgeHandler(BaseHTTPRequestHandler):
         with server.lock:
             server.requests.append((a, b))
             server.authorizations.add(self.headers.get("Authorization", ""))
+            server.queries.add(query)
         kind, value = SPECIAL.get((a, b), ("default", None))
+        if server.every and not server.healthy:
+            kind, value = server.every
         if server.healthy and kind in ("sleep", "status"):
             kind = "default"
+        if kind == "raw":  # a 200 with this body, whatever it is
+            return self._send(200, value[1], content_type=value[0])
         if kind == "sleep":
             time.sleep(value)
         if kind == "status":
             return self._send(value, {"error": {"message": "internal error", "type": "server_error"}})
+        if kind == "choices":  # a 200 whose choices are these
+            return self._send(200, {"id": "cmpl-1", "object": "chat.completion", "choices": value})
         if kind == "answer":
             answer = value
         else:
@@ -170,10 +181,12 @@ def test_endpoint_judge_win_rates_counts_and_resume(endpoint_env, server, tmp_pa
     assert failed == ["APITimeoutError", "InternalServerError"]
     assert [r["raw"] for r in records if r["status"] == "malformed"] == ["Both are fine, but A is slightly better."]
 
-    # rerun after the endpoint is fixed: only the two failed judgments are asked again
+    # rerun after the endpoint is fixed: the two failed judgments and the malformed one are asked again (no
+    # non-answer is final); the wordy answer is canned, so it stays malformed
     server.healthy, server.requests = True, []
     again = judge_pairwise(PROMPTS, GENERATIONS, EndpointJudge.from_env(), results)
-    assert sorted(server.requests) == sorted([("p3 sft q3", "p3 ref q2"), ("p3 ref q2", "p3 dpo q1")])
+    asked = [("p3 sft q3", "p3 ref q2"), ("p3 ref q2", "p3 dpo q1"), ("p2 dpo q3", "p2 sft q2")]
+    assert sorted(server.requests) == sorted(asked)
     assert (again.n_malformed, again.n_failed) == (1, 0)
     assert again.win_rate[0, 2] == pytest.approx(5 / 8)  # the recovered p3 BA: ref q2 beats dpo q1
     assert again.win_rate[1, 2] == pytest.approx(5 / 8)  # the recovered p3 AB: sft q3 beats ref q2
@@ -280,3 +293,68 @@ def test_offline_judge_win_rates_are_order_independent(offline_judge, tmp_path):
     np.testing.assert_array_equal(rates.win_rate[1, 2], 1.0)  # fluent beats collapsed
     assert rates.first_position_rate == 0.5  # a per-continuation score cannot prefer a position
     assert (rates.n_malformed, rates.n_failed, rates.n_judgments) == (0, 0, 12)
+
+
+NON_ANSWERS = {  # what an endpoint may send back instead of A, B or tie, each as a 200
+    "html page": ("raw", ("text/html", "<html><body><h1>Welcome to nginx!</h1></body></html>")),
+    "body that is not json": ("raw", ("application/json", '{"choices": [{"message": ')),
+    "no choices": ("choices", []),
+    "null content": ("choices", [{"index": 0, "message": {"role": "assistant", "content": None}}]),
+    "empty content": ("choices", [{"index": 0, "message": {"role": "assistant", "content": "  "}}]),
+    "choices not a list": ("choices", "A"),
+    "always wordy": ("answer", "Response A is more fluent, so A."),
+}
+
+
+@pytest.mark.parametrize("kind", NON_ANSWERS, ids=list(NON_ANSWERS))
+def test_non_answers_end_with_a_clear_error_and_are_asked_again(endpoint_env, server, tmp_path, kind):
+    """Non-answers count toward the failure limit like failed calls; none is cached as final."""
+    server.every = NON_ANSWERS[kind]
+    results = tmp_path / "judgments.jsonl"
+    with pytest.raises(JudgeUnavailableError) as caught:
+        judge_pairwise(PROMPTS, GENERATIONS, EndpointJudge.from_env(), results, max_consecutive_failures=3)
+    message = str(caught.value)
+    assert "gave no usable answer 3 times in a row (last: " in message
+    assert "it must answer exactly A, B or tie" in message and "rerun to resume" in message
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["status"] for r in records] == ["malformed"] * 3
+    first_three = list(server.requests)
+    # the endpoint is fixed: every judgment is made, the three non-answers included
+    server.healthy, server.requests = True, []
+    rates = judge_pairwise(PROMPTS, GENERATIONS, EndpointJudge.from_env(), results, max_consecutive_failures=3)
+    assert set(first_three) <= set(server.requests) and len(server.requests) == 24
+    assert rates.n_malformed == 1 and rates.n_failed == 0  # the one canned wordy answer of SPECIAL
+
+
+def test_credentials_in_the_url_reach_the_endpoint_and_nothing_written(monkeypatch, server, tmp_path):
+    """User and password (HTTP basic auth) and a query key work, and appear in no record, id, repr or error."""
+    port = server.server_address[1]
+    monkeypatch.setenv("DPOLAB_JUDGE_BASE_URL", f"http://alice:pw-SECRET-1@127.0.0.1:{port}/v1?api-key=Q-SECRET-2")
+    monkeypatch.setenv("DPOLAB_JUDGE_MODEL", "canned-judge")
+    monkeypatch.setenv("DPOLAB_JUDGE_TIMEOUT", str(TIMEOUT))
+    monkeypatch.setenv("DPOLAB_JUDGE_MAX_RETRIES", "0")
+    monkeypatch.delenv("DPOLAB_JUDGE_API_KEY", raising=False)
+    judge = EndpointJudge.from_env()
+    results = tmp_path / "judgments.jsonl"
+    rates = judge_pairwise(PROMPTS, GENERATIONS, judge, results)
+    assert rates.n_valid.sum() > 0 and server.queries == {"api-key=Q-SECRET-2"}
+    assert server.authorizations == {"Basic " + base64.b64encode(b"alice:pw-SECRET-1").decode()}
+    assert judge.id == f"endpoint:canned-judge@http://127.0.0.1:{port}/v1"
+    server.server_close()  # the endpoint goes away: its errors must not carry the URL's secrets either
+    with pytest.raises(JudgeUnavailableError) as caught:
+        judge_pairwise(["p9"], {m: ["x"] for m in QUALITY}, judge, results, max_consecutive_failures=2)
+    written = "\n".join([results.read_text(), json.dumps(rates.to_dict()), judge.id, repr(judge), str(caught.value)])
+    for secret in ("alice", "pw-SECRET-1", "Q-SECRET-2"):
+        assert secret not in written
+
+
+def test_the_offline_judges_id_holds_no_home_folder(monkeypatch, tmp_path):
+    """The id is written into every judgment record, win_rates.json and the report."""
+    from helpers import tiny_gpt2, word_tokenizer
+
+    monkeypatch.setenv("HOME", str(tmp_path / "ada"))
+    monkeypatch.delenv("DPOLAB_CACHE", raising=False)
+    reference = tiny_gpt2(vocab_size=len(word_tokenizer()))
+    reference.config.name_or_path = str(tmp_path / "ada" / ".cache" / "dpolab" / "smollm2-fp32")
+    judge = OfflineJudge(reference, word_tokenizer())
+    assert judge.id.startswith("offline:~/.cache/dpolab/smollm2-fp32:OfflineJudgeWeights(")

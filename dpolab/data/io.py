@@ -67,7 +67,7 @@ __all__ = [
 FIELDS = ("prompt", "chosen", "rejected")
 MAX_LISTED = 20  # problems spelled out in one message; the rest are counted
 NEAR_DUPLICATE_JACCARD = 0.8
-_FILE_SUFFIXES = (".json", ".jsonl")
+_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet")  # a path, never a dataset name
 
 
 # ----------------------------------------------------------------------------------------- problems
@@ -256,17 +256,66 @@ def validate_rows(
 # ------------------------------------------------------------------------------------------- reading
 
 
+_EXPECTED_SHAPE = (
+    'expected a JSON list of {"prompt", "chosen", "rejected"} objects, or JSON Lines (one such object per line)'
+)
+
+
+def _shape_problem(source: str, text: str) -> Problem | None:
+    """A file of another shape than a JSON list or JSON Lines of rows: what was found, and what is expected."""
+    first = text.lstrip()[:1]
+    if first == "{":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            return None  # JSON Lines, or a broken object: the lines say which
+        if isinstance(whole, dict) and not set(FIELDS) & set(whole):
+            lists = [key for key, value in whole.items() if isinstance(value, list)]
+            inside = f"; its {lists[0]!r} holds a list of {len(whole[lists[0]])} items" if lists else ""
+            fix = f": write that list itself (json.dump(obj[{lists[0]!r}], f))" if lists else ""
+            keys = ", ".join(map(repr, list(whole)[:8]))
+            return Problem(
+                source, None, None, f"holds one JSON object with keys {keys}{inside}; {_EXPECTED_SHAPE}{fix}"
+            )
+        return None
+    if first in ("", "["):
+        return None
+    header = text.lstrip().split("\n", 1)[0]
+    try:
+        json.loads(header)
+        return None  # JSON Lines of values that are not objects: each row says so
+    except json.JSONDecodeError:
+        pass
+    if "," in header or "\t" in header:
+        kind = "tab-separated" if "\t" in header and "," not in header else "comma-separated (CSV)"
+        return Problem(
+            source,
+            None,
+            None,
+            f"looks like {kind} text (first line: {header[:60]!r}); {_EXPECTED_SHAPE}: convert it, e.g. "
+            "datasets.load_dataset('csv', data_files=path)['train'].to_json('pairs.jsonl')",
+        )
+    return Problem(source, None, None, f"is not JSON (it starts with {header[:40]!r}); {_EXPECTED_SHAPE}")
+
+
 def read_rows(path: str | os.PathLike) -> tuple[list[Any], list[int], list[Problem]]:
     """Parse a JSON list or JSON Lines file: (rows, their 1-based row numbers, parse problems).
 
     A file whose first non-blank character is ``[`` is read as one JSON list (row k = its k-th object);
-    anything else as JSON Lines (row k = line k). Row contents are not checked here (see find_problems).
+    anything else as JSON Lines (row k = line k), split on newline ``\\n`` only, as the JSON Lines format says
+    (``str.splitlines`` would also split at U+2028, U+0085 and other characters that JSON leaves unescaped inside
+    strings); a ``\\r`` before the newline is JSON whitespace. A UTF-8 byte-order mark is skipped. A file of
+    another shape (a JSON object holding the rows, CSV) is one problem saying what it holds and what is expected.
+    Row contents are not checked here (see find_problems).
     """
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not data
     except UnicodeDecodeError as err:
         return [], [], [Problem(source, None, None, f"is not UTF-8 text ({err.reason} at byte {err.start})")]
+    shape = _shape_problem(source, text)
+    if shape is not None:
+        return [], [], [shape]
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -275,7 +324,7 @@ def read_rows(path: str | os.PathLike) -> tuple[list[Any], list[int], list[Probl
             return [], [], [Problem(source, None, None, message)]
         return rows, list(range(1, len(rows) + 1)), [] if rows else [Problem(source, None, None, "holds no rows")]
     rows, numbers, problems = [], [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import torch
 
 from ..data.tokenize import TRUNCATION_MODES
 from ..losses import LOSSES
@@ -86,8 +89,9 @@ class TrainConfig:
     # --- files
     output_dir: str | None = None  # checkpoints, history.json, history.csv, config.json; None: write nothing
     save_steps: int | None = None  # write a checkpoint every this many steps (and at the end); None: only at the end
-    save_total_limit: int = 1  # keep this many most recent checkpoints
-    resume: bool = False  # continue from the latest checkpoint in output_dir (start fresh if there is none)
+    save_total_limit: int = 1  # keep this many most recent checkpoints (2 or more: an older one to fall back on)
+    resume: bool = False  # continue from the newest intact checkpoint in output_dir (start fresh if there is none)
+    overwrite: bool = False  # write into an output_dir that holds other files or an earlier run's (replaced)
     ref_cache_dir: str | None = None  # reference log-prob cache; None: $DPOLAB_CACHE/ref-logps or ~/.cache/dpolab/...
     use_ref_cache: bool = True  # read/write the reference log-prob cache
     progress: bool = True  # show a tqdm progress bar with ETA and live metrics
@@ -118,6 +122,7 @@ class TrainConfig:
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         _check_scheduler(self.lr_scheduler_type)
+        _check_loss_kwargs(self.losses, self.loss_kwargs)
         _positive("beta", self.beta)
         _positive("learning_rate", self.learning_rate)
         if not (math.isfinite(self.min_learning_rate) and 0 <= self.min_learning_rate <= self.learning_rate):
@@ -155,8 +160,13 @@ class TrainConfig:
             raise ValueError(f"device must be one of {_DEVICES}, got {self.device!r}")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
-        if self.output_dir is None and (self.save_steps is not None or self.resume):
-            raise ValueError("save_steps and resume need an output_dir")
+        if self.output_dir is None and (self.save_steps is not None or self.resume or self.overwrite):
+            raise ValueError("save_steps, resume and overwrite need an output_dir")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "resume and overwrite exclude each other: resume continues the run in output_dir, overwrite starts "
+                "it over; pass one of them"
+            )
         if self.report_to not in _REPORT_TO:
             raise ValueError(f"report_to must be one of {_REPORT_TO}, got {self.report_to!r}")
         if self.report_to == "tensorboard" and self.output_dir is None:
@@ -206,6 +216,25 @@ def _check_scheduler(name: str) -> None:
     known = [WARMUP_COSINE, *(t.value for t in SchedulerType)]
     if name not in known:
         raise ValueError(f"lr_scheduler_type must be one of {', '.join(known)}; got {name!r}")
+
+
+def _check_loss_kwargs(losses: tuple[str, ...], loss_kwargs: dict[str, Any]) -> None:
+    """A loss parameter whose default (or annotation) is a number must be given a number, not text."""
+    for loss, name, parameter in (
+        (loss, name, parameter)
+        for loss in losses
+        for name, parameter in inspect.signature(LOSSES[loss]).parameters.items()
+    ):
+        if name not in loss_kwargs:
+            continue
+        value, default = loss_kwargs[name], parameter.default
+        numeric = (isinstance(default, (int, float)) and not isinstance(default, bool)) or (
+            default is inspect.Parameter.empty and "float" in str(parameter.annotation)
+        )
+        if numeric and (isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor))):
+            raise ValueError(
+                f"loss_kwargs: {loss}'s {name} must be a number, got {value!r} (--loss-param {name}=<number>)"
+            )
 
 
 def _positive(name: str, value) -> None:

@@ -25,6 +25,7 @@ import functools
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -44,13 +45,36 @@ from ..data.packing import PackedPreferenceCollator
 from ..data.tokenize import tokenize_preferences
 from ..logprobs import concatenated_logps, packed_logps, sequence_logps
 from ..losses import LossOutput, weighted_loss
-from ..files import atomic_write_text
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..files import atomic_write_text, portable_text, remove_leftovers
+from .checkpoint import (
+    LAYOUT,
+    CheckpointError,
+    checkpoints,
+    load_checkpoint,
+    newest_intact_checkpoint,
+    read_manifest,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import WARMUP_COSINE, TrainConfig, loss_parameters
 from .reference import examples_hash, precompute_reference_logps
 from .speedups import fused_adamw, native_bf16, speedups_applied
 
-__all__ = ["train", "TrainResult", "NonFiniteError", "warmup_cosine", "epoch_order", "training_examples", "METRICS"]
+__all__ = [
+    "train",
+    "TrainResult",
+    "NonFiniteError",
+    "warmup_cosine",
+    "epoch_order",
+    "training_examples",
+    "METRICS",
+    "check_device",
+    "check_output_dir",
+    "RUN_MARKER",
+]
+
+log = logging.getLogger(__name__)
 
 # The losses that never look at the rejected completion: its log-prob is computed without gradient, for metrics.
 CHOSEN_ONLY_LOSSES = frozenset({"sft", "kl_sft"})
@@ -87,6 +111,7 @@ _RESUMABLE_CHANGES = {
     "ref_cache_dir",
     "use_ref_cache",
     "output_dir",
+    "overwrite",
     "packing",
     "packed_row_tokens",
     "fuse_activations",
@@ -100,6 +125,12 @@ _RESUMABLE_CHANGES = {
     "truncation_mode",
     "max_prompt_length",
 }
+
+
+# Names a folder as a dpolab.train run folder, of this checkpoint layout; written before anything else in it.
+RUN_MARKER = "dpolab_run.json"
+# What a run writes in its folder besides checkpoints: cleared when a run starts over (overwrite=True).
+_RUN_OUTPUTS = ("history.json", "history.csv", "config.json", "model_info.json", "model")
 
 
 class NonFiniteError(FloatingPointError):
@@ -277,18 +308,48 @@ def _context_length(model: torch.nn.Module) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
+def _max_length(config: TrainConfig, model: torch.nn.Module | None) -> int | None:
+    """The tokens kept per sequence: ``config.max_length`` within the model's context. TRL's default of 1024 is cut to
+    a shorter context; any other value above it is an error (positions past the context do not exist)."""
+    context = _context_length(model) if model is not None else None
+    if config.max_length is None or context is None or config.max_length <= context:
+        return config.max_length or context
+    if config.max_length == TrainConfig().max_length:
+        return context
+    raise ValueError(
+        f"max_length {config.max_length} exceeds the model's context of {context} positions: pass max_length <= "
+        f"{context} (--max-length {context})"
+    )
+
+
 def training_examples(train_data, tokenizer, config: TrainConfig, model: torch.nn.Module | None = None) -> list[dict]:
     """The token ids ``train`` trains on: TRL's tokenization and truncation (``dpolab.data.tokenize``) with the
-    config's ``max_length`` (capped at the model's context), ``truncation_mode`` and ``max_prompt_length``."""
-    limits = [n for n in (config.max_length, _context_length(model) if model is not None else None) if n]
+    config's ``max_length`` (within the model's context, ``_max_length``), ``truncation_mode`` and
+    ``max_prompt_length``."""
     return tokenize_preferences(
         train_data,
         tokenizer,
         source="train_data",
-        max_length=min(limits, default=None),
+        max_length=_max_length(config, model),
         truncation_mode=config.truncation_mode,
         max_prompt_length=config.max_prompt_length,
     )
+
+
+def _check_vocabulary(examples, model: torch.nn.Module) -> None:
+    """Every token id must have a row in the model's input embedding (else torch fails with an IndexError)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        return
+    top = max(
+        (max(ids) for e in examples for ids in (e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) if ids), default=-1
+    )
+    if top >= rows:
+        raise ValueError(
+            f"the tokenizer gives token id {top}, but the model's embedding has {rows} rows: the tokenizer is not the "
+            "model's own; load the tokenizer saved with the model"
+        )
 
 
 def _example_loss_kwargs(given, n: int, loss: str, fixed: dict, device) -> dict[str, torch.Tensor]:
@@ -333,29 +394,138 @@ def _write_history(output_dir: str, history: list[dict[str, float]]) -> None:
     atomic_write_text(Path(output_dir) / "history.csv", "\n".join(lines) + "\n")
 
 
-def _resume(config: TrainConfig, model, optimizer, scheduler, data_hash: str, rank: int, device) -> tuple[int, list]:
-    """Load the latest checkpoint of config.output_dir, if resuming; refuse to overwrite one otherwise."""
-    if rank == 0:  # folders of a checkpoint write that was killed half-way
-        for stale in Path(config.output_dir).glob(".checkpoint-*.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    path = latest_checkpoint(config.output_dir)
-    if path is None:
-        return 0, []
+def check_device(config: TrainConfig) -> None:
+    """Refuse a device this machine does not have (before any model loads): ValueError saying what to pass."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        why = "sees no CUDA device" if torch.backends.cuda.is_built() else "is a build without CUDA"
+        raise ValueError(
+            f"device 'cuda' is not available: this torch {torch.__version__} {why}; pass --device cpu "
+            "(device='cpu') or --device auto"
+        )
+    if config.device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' is not available on this machine; pass --device cpu (device='cpu') or auto")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if config.device == "cuda" and local_rank >= torch.cuda.device_count():
+        raise ValueError(
+            f"LOCAL_RANK {local_rank} has no CUDA device (this machine has {torch.cuda.device_count()}): "
+            "launch at most that many processes per node"
+        )
+
+
+def _writable_ancestor(folder: Path) -> None:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output_dir {folder}: {existing} is a file, not a folder: choose another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"output_dir {folder}: {existing} is not writable (permission denied): fix its permissions or choose "
+            "another output_dir"
+        )
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_output_dir(config: TrainConfig) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """Every check of ``config.output_dir`` that can refuse a run, done before any work (``dpolab train`` calls it
+    before the model loads, ``train`` first): the folder can be written; it is new, empty, or a dpolab run folder
+    of this layout (anything else needs ``overwrite=True``, as git refuses to clone into a non-empty folder); an
+    earlier run in it is continued only with ``resume=True`` and the same settings, started over only with
+    ``overwrite=True``. Resuming takes the newest checkpoint whose manifest verifies (as transformers' Trainer
+    resumes only from a complete checkpoint).
+
+    Returns (the checkpoint to resume from, or None to start fresh; [(each newer checkpoint skipped, why)]).
+    """
+    if config.output_dir is None:
+        return None, []
+    folder = Path(config.output_dir)
+    _writable_ancestor(folder)
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+    found, marked = checkpoints(folder), (folder / RUN_MARKER).is_file()
+    if names and not marked and not config.overwrite:
+        if found:
+            raise ValueError(
+                f"output_dir {folder} holds {found[0].name} of an older dpolab layout (no {RUN_MARKER}, checkpoints "
+                "without checksums): it is not resumed; choose another output_dir, or pass overwrite=True "
+                "(--overwrite) to start over in it"
+            )
+        raise FileExistsError(
+            f"output_dir {folder} holds files dpolab did not write ({_listing(names)}): choose a new or empty "
+            "output_dir, or pass overwrite=True (--overwrite) to write dpolab's files among them"
+        )
+    if marked and not config.overwrite:
+        layout = _marker_layout(folder)
+        if layout != LAYOUT:
+            raise ValueError(
+                f"output_dir {folder} is a dpolab run folder of layout {layout}; this dpolab reads layout {LAYOUT}: "
+                "choose another output_dir, or pass overwrite=True (--overwrite) to start over in it"
+            )
+    if not found or config.overwrite:
+        return None, []
     if not config.resume:
         raise FileExistsError(
-            f"{config.output_dir} already holds {path.name}: pass resume=True (--resume) "
-            "to continue it, or choose another output_dir"
+            f"output_dir {folder} already holds {found[0].name}: pass resume=True (--resume) to continue it, "
+            "overwrite=True (--overwrite) to start over, or choose another output_dir"
         )
-    state = load_checkpoint(path, model, device=device)
-    saved = {**TrainConfig().to_dict(), **state["config"]}  # a field newer than the checkpoint: its default
+    path, skipped = newest_intact_checkpoint(folder)
+    if path is None:
+        why = "; ".join(f"{p.name}: {problem}" for p, problem in skipped)
+        raise CheckpointError(
+            f"cannot resume in {folder}: no checkpoint is intact ({why}); pass overwrite=True (--overwrite) to start "
+            "over, or choose another output_dir"
+        )
+    as_json = lambda c: json.loads(json.dumps(c.to_dict(), default=str))  # noqa: E731
+    saved = {**as_json(TrainConfig()), **read_manifest(path).get("config", {})}  # newer fields: their defaults
     changed = {
-        k: (v, saved.get(k)) for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v
+        k: (saved.get(k), v) for k, v in as_json(config).items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v
     }
-    if changed or state["data_hash"] != data_hash:
+    if changed:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ValueError(
-            f"cannot resume {path}: the config changed {changed} or the data changed "
-            f"({state['data_hash'] != data_hash})"
+            f"cannot resume {path}: the config changed ({listed}); resume with the settings it was made with, or "
+            "choose another output_dir"
         )
+    return path, skipped
+
+
+def _marker_layout(folder: Path):
+    try:
+        return json.loads((folder / RUN_MARKER).read_text()).get("layout")
+    except (OSError, ValueError, AttributeError):
+        return "unknown (its marker is damaged)"
+
+
+def _check_resumed_data(path: Path | None, data_hash: str) -> None:
+    if path is not None and read_manifest(path).get("data_hash") != data_hash:
+        raise ValueError(
+            f"cannot resume {path}: the training data (or the tokenizer, max_length, per-example loss parameters) "
+            "differ from the run's; resume with the same data, or choose another output_dir"
+        )
+
+
+def _claim_output_dir(config: TrainConfig, resuming: bool) -> None:
+    """Rank 0, after every check and before any work: mark the folder as a run folder, clear what killed writes
+    left, and when starting fresh remove an earlier run's outputs, so that two runs never mix in one folder."""
+    folder = Path(config.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder)
+    if not resuming:
+        for stale in checkpoints(folder):
+            shutil.rmtree(stale)
+        for name in _RUN_OUTPUTS:
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    atomic_write_text(folder / RUN_MARKER, json.dumps({"layout": LAYOUT, "written_by": "dpolab.train"}, indent=1))
+    atomic_write_text(folder / "config.json", portable_text(json.dumps(config.to_dict(), indent=1, default=str)))
+
+
+def _resume(path: Path, skipped, model, optimizer, scheduler, rank: int, device) -> tuple[int, list]:
+    """Load checkpoint ``path`` (verified by check_output_dir) into the model, optimizer, scheduler and RNGs."""
+    if rank == 0:
+        for stale, problem in skipped:
+            log.warning("skipped %s: %s; resuming from %s", stale.name, problem, path.name)
+    state = load_checkpoint(path, model, device=device)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     ranks = state["rng"]
@@ -379,7 +549,8 @@ def _save(config, step, model, optimizer, scheduler, history, data_hash, rank, w
             "config": config.to_dict(),
             "data_hash": data_hash,
         }
-        save_checkpoint(config.output_dir, step, model, state, keep=config.save_total_limit)
+        info = {"config": config.to_dict(), "data_hash": data_hash}
+        save_checkpoint(config.output_dir, step, model, state, keep=config.save_total_limit, info=info)
         _write_history(config.output_dir, history)
     if world_size > 1:
         dist.barrier()
@@ -435,7 +606,14 @@ def train(
     dropout, speed-ups (``speedups.py``) and gradient checkpointing hold while ``train`` runs and are undone when it
     returns or raises, so only its weights (and their device) change. ``config.report_to="tensorboard"`` also writes
     each history row as TensorBoard scalars (``TrainConfig.report_to``).
+
+    Whatever can refuse the run is checked before any work: the device, the output folder and the checkpoint to
+    resume (:func:`check_output_dir`), max_length against the model's context, the tokenizer against the
+    embedding, the data against the resumed run's.
     """
+    check_device(config)
+    resume = check_output_dir(config)
+    _max_length(config, model)
     if config.report_to == "tensorboard":
         on_step = _TensorBoard(config, on_step)
     with contextlib.ExitStack() as restore:
@@ -453,17 +631,19 @@ def train(
             restore.callback(on_step.close)
         handed_over = [ref_model]  # this frame keeps no reference to it: _train frees it once its log-probs are in
         del ref_model
-        return _train(model, tokenizer, train_data, config, handed_over, example_loss_kwargs, on_step)
+        return _train(model, tokenizer, train_data, config, handed_over, example_loss_kwargs, on_step, resume)
 
 
-def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list, example_loss_kwargs, on_step):
+def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list, example_loss_kwargs, on_step, resume):
     """``train`` on a policy prepared for it (dropout off, speed-ups, gradient checkpointing); ``handed_over`` holds
-    the reference model (or None), which this function takes out."""
+    the reference model (or None), which this function takes out; ``resume`` is check_output_dir's answer."""
     ref_model = handed_over.pop()
+    resume_from, skipped = resume
     rank, world_size, device, owns_group = _init_distributed(config)
     autocast_dtype = _autocast_dtype(config, device)
     _seed_everything(config.seed)
     examples = training_examples(train_data, tokenizer, config, model)
+    _check_vocabulary(examples, model)
     n = len(examples)
     pad = tokenizer.pad_token_id or 0
     chosen_only = all(name in CHOSEN_ONLY_LOSSES for name in config.losses)
@@ -478,6 +658,9 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
 
     example_params = _example_loss_kwargs(example_loss_kwargs, n, config.loss, config.loss_kwargs, device)
     data_hash = _fingerprint(examples, example_params)
+    _check_resumed_data(resume_from, data_hash)
+    if config.output_dir is not None and rank == 0:
+        _claim_output_dir(config, resuming=resume_from is not None)
     model.to(device)
     policy = _PolicyLogps(model, config.reduction, chosen_only=chosen_only)
     if world_size > 1:  # DDP broadcasts rank 0's weights, so every process also starts from the same reference
@@ -513,10 +696,8 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
     )
     scheduler = learning_rate_schedule(optimizer, config, total_steps)
     start_step, history = 0, []
-    if config.output_dir is not None:
-        start_step, history = _resume(config, model, optimizer, scheduler, data_hash, rank, device)
-        if rank == 0:
-            atomic_write_text(Path(config.output_dir) / "config.json", json.dumps(config.to_dict(), indent=1))
+    if resume_from is not None:
+        start_step, history = _resume(resume_from, skipped, model, optimizer, scheduler, rank, device)
 
     loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
     max_norm = config.max_grad_norm or math.inf
@@ -617,5 +798,10 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
         history,
         resumed_from_step=start_step or None,
         output_dir=config.output_dir,
-        extra={"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world_size},
+        extra={
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "world_size": world_size,
+            "skipped_checkpoints": [(p.name, problem) for p, problem in skipped],
+        },
     )

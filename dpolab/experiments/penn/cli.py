@@ -1,7 +1,8 @@
 """``python -m dpolab.experiments.penn`` (``make penn``): the command line. ``--help`` explains every flag.
 
 Exit status: 0 done; 2 bad input (unknown method or model, missing data, bad settings); 1 the run failed after
-starting (e.g. the judge endpoint is down; everything computed so far is kept, and a rerun resumes).
+starting (e.g. the judge endpoint is down; everything computed so far is kept, and a rerun resumes). Errors end in
+one line (``dpolab.errors``); ``--debug`` or ``DPOLAB_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--keep-weights", action="store_true", help="keep each trained policy in the work folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DPOLAB_DEBUG=1)")
     g.add_argument("--max-test-prompts", type=int, default=None, help=argparse.SUPPRESS)  # dev only: a quick look
 
     g = p.add_argument_group("dpolab methods (the article's settings)")
@@ -216,8 +218,8 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ...judge import JudgeUnavailableError
-    from .pipeline import InputError, run
+    from ...errors import run_command
+    from .pipeline import run
 
     parser = build_parser()
     try:
@@ -225,17 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2), message already printed
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        experiment = experiment_from_args(args)
-    except ValueError as err:  # a setting out of range
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        run(experiment)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except JudgeUnavailableError as err:
-        print(f"error: judging failed: {err}", file=sys.stderr)
-        return 1
-    return 0
+
+    def body() -> None:  # a setting out of range (ValueError) exits 2, a judge that stays down 1 (dpolab.errors)
+        run(experiment_from_args(args))
+
+    return run_command(body, prog=parser.prog, debug=args.debug)

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ...files import atomic_path  # noqa: E402
 from .methods import METHODS, REFERENCE  # noqa: E402
 
 __all__ = ["make_figures", "FIGURES", "label"]
@@ -48,6 +49,12 @@ def _grid(n: int, title: str):
     return fig, list(axes.flat)
 
 
+def _save(fig, path: Path) -> None:
+    """PNG written beside ``path`` and moved into place: never a half-written figure."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
 def _curves(out: Path, methods: list[str], keys: list[tuple[str, str]], title: str, path: Path) -> None:
     fig, axes = _grid(len(methods), title)
     for ax, method in zip(axes, methods):
@@ -62,7 +69,7 @@ def _curves(out: Path, methods: list[str], keys: list[tuple[str, str]], title: s
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -106,7 +113,7 @@ def make_figures(out: str | Path) -> list[Path]:
     ax.set_ylim(0, 1.05)
     ax.set_title("alignment accuracy on the test prompts" + suffix, fontsize=9)
     fig.tight_layout()
-    fig.savefig(figures / "alignment.png", dpi=110)
+    _save(fig, figures / "alignment.png")
     plt.close(fig)
 
     panels = [
@@ -121,7 +128,7 @@ def make_figures(out: str | Path) -> list[Path]:
         ax.set_title(title, fontsize=9)
     fig.suptitle("fluency, repetition, relevance (95% CI)" + suffix, fontsize=10)
     fig.tight_layout()
-    fig.savefig(figures / "quality.png", dpi=110)
+    _save(fig, figures / "quality.png")
     plt.close(fig)
 
     if (out / "win_rates.json").exists():
@@ -139,7 +146,7 @@ def make_figures(out: str | Path) -> list[Path]:
         ax.set_title(f"win rate of row vs column ({wins['judge'].split(':')[0]} judge, both orders)", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
-        fig.savefig(figures / "win_rates.png", dpi=110)
+        _save(fig, figures / "win_rates.png")
         plt.close(fig)
 
     frontier = json.loads((out / "frontier.json").read_text())
@@ -163,6 +170,6 @@ def make_figures(out: str | Path) -> list[Path]:
     ax.set_title("reward-vs-KL frontier (seed 0)" + suffix, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(figures / "frontier.png", dpi=110)
+    _save(fig, figures / "frontier.png")
     plt.close(fig)
     return [figures / name for name in FIGURES if (figures / name).exists()]

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...files import atomic_write_text, cache_root
+from ...errors import InputError
+from ...files import atomic_write_text, cache_root, portable_text, read_jsonl, save_pretrained_atomically
 from .config import Experiment, resolve_precision
 from .evaluate import SUMMARIES, evaluate_policy, pool_seeds, summarize
 from .methods import (
@@ -67,13 +68,10 @@ __all__ = [
     "fingerprint",
     "v01_train_sha256",
     "upgraded_v01_done",
+    "check_run_folder",
 ]
 
 TRAINERS = {"dpolab": train_dpolab, "trl": train_trl}
-
-
-class InputError(ValueError):
-    """Bad input (data, model, method, settings): the command line exits with status 2."""
 
 
 def say(message: str) -> None:
@@ -87,6 +85,26 @@ def banner(lines: list[str]) -> None:
 
 def default_output_dir(model: str, quick: bool) -> str:
     return f"runs/penn-{Path(model).name or model}{'-quick' if quick else ''}"
+
+
+def check_run_folder(out: Path) -> None:
+    """The run folder is new, empty, or a run folder of this experiment (its config.json says so): the experiment
+    never writes among files it did not write (as git refuses to clone into a non-empty folder)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output-dir {out} is a file, not a folder: choose another --output-dir")
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if not names:
+        return
+    try:
+        ours = {"experiment", "fingerprint"} <= set(json.loads((out / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise InputError(
+            f"--output-dir {out} holds files the Penn experiment did not write ({listed}): choose a new or empty "
+            "--output-dir"
+        )
 
 
 def default_work_dir(output_dir: Path) -> Path:
@@ -121,7 +139,7 @@ def load_data(exp: Experiment):
     def load(source: str, flag: str = "--data"):
         try:
             return load_penn() if source == "penn" else load_preference_data(source)
-        except (FileNotFoundError, PreferenceDataError, ConnectionError, KeyError) as err:
+        except (OSError, PreferenceDataError, KeyError) as err:  # missing, unreadable, invalid; hub unreachable
             raise InputError(f"{flag} {source}: {err}") from err
 
     data = load(exp.run.data)
@@ -302,8 +320,7 @@ def run_unit(
     atomic_write_text(folder / "done.json", json.dumps(done, indent=1, default=str))  # last: the unit is complete
     if policy is not inputs.model:
         if exp.run.keep_weights:
-            policy.save_pretrained(scratch / "model")
-            inputs.tokenizer.save_pretrained(scratch / "model")
+            save_pretrained_atomically(scratch / "model", policy, inputs.tokenizer)
             for stale in scratch.glob("checkpoint-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             say(f"kept the weights of {unit.name} seed {unit.seed} in {scratch / 'model'}")
@@ -418,6 +435,8 @@ def run(exp: Experiment) -> Path:
     from .report import write_report
 
     timer = Timer()
+    if exp.run.output_dir:
+        check_run_folder(Path(exp.run.output_dir))  # before anything loads; the default folder once the model has
     with timer("load data"):
         train_rows, prompts = load_data(exp)
     with timer("load model"):
@@ -429,6 +448,7 @@ def run(exp: Experiment) -> Path:
     exp = replace(exp, hyper=replace(exp.hyper, precision=precision))
     judge = make_judge(exp, model, tokenizer)
     out = Path(exp.run.output_dir or default_output_dir(info.name, exp.run.quick))  # named after the model loaded
+    check_run_folder(out)
     work = Path(exp.run.work_dir) if exp.run.work_dir else default_work_dir(out)
     exp = replace(exp, run=replace(exp.run, output_dir=str(out), work_dir=str(work)))
     if info.fallback:
@@ -474,7 +494,7 @@ def run(exp: Experiment) -> Path:
         "versions": _versions(),
         "argv": sys.argv[1:],
     }
-    atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str))
+    atomic_write_text(out / "config.json", portable_text(json.dumps(config, indent=1, default=str)))
     inputs = TrainingInputs(model, tokenizer, train_rows, progress=exp.run.progress)
     trained = [u for u in todo if u.method != REFERENCE]
     reductions = {METHODS[u.method].reduction(exp) for u in trained if METHODS[u.method].trainer == "dpolab"}
@@ -489,9 +509,7 @@ def run(exp: Experiment) -> Path:
         run_unit(unit, exp, inputs, prompts, out, work, settings[unit])
 
     unit_metrics = {u: json.loads((out / u.folder / "metrics.json").read_text()) for u in units}
-    rows = {
-        u: [json.loads(line) for line in (out / u.folder / "generations.jsonl").read_text().splitlines()] for u in units
-    }
+    rows = {u: read_jsonl(out / u.folder / "generations.jsonl") for u in units}
     main_units = [u for u in units if u.beta is None]
     pooled = {
         m: pool_seeds({u.seed: rows[u] for u in main_units if u.method == m}) for m in (*exp.run.methods, REFERENCE)
@@ -505,8 +523,8 @@ def run(exp: Experiment) -> Path:
             win_rates = judge_all(exp, judge, prompts, rows, list(exp.run.methods), out)
         except JudgeUnavailableError as err:
             raise JudgeUnavailableError(
-                f"{err}\nThe generations and metrics computed so far are kept in {out}; "
-                "rerun the same command to resume."
+                f"judging failed: {err}; the generations and metrics computed so far are kept in {out}: "
+                "rerun the same command to resume"
             ) from err
     if _lines(judgments) == before:
         timer.seconds.pop("judging")  # nothing new was judged: keep the time of the run that judged
@@ -519,7 +537,7 @@ def run(exp: Experiment) -> Path:
 
 
 def _lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    return len(read_jsonl(path)) if path.exists() else 0
 
 
 def _save_run_timings(out: Path, timer: Timer) -> dict[str, float]:

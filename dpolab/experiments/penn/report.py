@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from ...files import atomic_write_text, portable_text, read_jsonl
 from .figures import FIGURES, label
 from .methods import METHODS, REFERENCE
 
@@ -328,7 +329,7 @@ def write_report(out: str | Path) -> Path:
     ]
     lines += ["Figures: " + ", ".join(f"[{f}](figures/{f})" for f in FIGURES if (out / "figures" / f).exists()), ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, portable_text("\n".join(lines)))
     return path
 
 
@@ -341,7 +342,7 @@ def _pooled_or_unit(pooled, metrics, method, key) -> dict:
 
 def _generations(out: Path, method: str, seed: int) -> list[dict]:
     path = out / "units" / method / f"seed-{seed}" / "generations.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_jsonl(path) if path.exists() else []
 
 
 def _win_section(wins: dict, methods: list[str]) -> list[str]:
