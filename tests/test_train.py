@@ -39,7 +39,7 @@ from dpolab.train.checkpoint import (
     read_manifest,
     verify_checkpoint,
 )
-from dpolab.train.reference import precompute_reference_logps
+from dpolab.train.reference import precompute_reference_logps, reference_cache_path
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -253,6 +253,23 @@ def test_precomputed_reference_equals_a_live_forward_and_is_cached(small_tokeniz
     changed = precompute_reference_logps(model, examples, small_tokenizer, **kwargs)
     assert not torch.allclose(changed[0], ref_chosen)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_reference_cache_path_says_whether_the_precompute_will_read_the_cache(small_tokenizer, rows, tmp_path):
+    """The query the Penn experiment asks before timing the reference pass: false before the precompute, true after
+    it for the same arguments, false for another reduction or precision (their numbers differ)."""
+    model = make_tiny_gpt2(small_tokenizer)
+    examples = tokenize_preferences(rows, small_tokenizer)
+
+    def cached(**kwargs) -> bool:
+        return reference_cache_path(model, examples, small_tokenizer, cache_dir=tmp_path, **kwargs).exists()
+
+    assert not cached()
+    precompute_reference_logps(
+        model, examples, small_tokenizer, batch_size=4, device=torch.device("cpu"), cache_dir=tmp_path
+    )
+    assert cached() and cached(reduction="sum", autocast_dtype=None)
+    assert not cached(reduction="mean") and not cached(autocast_dtype=torch.bfloat16)
 
 
 def _count_forwards(model):

@@ -26,7 +26,7 @@ from ..data.packing import PackedPreferenceCollator
 from ..logprobs import concatenated_logps, packed_logps
 from ..files import atomic_directory, cache_root
 
-__all__ = ["weights_hash", "examples_hash", "reference_cache_key", "precompute_reference_logps"]
+__all__ = ["weights_hash", "examples_hash", "reference_cache_path", "precompute_reference_logps"]
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -51,21 +51,31 @@ def examples_hash(examples: Sequence[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def reference_cache_key(
-    model: torch.nn.Module, examples: Sequence[dict[str, Any]], tokenizer, reduction: str, precision: str
-) -> str:
-    """The cache key of a reference's log-probs on tokenized ``examples`` (see the module docstring)."""
+def reference_cache_path(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    tokenizer,
+    *,
+    reduction: str = "sum",
+    autocast_dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """The file that holds the reference log-probs of tokenized ``examples`` once :func:`precompute_reference_logps`
+    has computed them with these arguments: ``<cache_dir>/<key>/logps.safetensors``, the key hashing everything the
+    numbers depend on (see the module docstring); ``cache_dir`` None: $DPOLAB_CACHE/ref-logps. ``.exists()`` asks
+    whether they are cached."""
     digest = hashlib.sha256()
     digest.update(weights_hash(model).encode())
     meta = {
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "vocab": len(tokenizer),
         "reduction": reduction,
-        "precision": precision,
+        "precision": "fp32" if autocast_dtype is None else str(autocast_dtype),
     }
     digest.update(json.dumps(meta, sort_keys=True).encode())
     digest.update(examples_hash(examples).encode())
-    return digest.hexdigest()[:32]
+    key = digest.hexdigest()[:32]
+    return Path(cache_dir or cache_root() / "ref-logps") / key / "logps.safetensors"
 
 
 @torch.no_grad()
@@ -111,18 +121,16 @@ def precompute_reference_logps(
     ``packing``: shared-prefix packed batches (``dpolab.data.packing``; the model's attention must be sdpa or
     eager), else the padded 2B-row batches; the same numbers to float tolerance, so the cache key ignores it.
     """
-    precision = "fp32" if autocast_dtype is None else str(autocast_dtype)
-    key = reference_cache_key(model, examples, tokenizer, reduction, precision) if use_cache else None
-    path = Path(cache_dir or cache_root() / "ref-logps") / key if key else None
-    hit = torch.tensor([int(bool(path and rank == 0 and (path / "logps.safetensors").exists()))], device=device)
+    path = None
+    if use_cache:
+        path = reference_cache_path(
+            model, examples, tokenizer, reduction=reduction, autocast_dtype=autocast_dtype, cache_dir=cache_dir
+        )
+    hit = torch.tensor([int(bool(path and rank == 0 and path.exists()))], device=device)
     if world_size > 1:
         dist.broadcast(hit, src=0)
     if hit.item():
-        logps = (
-            load_file(str(path / "logps.safetensors"))["logps"].to(device)
-            if rank == 0
-            else torch.zeros(2, len(examples), device=device)
-        )
+        logps = load_file(str(path))["logps"].to(device) if rank == 0 else torch.zeros(2, len(examples), device=device)
         if world_size > 1:
             dist.broadcast(logps, src=0)
     else:
@@ -143,7 +151,7 @@ def precompute_reference_logps(
         )
         model.train(was_training)
         if path is not None and rank == 0:
-            with atomic_directory(path, replace=False) as tmp:
-                save_file({"logps": logps.cpu().contiguous()}, str(tmp / "logps.safetensors"))
+            with atomic_directory(path.parent, replace=False) as tmp:
+                save_file({"logps": logps.cpu().contiguous()}, str(tmp / path.name))
     logps = logps.cpu()
     return logps[0], logps[1]
