@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .files import atomic_directory, cache_root
-from .train.loop import warmup_cosine
+from .schedules import warmup_cosine
 
 __all__ = ["TinyConfig", "train_tokenizer", "penn_sentences", "load_tiny_penn_world", "tiny_world_path", "build_info"]
 
