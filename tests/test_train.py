@@ -533,12 +533,18 @@ def test_config_validation(kwargs, message):
         TrainConfig(**kwargs)
 
 
-def test_config_is_frozen_and_defaults_are_the_articles():
-    c = TrainConfig()
-    assert (c.learning_rate, c.min_learning_rate, c.batch_size, c.epochs, c.beta) == (1e-4, 1e-7, 16, 2, 0.5)
-    with pytest.raises(AttributeError):
+DEFAULTS = ("learning_rate", "min_learning_rate", "batch_size", "epochs", "max_steps", "beta")
+
+
+def test_config_is_frozen_and_trains_by_default_as_the_penn_experiment():
+    """TrainConfig() trains as `make penn`'s dpolab methods do (the article's settings, recorded in the experiment's
+    own config), and a config cannot be changed once made."""
+    from dpolab.experiments.penn.config import Hyper
+
+    c, h = TrainConfig(), Hyper()
+    assert {name: getattr(c, name) for name in DEFAULTS} == {name: getattr(h, name) for name in DEFAULTS}
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.beta = 1.0  # type: ignore[misc]
-    assert TrainConfig(loss="dpop", loss_kwargs={"dpop_lambda": 5.0}).loss_kwargs == {"dpop_lambda": 5.0}
 
 
 @pytest.mark.trl
@@ -923,7 +929,7 @@ def test_cli_defaults_are_the_articles_and_every_flag_has_help():
     parser = build_parser()
     args = parser.parse_args(["train", "--loss", "dpop"])
     c = train_config(args)
-    assert (c.learning_rate, c.min_learning_rate, c.batch_size, c.epochs, c.beta) == (1e-4, 1e-7, 16, 2, 0.5)
+    assert {name: getattr(c, name) for name in DEFAULTS} == {name: getattr(TrainConfig(), name) for name in DEFAULTS}
     assert c.loss_kwargs == {"dpop_lambda": 5.0} and (args.model, args.data) == ("tiny", "penn")
     train_parser = parser._subparsers._group_actions[0].choices["train"]
     assert all(action.help for action in train_parser._actions), "a flag without --help text"
