@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from .config import QUICK, Experiment, FrontierConfig, Hyper, RunConfig, TRLSettings
 from .methods import METHODS
