@@ -249,12 +249,14 @@ def save_model_folder(output_dir: str | Path, model, tokenizer, info=None) -> Pa
 def _train(args: argparse.Namespace) -> None:
     from .data import count_prompts, is_listwise_data
     from .train import train
+    from .train.listwise import training_rows
     from .train.loop import check_device, check_output_dir
 
     config = train_config(args)
     check_device(config)  # every check that can refuse the run, before the data and the model load
     check_output_dir(config)
     data = _load_data(args.data, args.split, args.unique_prompts)
+    training_rows(data, config)  # rankings and the loss agree, before the model loads
     model, tokenizer, info = _load_model(args.model)
     rank0, world_size = int(os.environ.get("RANK", "0")) == 0, int(os.environ.get("WORLD_SIZE", "1"))
     if rank0:
