@@ -106,7 +106,9 @@ def test_scores_order_the_completions_and_penn_rankings_are_strict(penn):
 
 STANDARD = [
     GOOD,
-    {"prompt": "The sky is ", "completions": ["blue", "grey and low", "green"]},  # " blue" merges across the boundary
+    # alone, "\ngrey" would keep the prompt's trailing space in the prompt; "blue" takes it (" blue"): the prompt ends
+    # where it ends in every sequence, before the space
+    {"prompt": "The sky is ", "completions": ["\ngrey and low", "blue", "  green"]},
     {"prompt": "Café au", "completions": [" lait ☕ chaud", " chocolat", " thé"]},
 ]
 
