@@ -269,8 +269,8 @@ def test_permuting_completions_with_their_ranks_changes_nothing(small_tokenizer,
 
 @pytest.mark.parametrize("config_name", ["mpt-alibi", "bloom"])
 def test_a_model_that_cannot_take_the_packed_layout_scores_rankings_padded(config_name):
-    """ALiBi positions ignore position_ids; Bloom's forward takes no 4D mask: listwise_logps falls back to the padded
-    layout (keep_end's own kept prompts included) and stays exact."""
+    """ALiBi positions ignore position_ids; Bloom's forward takes no 4D mask: listwise_logps and packed_logps fall back
+    to the padded layout and stay exact, keep_end's own kept prompts included (context, not scored)."""
     ids = {"pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2}
     configs = {
         "mpt-alibi": transformers.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, **ids),
@@ -281,10 +281,29 @@ def test_a_model_that_cannot_take_the_packed_layout_scores_rankings_padded(confi
     with torch.no_grad():  # large logits: a wrong layout would move the log-probs by many nats
         model.get_output_embeddings().weight.mul_(20)
     exs = rankings(n=4, K=3, seed=5, own_prompts=True)
+    collate = PackedPreferenceCollator(pad_token_id=1, row_tokens=40)
+    pairs = [  # the same as pairs, keep_end's own kept prompts included
+        {
+            "prompt_ids": ex["prompt_ids"],
+            "chosen_ids": ex["completions_ids"][0],
+            "rejected_ids": ex["completions_ids"][1],
+        }
+        | (
+            {
+                "chosen_prompt_ids": ex["completions_prompt_ids"][0],
+                "rejected_prompt_ids": ex["completions_prompt_ids"][1],
+            }
+            if "completions_prompt_ids" in ex
+            else {}
+        )
+        for ex in exs
+    ]
     with torch.no_grad():
-        ours = listwise_logps(model, PackedPreferenceCollator(pad_token_id=1, row_tokens=40)(exs), 3)
+        ours = listwise_logps(model, collate(exs), 3)
+        ours_pairs = torch.stack(packed_logps(model, collate(pairs)), 1)
         separate = torch.stack([torch.stack([alone(model, ex, k) for k in range(3)]) for ex in exs])
     torch.testing.assert_close(ours, separate, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_pairs, separate[:, :2], rtol=1e-5, atol=1e-5)
 
 
 # --- the loss and the training loop -----------------------------------------------------------------------------
