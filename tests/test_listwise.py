@@ -331,13 +331,15 @@ def test_k2_listwise_training_equals_pairwise_dpo_step_for_step(small_tokenizer,
     listed = [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]]} for r in rows]
     reference = perturbed_copy(make_tiny_gpt2(small_tokenizer, seed=1), seed=3)
     runs = []
-    for loss, data in (("dpo", rows), ("plackett_luce", listed)):
+    for loss, data in (("dpo", rows), ("plackett_luce", listed), ("plackett_luce", rows)):  # a pair: a ranking of 2
         model = make_tiny_gpt2(small_tokenizer)
         history = train(
             model, small_tokenizer, data, config(loss=loss, epochs=2, beta=0.2), ref_model=reference
         ).history
         runs.append((history, params(model)))
-    (pair_history, pair_weights), (list_history, list_weights) = runs
+    (pair_history, pair_weights), (list_history, list_weights), pairs_as_rankings = runs
+    assert pairs_as_rankings[0] == list_history  # the pair rows under plackett_luce: the same rankings, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(pairs_as_rankings[1], list_weights))
     assert len(pair_history) == len(list_history) == 6 and abs(pair_history[0]["loss"] - math.log(2)) > 1e-3
     for p, q in zip(pair_history, list_history):
         assert q["loss"] == pytest.approx(p["loss"], rel=1e-5)
