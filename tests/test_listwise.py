@@ -218,6 +218,36 @@ def grads(model, value: torch.Tensor) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
+def test_a_ranking_of_two_packs_as_its_pair_token_for_token():
+    """K = 2 takes the pair's code path: the packed and the padded batches of the rankings [chosen, rejected] are the
+    pairs' batches, every tensor equal (keep_end's own kept prompts included), and the same holds after unpack."""
+    from dpolab.data.packing import unpack
+    from dpolab.train.listwise import as_rankings
+
+    pairs = [
+        {
+            "prompt_ids": ex["prompt_ids"],
+            "chosen_ids": ex["completions_ids"][0],
+            "rejected_ids": ex["completions_ids"][1],
+        }
+        | (
+            {
+                "chosen_prompt_ids": ex["completions_prompt_ids"][0],
+                "rejected_prompt_ids": ex["completions_prompt_ids"][1],
+            }
+            if "completions_prompt_ids" in ex
+            else {}
+        )
+        | {"index": ex["index"]}
+        for ex in rankings(n=9, K=2, seed=6, own_prompts=True)
+    ]
+    for collate in (PackedPreferenceCollator(pad_token_id=1, row_tokens=24), PreferenceCollator(pad_token_id=1)):
+        ours, theirs = collate(as_rankings(pairs)), collate(pairs)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    packed = PackedPreferenceCollator(pad_token_id=1, row_tokens=24)(pairs)
+    assert unpack(packed) == [pair for pair in pairs]  # each branch split into its own prompt and its completion
+
+
 @pytest.mark.parametrize("own_prompts", [False, True], ids=["shared-prompt", "own-kept-prompts"])
 def test_packed_k_completions_equal_k_separate_forwards(own_prompts):
     """Eq. (6.9) with K branches: each completion attends to the prompt and to itself, so one packed forward gives
