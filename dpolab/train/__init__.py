@@ -3,9 +3,12 @@
 from dpolab.train import TrainConfig, train
 result = train(model, tokenizer, load_penn()["train"], TrainConfig(loss="dpop", loss_kwargs={"dpop_lambda": 5}))
 result.history[-1]["rewards/margins"]
+result = train(model, tokenizer, penn_rankings(load_penn()["train"]), TrainConfig(loss="plackett_luce"))  # rankings
+result.history[-1]["ranking/kendall_tau"]                                   # columns: listwise_metrics(K)
 """
 
 from .config import TrainConfig
+from .listwise import listwise_metrics
 from .loop import METRICS, NonFiniteError, TrainResult, train
 
-__all__ = ["TrainConfig", "train", "TrainResult", "NonFiniteError", "METRICS"]
+__all__ = ["TrainConfig", "train", "TrainResult", "NonFiniteError", "METRICS", "listwise_metrics"]

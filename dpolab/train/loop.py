@@ -9,6 +9,9 @@
         clip the gradient norm; AdamW step; learning rate <- warm-up then cosine  (or a transformers schedule)
         metrics under TRL's names; checkpoint every save_steps
 
+Rankings of K completions (``listwise.py``) take the same loop with a listwise loss (Plackett-Luce, eq. 5.2 of
+notebook 05) on (B, K) log-probs from one forward over packed segments prompt + y_1 + ... + y_K.
+
 How it differs from TRL's DPOTrainer: the reference model never runs during training (its log-probs are
 precomputed and cached on disk), log-probs are taken with the LM head on completion positions only
 (``dpolab.logprobs``), and the loop is this file; the tokens are TRL's (``dpolab.data.tokenize``). Devices: CUDA
@@ -39,7 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..data.collate import PreferenceCollator
+from ..data.collate import PreferenceCollator, completion_parts, n_completions
 from ..data.packing import PackedPreferenceCollator
 from ..data.tokenize import tokenize_preferences
 from ..logprobs import concatenated_logps, packed_logps, sequence_logps
@@ -58,7 +61,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import WARMUP_COSINE, TrainConfig, loss_parameters
-from .reference import examples_hash, precompute_reference_logps
+from .listwise import ListwiseObjective, ListwisePolicy, as_rankings, training_rows
+from .reference import examples_hash, precompute_reference_list_logps
 from .speedups import fused_adamw, native_bf16, speedups_applied
 
 __all__ = [
@@ -78,7 +82,7 @@ log = logging.getLogger(__name__)
 
 # The losses that never look at the rejected completion: its log-prob is computed without gradient, for metrics.
 CHOSEN_ONLY_LOSSES = frozenset({"sft", "kl_sft"})
-# Per-step metrics, TRL's names first; history.csv has these columns in this order.
+# Per-step metrics, TRL's names first; history.csv has these columns in this order (rankings: listwise_metrics(K)).
 METRICS = (
     "step",
     "epoch",
@@ -147,7 +151,7 @@ class NonFiniteError(FloatingPointError):
 @dataclass
 class TrainResult:
     model: torch.nn.Module  # the trained policy (the object passed in, updated in place)
-    history: list[dict[str, float]]  # one row of METRICS per optimizer step, from step 1
+    history: list[dict[str, float]]  # one row of METRICS (rankings: listwise_metrics(K)) per optimizer step, from 1
     resumed_from_step: int | None = None  # the checkpoint step this run continued from, if any
     output_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # steps_per_epoch, total_steps, world_size
@@ -203,6 +207,57 @@ class _PolicyLogps(torch.nn.Module):
         with torch.no_grad():  # the loss ignores it; the metrics report it
             policy_rejected_logps = sequence_logps(self.model, **rejected, reduction=self.reduction)
         return policy_chosen_logps, policy_rejected_logps
+
+
+class _PairwiseObjective:
+    """One micro-batch of pairs: its loss (B,) and the sums of its metrics (``summed``, TRL's names), against the
+    precomputed reference log-probs (N,) of the chosen and rejected completions, indexed by dataset index."""
+
+    columns, summed = METRICS, _SUMMED
+
+    def __init__(self, config: TrainConfig, ref_chosen_logps, ref_rejected_logps, example_params):
+        self.config, self.example_params = config, example_params
+        self.ref_chosen_logps, self.ref_rejected_logps = ref_chosen_logps, ref_rejected_logps
+        self.loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
+
+    def __call__(self, step: int, logps, rows: np.ndarray, batch_indices: np.ndarray):
+        policy_chosen_logps, policy_rejected_logps = logps[0].float(), logps[1].float()
+        _check_finite(step, "log pi_theta(y_w|x)", policy_chosen_logps, rows, batch_indices)
+        _check_finite(step, "log pi_theta(y_l|x)", policy_rejected_logps, rows, batch_indices)
+        idx = torch.as_tensor(rows, device=policy_chosen_logps.device)
+        out: LossOutput = weighted_loss(
+            self.config.losses,
+            self.config.weights,
+            policy_chosen_logps,
+            policy_rejected_logps,
+            self.ref_chosen_logps[idx],
+            self.ref_rejected_logps[idx],
+            **self.loss_kwargs,
+            **{k: v[idx] for k, v in self.example_params.items()},
+        )
+        _check_finite(step, "the loss", out.losses, rows, batch_indices)
+        with torch.no_grad():
+            margins = out.chosen_rewards - out.rejected_rewards
+            stats = torch.stack(
+                [
+                    t.double().sum()
+                    for t in (
+                        out.losses,
+                        out.chosen_rewards,
+                        out.rejected_rewards,
+                        margins,
+                        (margins > 0).double(),
+                        policy_chosen_logps,
+                        policy_rejected_logps,
+                    )
+                ]
+            )
+        return out.losses, stats
+
+    @staticmethod
+    def postfix(row: dict[str, float]) -> dict[str, str]:
+        """The progress bar's live metrics."""
+        return {"margin": f"{row['rewards/margins']:.3f}", "acc": f"{row['rewards/accuracies']:.2f}"}
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
@@ -307,15 +362,16 @@ def _max_length(config: TrainConfig, model: torch.nn.Module | None) -> int | Non
 def training_examples(train_data, tokenizer, config: TrainConfig, model: torch.nn.Module | None = None) -> list[dict]:
     """The token ids ``train`` trains on: TRL's tokenization and truncation (``dpolab.data.tokenize``) with the
     config's ``max_length`` (within the model's context, ``_max_length``), ``truncation_mode`` and
-    ``max_prompt_length``."""
-    return tokenize_preferences(
-        train_data,
+    ``max_prompt_length``; rankings as ``listwise.training_rows`` and ``as_rankings`` take them."""
+    examples = tokenize_preferences(
+        training_rows(train_data, config),
         tokenizer,
         source="train_data",
         max_length=_max_length(config, model),
         truncation_mode=config.truncation_mode,
         max_prompt_length=config.max_prompt_length,
     )
+    return as_rankings(examples) if config.listwise else examples
 
 
 def _check_vocabulary(examples, model: torch.nn.Module) -> None:
@@ -325,7 +381,8 @@ def _check_vocabulary(examples, model: torch.nn.Module) -> None:
     if rows is None:
         return
     top = max(
-        (max(ids) for e in examples for ids in (e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) if ids), default=-1
+        (max(ids) for e in examples for ids in (e["prompt_ids"], *(i for p in completion_parts(e) for i in p)) if ids),
+        default=-1,
     )
     if top >= rows:
         raise ValueError(
@@ -371,8 +428,10 @@ def _check_finite(step: int, what: str, values: torch.Tensor, rows: np.ndarray, 
 
 
 def _write_history(output_dir: str, history: list[dict[str, float]]) -> None:
+    """history.json, and history.csv with the rows' columns (METRICS, or a ranking run's listwise_metrics(K))."""
     atomic_write_text(Path(output_dir) / "history.json", json.dumps(history, indent=1))
-    lines = [",".join(METRICS)] + [",".join(repr(row[k]) for k in METRICS) for row in history]
+    columns = list(history[0]) if history else list(METRICS)
+    lines = [",".join(columns)] + [",".join(repr(row[k]) for k in columns) for row in history]
     atomic_write_text(Path(output_dir) / "history.csv", "\n".join(lines) + "\n")
 
 
@@ -554,7 +613,7 @@ class _TensorBoard:
 
             self.writer = SummaryWriter(log_dir=self.log_dir)
         if self.writer is not None:
-            for name in METRICS[1:]:
+            for name in list(row)[1:]:  # every column but the step
                 self.writer.add_scalar(f"train/{name}", row[name], row["step"])
             self.writer.flush()
         if self.on_step is not None:
@@ -628,7 +687,7 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
     _check_vocabulary(examples, model)
     n = len(examples)
     pad = tokenizer.pad_token_id or 0
-    chosen_only = all(name in CHOSEN_ONLY_LOSSES for name in config.losses)
+    chosen_only = all(name in CHOSEN_ONLY_LOSSES for name in config.losses)  # never a listwise loss
     if config.packing and not chosen_only:  # SFT: the chosen rows alone carry gradients
         collate = PackedPreferenceCollator(
             pad, row_tokens=config.packed_row_tokens, pad_to_multiple_of=config.pad_to_multiple_of
@@ -644,12 +703,15 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
     if config.output_dir is not None and rank == 0:
         _claim_output_dir(config, resuming=resume_from is not None)
     model.to(device)
-    policy = _PolicyLogps(model, config.reduction, chosen_only=chosen_only)
+    if config.listwise:
+        policy = ListwisePolicy(model, config.reduction, n_completions(examples))
+    else:
+        policy = _PolicyLogps(model, config.reduction, chosen_only=chosen_only)
     if world_size > 1:  # DDP broadcasts rank 0's weights, so every process also starts from the same reference
         policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     ref_device = None if ref_model is None else next(ref_model.parameters()).device
     reference = model if ref_model is None else ref_model.to(device)
-    ref_chosen_logps, ref_rejected_logps = precompute_reference_logps(
+    ref_logps = precompute_reference_list_logps(  # (N, K): (chosen, rejected) for pairs
         reference,
         examples,
         tokenizer,
@@ -666,7 +728,10 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
     if ref_model is not None and ref_model is not model:  # the caller's reference goes back where it was
         ref_model.to(ref_device)
     del reference, ref_model  # the reference's work is done; training never runs it
-    ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(device), ref_rejected_logps.to(device)
+    if config.listwise:
+        objective = ListwiseObjective(config, ref_logps.to(device), _check_finite)
+    else:
+        objective = _PairwiseObjective(config, ref_logps[:, 0].to(device), ref_logps[:, 1].to(device), example_params)
 
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -681,7 +746,6 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
     if resume_from is not None:
         start_step, history = _resume(resume_from, skipped, model, optimizer, scheduler, rank, device)
 
-    loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
     max_norm = config.max_grad_norm or math.inf
     bar = tqdm(
         total=total_steps,
@@ -699,46 +763,17 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
         ]
         micro_batches = np.array_split(batch_indices[rank::world_size], config.grad_accum_steps)
         scale = world_size / len(batch_indices)  # DDP averages over processes: the result is the global-batch mean
-        sums = torch.zeros(len(_SUMMED), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(objective.summed), dtype=torch.float64, device=device)
         learning_rate = optimizer.param_groups[0]["lr"]
         for i, rows in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in collate([examples[j] for j in rows]).items() if k != "index"}
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last or world_size == 1 else policy.no_sync():
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    policy_chosen_logps, policy_rejected_logps = policy(batch)
-                policy_chosen_logps, policy_rejected_logps = policy_chosen_logps.float(), policy_rejected_logps.float()
-                _check_finite(step, "log pi_theta(y_w|x)", policy_chosen_logps, rows, batch_indices)
-                _check_finite(step, "log pi_theta(y_l|x)", policy_rejected_logps, rows, batch_indices)
-                idx = torch.as_tensor(rows, device=device)
-                out: LossOutput = weighted_loss(
-                    config.losses,
-                    config.weights,
-                    policy_chosen_logps,
-                    policy_rejected_logps,
-                    ref_chosen_logps[idx],
-                    ref_rejected_logps[idx],
-                    **loss_kwargs,
-                    **{k: v[idx] for k, v in example_params.items()},
-                )
-                _check_finite(step, "the loss", out.losses, rows, batch_indices)
-                (out.losses.sum() * scale).backward()
-            with torch.no_grad():
-                margins = out.chosen_rewards - out.rejected_rewards
-                sums += torch.stack(
-                    [
-                        t.double().sum()
-                        for t in (
-                            out.losses,
-                            out.chosen_rewards,
-                            out.rejected_rewards,
-                            margins,
-                            (margins > 0).double(),
-                            policy_chosen_logps,
-                            policy_rejected_logps,
-                        )
-                    ]
-                )
+                    logps = policy(batch)
+                losses, stats = objective(step, logps, rows, batch_indices)
+                (losses.sum() * scale).backward()
+            sums += stats
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # the norm before clipping
         if not torch.isfinite(grad_norm):
             raise NonFiniteError(step, f"the gradient (norm {grad_norm.item()})", batch_indices.tolist(), batch_indices)
@@ -750,20 +785,14 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
         row = {
             "step": step,
             "epoch": step / steps_per_epoch,
-            **dict(zip(_SUMMED, (sums / len(batch_indices)).tolist())),
+            **dict(zip(objective.summed, (sums / len(batch_indices)).tolist())),
             "learning_rate": learning_rate,
             "grad_norm": grad_norm.item(),
         }
-        history.append({k: row[k] for k in METRICS})
+        history.append({k: row[k] for k in objective.columns})
         if on_step is not None:
             on_step(history[-1])
-        bar.set_postfix(
-            loss=f"{row['loss']:.4f}",
-            margin=f"{row['rewards/margins']:.3f}",
-            acc=f"{row['rewards/accuracies']:.2f}",
-            lr=f"{learning_rate:.2e}",
-            refresh=False,
-        )
+        bar.set_postfix(loss=f"{row['loss']:.4f}", **objective.postfix(row), lr=f"{learning_rate:.2e}", refresh=False)
         bar.update(1)
         if config.output_dir is not None and (
             step == total_steps or (config.save_steps and step % config.save_steps == 0)
