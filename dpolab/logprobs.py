@@ -20,8 +20,8 @@ eq. 6.9), so the prompt runs once and no row is padded, and the LM head is ``lin
 autograd function with the gradient of eq. (6.8) written out, three matrix products per scored token in all
 (no recomputation), its softmax kept for the backward only while that fits ``keep_softmax_bytes``. Its logits are
 computed transposed, vocabulary x token, a few thousand vocabulary rows per product: each product writes one
-contiguous block that is exponentiated while still in cache (GPT-2, 488 tokens, 2 CPU cores: the head's forward
-1.3-1.6x faster than through one (n x 50,257) product, in interleaved runs; the backward as fast as before).
+contiguous block that is exponentiated while still in cache, where one (n x V) product would write n rows of V
+floats and read them back.
 
 Rankings of K completions (``listwise_logps``) go through the same paths, K branches per packed segment.
 

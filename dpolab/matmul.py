@@ -1,20 +1,16 @@
 """The matrix products of dpolab's hand-written backward passes: oneDNN's fp32 kernels on a CPU, torch's elsewhere.
 
-On x86 CPUs torch multiplies fp32 matrices with MKL's sgemm. torch also ships oneDNN, whose own fp32 kernels are
-faster at GPT-2's shapes on the AMD EPYC cores this course is measured on (2 cores, interleaved runs: up to 55%
-more FLOP/s per product, e.g. (624 x 768) @ (768 x 3072) at 188 against 134-139 GFLOP/s; least where oneDNN must
-first copy a transposed operand; a GPT-2 training step 12% faster). Both compute the product in
-fp32: results agree to rounding. ``matmul`` takes oneDNN where it applies (a CPU, fp32 operands, no autocast, no
+On x86 CPUs torch multiplies fp32 matrices with MKL's sgemm. torch also ships oneDNN, with fp32 kernels of its own
+(``make bench``'s ablation row compares the two). Both compute the product in fp32: results agree to rounding. ``matmul`` takes oneDNN where it applies (a CPU, fp32 operands, no autocast, no
 graph to record: oneDNN's op has no autograd formula, so it serves only inside ``torch.autograd.Function``s and
 under ``no_grad``) and torch's ``mm``/``addmm`` otherwise. ``ONEDNN = False`` switches it off (``make bench``'s
 ablation row).
 
 oneDNN caches the kernel it builds for each shape, 1,024 by default, and each cached kernel holds memory of its
-own. Training shapes change with every batch (the token counts), so that cache grows for hundreds of steps: +0.15
-GiB of peak memory after 7 steps of GPT-2 here. Before its first product, ``matmul`` sets
+own. Training shapes change with every batch (the token counts), so that cache would grow for hundreds of steps,
+and peak memory with it. Before its first product, ``matmul`` sets
 ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` for the process (unless it is set already: the user's value wins; oneDNN
-reads it once, so it has no effect if oneDNN already ran in this process): a kernel is built for each call, which
-measured no slower.
+reads it once, so it has no effect if oneDNN already ran in this process): a kernel is built for each call.
 """
 
 from __future__ import annotations

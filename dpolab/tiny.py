@@ -1,4 +1,4 @@
-"""The tiny Penn world: a small GPT-2 and its tokenizer, trained from scratch on the Penn set in ~2 minutes.
+"""The tiny Penn world: a small GPT-2 and its tokenizer, trained from scratch on the Penn set, on a CPU.
 
 It stands in for GPT-2 124M wherever a test or a notebook must run in seconds on a laptop CPU:
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .files import atomic_directory, cache_root
-from .train.loop import warmup_cosine
+from .schedules import warmup_cosine
 
 __all__ = ["TinyConfig", "train_tokenizer", "penn_sentences", "load_tiny_penn_world", "tiny_world_path", "build_info"]
 
@@ -44,7 +44,7 @@ class TinyConfig:
     n_head: int = 4  # attention heads
     n_positions: int = 128  # context length (Penn sentences are < 60 tokens)
     dropout: float = 0.1  # GPT-2's dropout, for pretraining on ~2.6k sentences (DPO training disables it)
-    steps: int = 600  # pretraining optimizer steps (~2 minutes on 2 CPU cores)
+    steps: int = 600  # pretraining optimizer steps
     batch_size: int = 32  # sentences per step
     learning_rate: float = 2e-3  # peak AdamW learning rate
     min_learning_rate: float = 2e-5  # end of the cosine decay
@@ -188,7 +188,7 @@ def build_tiny_penn_world(path: Path, config: TinyConfig, sentences: list[str]) 
 def load_tiny_penn_world(
     config: TinyConfig = TinyConfig(), rows: Iterable[Mapping[str, str]] | None = None, build: bool = True
 ):
-    """``(model, tokenizer)`` of the tiny Penn world, built on first use (~2 minutes) and cached.
+    """``(model, tokenizer)`` of the tiny Penn world, built on first use and cached.
 
     Args:
         config: the tokenizer, model and pretraining settings.

@@ -134,19 +134,19 @@ def test_histories_use_trls_metric_names(quick_run, method):
 @pytest.mark.slow
 def test_odpo_trains_with_the_documented_offsets(quick_run):
     """Step 1 (h = 0): ODPO's loss is the batch mean of -log sigma(-Delta_i) = softplus(Delta_i) over the first
-    batch's pairs, per example when dpolab.train passes per-example parameters, else with their mean (said loudly)."""
+    batch's pairs, each with its own offset (not their mean)."""
     from dpolab.data import load_penn
-    from dpolab.experiments.penn.methods import PER_EXAMPLE_PARAMS, odpo_offsets
+    from dpolab.experiments.penn.methods import odpo_offsets
     from dpolab.train.loop import epoch_order
 
     run, _, _ = quick_run
     offsets = odpo_offsets(load_penn("train"), alpha=5.0)
-    first_batch = offsets[epoch_order(0, 0, len(offsets))[:16]]
-    deltas = first_batch if PER_EXAMPLE_PARAMS else np.full(16, offsets.mean())
+    deltas = offsets[epoch_order(0, 0, len(offsets))[:16]]
     expected = float(np.mean(np.logaddexp(0, deltas)))
+    assert expected != pytest.approx(float(np.logaddexp(0, offsets.mean())), rel=1e-3)  # the two modes differ here
     assert _read(run / "units/odpo/seed-0/history.json")[0]["loss"] == pytest.approx(expected, rel=1e-4)
     notes = " ".join(_read(run / "metrics.json")["notes"])
-    assert ("Applied per example" in notes) == PER_EXAMPLE_PARAMS and ("WARNING" in notes) != PER_EXAMPLE_PARAMS
+    assert f"mean {offsets.mean():.3f}, median {np.median(offsets):.3f}" in notes and "Applied per example" in notes
 
 
 @pytest.mark.slow
@@ -281,44 +281,29 @@ def test_rerun_resumes_without_retraining(quick_run, capsys):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
-def _as_v01(path: Path, train_sha256: str) -> None:
-    """Rewrite a done.json as dpolab 0.1.0 wrote it: its fingerprint's train_sha256, its settings hash."""
-    done = _read(path)
-    settings = {**done["settings"], "train_sha256": train_sha256}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path.write_text(json.dumps({"settings_hash": digest, "settings": settings, "finished_at": done["finished_at"]}))
-
-
 @pytest.mark.slow
-def test_a_run_of_dpolab_0_1_is_upgraded_not_retrained(quick_run, tmp_path, capsys):
-    """dpolab 0.1.0's fingerprint hashed the training rows' strings, its files holding the continuations without
-    the leading space they now carry; it trained on the same tokens, so a rerun upgrades each done.json instead of
-    retraining. A done.json of other data is still refused, and then nothing is rewritten."""
-    from dpolab.data import load_penn
-
+def test_a_unit_made_with_other_settings_is_refused_and_nothing_is_rewritten(quick_run, tmp_path, capsys):
+    """A done.json whose settings hash this run does not compute (other settings, or an older layout such as
+    dpolab 0.1.0's, whose fingerprint hashed the pairs' strings) is refused in one line before anything trains, and
+    no file of the run folder changes."""
     run, argv, _ = quick_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    rows = load_penn("train")
-    v01_rows = [list(rows["prompt"]), [c[1:] for c in rows["chosen"]], [r[1:] for r in rows["rejected"]]]
-    v01_sha256 = hashlib.sha256(json.dumps(v01_rows).encode()).hexdigest()[:16]  # 0.1.0's formula, written out
-    markers = sorted(copy.glob("units/*/seed-0/done.json"))
-    current = {p: _read(p)["settings_hash"] for p in markers}
-    for path in markers:
-        _as_v01(path, v01_sha256)
-    _as_v01(markers[0], "0123456789abcdef")  # a unit trained on other data
-    before = {p: p.read_bytes() for p in markers}
-    args = [*argv, "--output-dir", str(copy)]  # the last --output-dir wins
-    assert main(args) == 2
-    assert "was made with other settings than this run's" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in markers} == before
-    _as_v01(markers[0], v01_sha256)
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "[penn] train " not in out
-    assert out.count("done by dpolab 0.1.0 on the same tokens (done.json upgraded)") == len(markers)
-    assert {p: _read(p)["settings_hash"] for p in markers} == current
-    assert all(_read(p)["upgraded_from"]["train_sha256"] == v01_sha256 for p in markers)
+    marker = copy / "units" / "dpo" / "seed-0" / "done.json"
+    done = _read(marker)
+    done["settings"]["train_sha256"] = "0123456789abcdef"
+    digest = hashlib.sha256(json.dumps(done["settings"], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    marker.write_text(json.dumps({**done, "settings_hash": digest}))
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert main([*argv, "--output-dir", str(copy)]) == 2  # the last --output-dir wins
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert errors == [
+        f"python -m dpolab.experiments.penn: error: {marker.parent} was made with other settings than this run's "
+        "(or by an older dpolab); choose another --output-dir, or delete that folder to redo it"
+    ]
+    assert "[penn] train " not in captured.out
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow

@@ -49,3 +49,12 @@ FILES = sorted(p for p in RESULTS.rglob("*") if p.is_file() and p.suffix in {".j
 def test_committed_results_hold_no_machine_paths_or_secrets(path):
     hits = [f"line {n}: {hit}" for n, line in enumerate(path.read_text().split("\n"), 1) for hit in problems(line)]
     assert not hits, f"{path.relative_to(RESULTS)}: {len(hits)} hits, e.g. {hits[:3]}"
+
+
+def test_the_committed_penn_report_renders_from_its_run_folder_byte_for_byte():
+    """report.md is a function of the run folder's files: rendering it again from the committed run's config,
+    metrics, win rates, frontier, histories and generations gives the committed report, byte for byte."""
+    from dpolab.experiments.penn.report import render_report
+
+    run = RESULTS / "penn-smollm2-135m"
+    assert render_report(run) == (run / "report.md").read_text()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +113,16 @@ def test_a_short_dpo_run_makes_the_model_mention_penn(tiny_world, penn, referenc
     rate = penn_rate(policy, tokenizer, penn["test"]["prompt"])
     print(f"Penn rate on the test prompts: reference {reference_rate:.3f}, after 40 DPO steps {rate:.3f}")
     assert rate >= reference_rate + 0.3, (reference_rate, rate)
+
+
+def test_the_models_and_the_tiny_world_do_not_import_the_trainer():
+    """The layers run one way, models -> tiny -> train: importing dpolab.models and dpolab.tiny (in a fresh
+    interpreter) loads no module of dpolab.train, and train's schedule is the one the tiny world pretrains with."""
+    code = (
+        "import sys, dpolab.models, dpolab.tiny\n"
+        "print(sorted(m for m in sys.modules if m.startswith('dpolab.train')))\n"
+        "from dpolab.train.loop import warmup_cosine\n"
+        "print(warmup_cosine is dpolab.tiny.warmup_cosine)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "True"]

@@ -39,7 +39,7 @@ from dpolab.train.checkpoint import (
     read_manifest,
     verify_checkpoint,
 )
-from dpolab.train.reference import precompute_reference_logps
+from dpolab.train.reference import precompute_reference_logps, reference_cache_path
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -253,6 +253,23 @@ def test_precomputed_reference_equals_a_live_forward_and_is_cached(small_tokeniz
     changed = precompute_reference_logps(model, examples, small_tokenizer, **kwargs)
     assert not torch.allclose(changed[0], ref_chosen)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_reference_cache_path_says_whether_the_precompute_will_read_the_cache(small_tokenizer, rows, tmp_path):
+    """The query the Penn experiment asks before timing the reference pass: false before the precompute, true after
+    it for the same arguments, false for another reduction or precision (their numbers differ)."""
+    model = make_tiny_gpt2(small_tokenizer)
+    examples = tokenize_preferences(rows, small_tokenizer)
+
+    def cached(**kwargs) -> bool:
+        return reference_cache_path(model, examples, small_tokenizer, cache_dir=tmp_path, **kwargs).exists()
+
+    assert not cached()
+    precompute_reference_logps(
+        model, examples, small_tokenizer, batch_size=4, device=torch.device("cpu"), cache_dir=tmp_path
+    )
+    assert cached() and cached(reduction="sum", autocast_dtype=None)
+    assert not cached(reduction="mean") and not cached(autocast_dtype=torch.bfloat16)
 
 
 def _count_forwards(model):
@@ -516,12 +533,18 @@ def test_config_validation(kwargs, message):
         TrainConfig(**kwargs)
 
 
-def test_config_is_frozen_and_defaults_are_the_articles():
-    c = TrainConfig()
-    assert (c.learning_rate, c.min_learning_rate, c.batch_size, c.epochs, c.beta) == (1e-4, 1e-7, 16, 2, 0.5)
-    with pytest.raises(AttributeError):
+DEFAULTS = ("learning_rate", "min_learning_rate", "batch_size", "epochs", "max_steps", "beta")
+
+
+def test_config_is_frozen_and_trains_by_default_as_the_penn_experiment():
+    """TrainConfig() trains as `make penn`'s dpolab methods do (the article's settings, recorded in the experiment's
+    own config), and a config cannot be changed once made."""
+    from dpolab.experiments.penn.config import Hyper
+
+    c, h = TrainConfig(), Hyper()
+    assert {name: getattr(c, name) for name in DEFAULTS} == {name: getattr(h, name) for name in DEFAULTS}
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.beta = 1.0  # type: ignore[misc]
-    assert TrainConfig(loss="dpop", loss_kwargs={"dpop_lambda": 5.0}).loss_kwargs == {"dpop_lambda": 5.0}
 
 
 @pytest.mark.trl
@@ -906,7 +929,7 @@ def test_cli_defaults_are_the_articles_and_every_flag_has_help():
     parser = build_parser()
     args = parser.parse_args(["train", "--loss", "dpop"])
     c = train_config(args)
-    assert (c.learning_rate, c.min_learning_rate, c.batch_size, c.epochs, c.beta) == (1e-4, 1e-7, 16, 2, 0.5)
+    assert {name: getattr(c, name) for name in DEFAULTS} == {name: getattr(TrainConfig(), name) for name in DEFAULTS}
     assert c.loss_kwargs == {"dpop_lambda": 5.0} and (args.model, args.data) == ("tiny", "penn")
     train_parser = parser._subparsers._group_actions[0].choices["train"]
     assert all(action.help for action in train_parser._actions), "a flag without --help text"

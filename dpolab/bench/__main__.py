@@ -13,7 +13,7 @@
 Lockstep: the two processes take turns, one optimizer step each, so that neighbouring steps meet the same machine
 (it is shared and noisy). Step times are medians of the timed steps within a run; a ratio is taken within each run,
 then its median over the R runs; every other figure is the median over the runs. ``--quick`` runs a 4-layer,
-256-wide GPT-2 with GPT-2's vocabulary, one repeat, no ablations: about a minute.
+256-wide GPT-2 with GPT-2's vocabulary, one repeat, no ablations.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from ..files import atomic_directory, cache_root
 __all__ = [
     "weights_hash",
     "examples_hash",
-    "reference_cache_key",
+    "reference_cache_path",
     "precompute_reference_logps",
     "precompute_reference_list_logps",
 ]
@@ -61,21 +61,31 @@ def examples_hash(examples: Sequence[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def reference_cache_key(
-    model: torch.nn.Module, examples: Sequence[dict[str, Any]], tokenizer, reduction: str, precision: str
-) -> str:
-    """The cache key of a reference's log-probs on tokenized ``examples`` (see the module docstring)."""
+def reference_cache_path(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    tokenizer,
+    *,
+    reduction: str = "sum",
+    autocast_dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """The file that holds the reference log-probs of tokenized ``examples`` once :func:`precompute_reference_logps`
+    has computed them with these arguments: ``<cache_dir>/<key>/logps.safetensors``, the key hashing everything the
+    numbers depend on (see the module docstring); ``cache_dir`` None: $DPOLAB_CACHE/ref-logps. ``.exists()`` asks
+    whether they are cached."""
     digest = hashlib.sha256()
     digest.update(weights_hash(model).encode())
     meta = {
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "vocab": len(tokenizer),
         "reduction": reduction,
-        "precision": precision,
+        "precision": "fp32" if autocast_dtype is None else str(autocast_dtype),
     }
     digest.update(json.dumps(meta, sort_keys=True).encode())
     digest.update(examples_hash(examples).encode())
-    return digest.hexdigest()[:32]
+    key = digest.hexdigest()[:32]
+    return Path(cache_dir or cache_root() / "ref-logps") / key / "logps.safetensors"
 
 
 def _n_tokens(example: dict[str, Any]) -> int:
@@ -132,15 +142,17 @@ def precompute_reference_list_logps(
     eager), else the padded K*B-row batches; the same numbers to float tolerance, so the cache key ignores it.
     The cache holds the (K, N) tensor ``logps``.
     """
-    precision = "fp32" if autocast_dtype is None else str(autocast_dtype)
-    key = reference_cache_key(model, examples, tokenizer, reduction, precision) if use_cache else None
-    path = Path(cache_dir or cache_root() / "ref-logps") / key if key else None
-    hit = torch.tensor([int(bool(path and rank == 0 and (path / "logps.safetensors").exists()))], device=device)
+    path = None
+    if use_cache:
+        path = reference_cache_path(
+            model, examples, tokenizer, reduction=reduction, autocast_dtype=autocast_dtype, cache_dir=cache_dir
+        )
+    hit = torch.tensor([int(bool(path and rank == 0 and path.exists()))], device=device)
     if world_size > 1:
         dist.broadcast(hit, src=0)
     if hit.item():
         logps = (
-            load_file(str(path / "logps.safetensors"))["logps"].to(device)
+            load_file(str(path))["logps"].to(device)
             if rank == 0
             else torch.zeros(n_completions(examples), len(examples), device=device)
         )
@@ -164,6 +176,6 @@ def precompute_reference_list_logps(
         )
         model.train(was_training)
         if path is not None and rank == 0:
-            with atomic_directory(path, replace=False) as tmp:
-                save_file({"logps": logps.cpu().contiguous()}, str(tmp / "logps.safetensors"))
+            with atomic_directory(path.parent, replace=False) as tmp:
+                save_file({"logps": logps.cpu().contiguous()}, str(tmp / path.name))
     return logps.cpu().t()

@@ -1,23 +1,23 @@
-"""How a training step is made fast without changing what it computes (each measured by ``make bench``).
+"""How a training step is made fast without changing what it computes (``make bench`` switches each off alone).
 
 - ``fuse_activations``: transformers' GPT-2 GELU (``gelu_new``) is seven Python-level elementwise operations, each
   a pass over the (tokens x 3072) MLP activations, four of them saved for the backward; torch's
   ``gelu(approximate="tanh")`` is the same function, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in one
-  kernel that saves only its input (make bench, GPT-2 124M on 2 cores: 4.98 -> 4.37 s per step, 3.44 -> 2.94 GiB).
+  kernel that saves only its input.
   In GPT-2's MLP the GELU and the projection after it are one function, ``gelu_projection``: the autograd graph
   of ``c_proj(gelu(a))`` keeps both a and gelu(a) (two tokens x 3072 tensors per layer); this one keeps a alone
   and recomputes gelu(a) in the backward, for the weight's gradient.
 - ``inplace_tied_embedding_grad``: where the input embedding is the LM head's weight (GPT-2, SmolLM2), autograd sums
   that weight's two gradients, the LM head's dense (V x D) one and the lookup's, which is a second dense (V x D)
   tensor of zeros with one row per looked-up token added: at the end of the backward, when every other gradient is
-  already held, 150 MB more for GPT-2. Here the lookup's rows are added in place into ``weight.grad`` instead.
+  already held, one more (V x D) tensor. Here the lookup's rows are added in place into ``weight.grad`` instead.
 - ``recompute_layer_norms``: in GPT-2's blocks, the linear after each layer norm (``ln_1`` -> ``attn.c_attn``,
   ``ln_2`` -> ``mlp.c_fc``) keeps its input, the norm's output, for its weight's gradient, while the norm keeps its
   own input for its backward: two (tokens x 768) tensors per norm. Here the linear keeps the norm's input alone and
   recomputes the norm's output in the backward (one cheap normalisation per norm).
 - ``fused_adamw``: AdamW's fused kernel updates each tensor in one pass, without foreach temporaries.
-- The products inside these autograd functions go through ``dpolab.matmul``: oneDNN's fp32 kernels on a CPU (faster
-  than torch's MKL sgemm here), torch's own elsewhere.
+- The products inside these autograd functions go through ``dpolab.matmul``: oneDNN's fp32 kernels on a CPU,
+  torch's own elsewhere.
 
 ``speedups_applied`` applies the first three to a model for the duration of a block (``dpolab.train`` wraps its run in
 it) and undoes them afterwards, also when the block raises: the caller's model comes back with its own classes and

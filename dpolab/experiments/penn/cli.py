@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from .config import QUICK, Experiment, FrontierConfig, Hyper, RunConfig, TRLSettings
 from .methods import METHODS
@@ -58,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help=f"smoke run: --model tiny, --max-steps {QUICK['max_steps']}, 1 seed, betas 0.1,0.5 (explicit "
-        "flags still win); every method and every test prompt, a few minutes on 2 cores",
+        "flags still win); every method and every test prompt",
     )
     g.add_argument(
         "--model",

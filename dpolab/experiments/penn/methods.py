@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,15 +41,10 @@ __all__ = [
     "unit_settings",
     "train_dpolab",
     "TrainingInputs",
-    "PER_EXAMPLE_PARAMS",
 ]
-
-log = logging.getLogger(__name__)
 
 # ODPO's score s(y): the MiniLM cosine of a continuation to this phrase.
 ODPO_ANCHOR = "the University of Pennsylvania"
-# Whether dpolab.train can pass per-example loss parameters (ODPO's offsets) to the loss.
-PER_EXAMPLE_PARAMS = "example_loss_kwargs" in inspect.signature(train).parameters
 
 
 @dataclass(frozen=True)
@@ -151,7 +144,9 @@ def unit_settings(unit: Unit, exp: Experiment, fingerprint: dict[str, Any]) -> d
         "method": unit.method,
         "beta": unit_beta(unit, exp),
         "training": training,
-        "odpo_per_example": PER_EXAMPLE_PARAMS if unit.method == "odpo" else None,
+        # ODPO's offsets are applied per example (train's example_loss_kwargs). A constant key, kept in the hashed
+        # settings so that the hashes of runs already made (the committed one) stay valid.
+        "odpo_per_example": True if unit.method == "odpo" else None,
     }
 
 
@@ -175,11 +170,10 @@ def odpo_offsets(train_rows, alpha: float) -> np.ndarray:
     """Delta_i = alpha * max(0, s(y_w) - s(y_l)) for every training pair, shape (N,), float32, s scoring the
     continuations' stripped text.
 
-    The scores are computed once per training set and cached in $DPOLAB_CACHE/odpo-scores (MiniLM takes ~25 s
-    for the Penn set's 2,820 continuations on 2 cores).
+    The scores are computed once per training set and cached in $DPOLAB_CACHE/odpo-scores.
     """
-    # the continuations' text, without the space that joins them to the prompt (the cache key of dpolab 0.1.0's
-    # files, which held them without it; MiniLM's tokenizer ignores a leading space anyway)
+    # the continuations' text, without the space that joins them to the prompt (MiniLM's tokenizer ignores a leading
+    # space; the cached scores are keyed on the stripped text)
     chosen, rejected = ([text.strip() for text in train_rows[key]] for key in ("chosen", "rejected"))
     key = hashlib.sha256(json.dumps([ODPO_ANCHOR, chosen, rejected]).encode()).hexdigest()[:24]
     path = cache_root() / "odpo-scores" / f"{key}.json"
@@ -193,16 +187,11 @@ def odpo_offsets(train_rows, alpha: float) -> np.ndarray:
 
 
 def odpo_note(offsets: np.ndarray) -> str:
-    """One line for the report: the offsets' distribution, and whether they were applied per example."""
-    stats = (
-        f"ODPO offsets Delta = alpha * max(0, s(y_w) - s(y_l)): mean {offsets.mean():.3f}, median "
-        f"{np.median(offsets):.3f}, max {offsets.max():.3f}, {np.mean(offsets == 0):.1%} of pairs at 0."
-    )
-    if PER_EXAMPLE_PARAMS:
-        return stats + " Applied per example."
+    """One line for the report: the offsets' distribution."""
     return (
-        stats + f" WARNING: this dpolab.train cannot pass per-example loss parameters, so ODPO ran with the "
-        f"constant offset {offsets.mean():.3f} (their mean), a DPO with a fixed margin, not the per-example ODPO."
+        f"ODPO offsets Delta = alpha * max(0, s(y_w) - s(y_l)): mean {offsets.mean():.3f}, median "
+        f"{np.median(offsets):.3f}, max {offsets.max():.3f}, {np.mean(offsets == 0):.1%} of pairs at 0. "
+        "Applied per example."
     )
 
 
@@ -218,7 +207,7 @@ class TrainingInputs:
     train_data: Any
     odpo_offsets: np.ndarray | None = None
     progress: bool = True
-    notes: list[str] = field(default_factory=list)  # things the report must say (e.g. ODPO's offset mode)
+    notes: list[str] = field(default_factory=list)  # things the report must say (e.g. ODPO's offsets)
 
 
 def train_dpolab(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
@@ -227,18 +216,12 @@ def train_dpolab(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str)
     Checkpoints every ``save_steps`` in ``work``; a rerun resumes from the latest one.
     """
     spec = METHODS[unit.method]
-    params, extra = dict(spec.params(exp)), {}
-    if unit.method == "odpo":
-        if PER_EXAMPLE_PARAMS:
-            extra["example_loss_kwargs"] = {"offset": inputs.odpo_offsets}
-        else:  # dpolab.train cannot pass per-example parameters yet: a constant offset, said loudly
-            params["offset"] = float(np.mean(inputs.odpo_offsets))
-            log.warning(odpo_note(inputs.odpo_offsets))
+    per_example = {"offset": inputs.odpo_offsets} if unit.method == "odpo" else None  # ODPO's Delta_i
     h = exp.hyper
     config = TrainConfig(
         loss=spec.loss,
         beta=unit_beta(unit, exp),
-        loss_kwargs=params,
+        loss_kwargs=spec.params(exp),
         reduction=spec.reduction(exp),
         learning_rate=h.learning_rate,
         min_learning_rate=h.min_learning_rate,
@@ -253,7 +236,9 @@ def train_dpolab(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str)
         precision=h.precision,
     )
     policy = copy.deepcopy(inputs.model)  # same initial weights for every method
-    result = train(policy, inputs.tokenizer, inputs.train_data, config, ref_model=inputs.model, **extra)
+    result = train(
+        policy, inputs.tokenizer, inputs.train_data, config, ref_model=inputs.model, example_loss_kwargs=per_example
+    )
     if result.resumed_from_step:
         print(f"[penn] {unit.name} seed {unit.seed} resumed from its checkpoint at step {result.resumed_from_step}")
     return policy, result.history

@@ -14,8 +14,7 @@
 
 A unit is done when its done.json carries the settings hash of this run: the method's settings and the fingerprint
 (the initial weights, the training pairs' token ids as dpolab.train and TRL tokenize them, the test prompts). A
-done.json written by dpolab 0.1.0, whose fingerprint hashed the pairs' strings, is upgraded in place when 0.1.0
-trained on the same token ids (``upgraded_v01_done``), so a rerun after the upgrade retrains nothing.
+done.json with another hash (other settings, or a run folder of an older layout) is refused, never reused.
 
 The run folder holds small files only; checkpoints and weights live in the work folder (``--work-dir``, by default
 under $DPOLAB_CACHE), so a committed results folder never holds weights.
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import gc
 import hashlib
 import io
@@ -46,7 +44,6 @@ from .config import Experiment, resolve_precision
 from .evaluate import SUMMARIES, evaluate_policy, pool_seeds, summarize
 from .methods import (
     METHODS,
-    PER_EXAMPLE_PARAMS,
     REFERENCE,
     TrainingInputs,
     Unit,
@@ -66,8 +63,6 @@ __all__ = [
     "default_output_dir",
     "plan_units",
     "fingerprint",
-    "v01_train_sha256",
-    "upgraded_v01_done",
     "check_run_folder",
 ]
 
@@ -207,44 +202,6 @@ def fingerprint(model, info, tokenizer, train_rows, prompts) -> dict[str, Any]:
     }
 
 
-def v01_train_sha256(model, tokenizer, train_rows) -> str | None:
-    """The ``train_sha256`` dpolab 0.1.0 recorded for these pairs if 0.1.0 trained on the same token ids, else None.
-
-    0.1.0 hashed the rows' strings, its files holding each continuation without the leading space that TRL's format
-    puts in the completion, and trained on ``prompt + " " + continuation + EOS`` (EOS always appended), truncated at
-    the model's context. That is checked here, not assumed: the 0.1.0 tokens are rebuilt and compared."""
-    from ...data.tokenize import tokenize_preferences
-    from ...train.loop import _context_length
-    from ...train.reference import examples_hash
-
-    keys = ("prompt", "chosen", "rejected")
-    prompts, chosen, rejected = (list(train_rows[k]) for k in keys)
-    if not all(text.startswith(" ") for text in chosen + rejected):
-        return None
-    old = [prompts, [c[1:] for c in chosen], [r[1:] for r in rejected]]  # the strings 0.1.0 read and hashed
-    eos = tokenizer.eos_token
-    as_v01 = [{"prompt": p, "chosen": c + eos, "rejected": r + eos} for p, c, r in zip(prompts, chosen, rejected)]
-    then = tokenize_preferences(as_v01, tokenizer, max_length=_context_length(model))
-    if examples_hash(then) != examples_hash(train_examples(model, tokenizer, train_rows)):
-        return None
-    return hashlib.sha256(json.dumps(old).encode()).hexdigest()[:16]
-
-
-def upgraded_v01_done(done: dict, settings: dict, old_train_sha256: str | None) -> dict | None:
-    """The done.json content for ``settings`` when ``done`` differs from them only by dpolab 0.1.0's train_sha256
-    ``old_train_sha256`` (the same token ids, see :func:`v01_train_sha256`); else None."""
-    if old_train_sha256 is None or done["settings"].get("train_sha256") != old_train_sha256:
-        return None
-    if settings_hash({**done["settings"], "train_sha256": settings["train_sha256"]}) != settings_hash(settings):
-        return None
-    return {
-        "settings_hash": settings_hash(settings),
-        "settings": settings,
-        "finished_at": done["finished_at"],
-        "upgraded_from": {"settings_hash": done["settings_hash"], "train_sha256": old_train_sha256},
-    }
-
-
 # ------------------------------------------------------------------------------------------------ units
 
 
@@ -335,18 +292,17 @@ def run_unit(
 
 
 def warm_reference_cache(inputs: TrainingInputs, exp: Experiment, reductions: set[str], timer: Timer) -> None:
-    """Compute the reference log-probs of the training pairs once per reduction, with the key dpolab.train uses
-    (so training finds them cached), timed as the phase "reference log-probs" when not already on disk."""
-    from ...train.reference import precompute_reference_logps, reference_cache_key
+    """Compute the reference log-probs of the training pairs once per reduction, as dpolab.train computes them (so
+    training finds them cached), timed as the phase "reference log-probs" when not already on disk."""
+    from ...train.reference import precompute_reference_logps, reference_cache_path
 
     model = inputs.model
     examples = train_examples(model, inputs.tokenizer, inputs.train_data)
     device = next(model.parameters()).device
-    bf16 = exp.hyper.precision == "bf16"  # resolved in run(): what dpolab.train will use
-    autocast = torch.bfloat16 if bf16 else None
+    autocast = torch.bfloat16 if exp.hyper.precision == "bf16" else None  # resolved in run(): what train will use
     for reduction in sorted(reductions):
-        key = reference_cache_key(model, examples, inputs.tokenizer, reduction, str(autocast) if bf16 else "fp32")
-        cached = (cache_root() / "ref-logps" / key / "logps.safetensors").exists()
+        path = reference_cache_path(model, examples, inputs.tokenizer, reduction=reduction, autocast_dtype=autocast)
+        cached = path.exists()
         with contextlib.nullcontext() if cached else timer("reference log-probs"):
             precompute_reference_logps(
                 model,
@@ -467,30 +423,23 @@ def run(exp: Experiment) -> Path:
     fp = fingerprint(model, info, tokenizer, train_rows, prompts)
     units, frontier = plan_units(exp)
     settings = {u: unit_settings(u, exp, fp) for u in units}
-    todo, upgrades = [], {}
-    old_train_sha256 = functools.cache(lambda: v01_train_sha256(model, tokenizer, train_rows))  # when needed
+    todo = []
     for unit in units:
         done = read_done(out / unit.folder)
         if done is None:
             todo.append(unit)
-        elif done["settings_hash"] == settings_hash(settings[unit]):
+        elif done.get("settings_hash") == settings_hash(settings[unit]):
             say(f"skip {unit.name} seed {unit.seed}: done (resume)")
-        elif upgraded := upgraded_v01_done(done, settings[unit], old_train_sha256()):
-            upgrades[unit] = upgraded
         else:
             raise InputError(
-                f"{out / unit.folder} was made with other settings than this run's; choose another "
-                f"--output-dir, or delete that folder to redo it"
+                f"{out / unit.folder} was made with other settings than this run's (or by an older dpolab); choose "
+                "another --output-dir, or delete that folder to redo it"
             )
-    for unit, upgraded in upgrades.items():
-        atomic_write_text(out / unit.folder / "done.json", json.dumps(upgraded, indent=1, default=str))
-        say(f"skip {unit.name} seed {unit.seed}: done by dpolab 0.1.0 on the same tokens (done.json upgraded)")
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "experiment": exp.to_dict(),
         "model_info": info.to_dict(),
         "fingerprint": fp,
-        "odpo_offsets_per_example": PER_EXAMPLE_PARAMS,
         "versions": _versions(),
         "argv": sys.argv[1:],
     }
@@ -545,8 +494,6 @@ def _save_run_timings(out: Path, timer: Timer) -> dict[str, float]:
     a phase this invocation timed replaces its earlier time) and return the merged times."""
     path = out / "timings.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    if not old and (out / "metrics.json").exists():  # a run folder from before timings.json existed
-        old = json.loads((out / "metrics.json").read_text()).get("timings", {}).get("run", {})
     merged = {**old, **timer.seconds}
     atomic_write_text(path, json.dumps(merged, indent=1))
     return merged

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...files import atomic_write_text, portable_text, read_jsonl
 from .figures import FIGURES, label
 from .methods import METHODS, REFERENCE
 
-__all__ = ["ARTICLE", "write_report"]
+__all__ = ["ARTICLE", "render_report", "write_report"]
 
 # The article's reported results (seeds/README.md, "Reported results"), GPT-2 124M, one run each, GPT-4 judge.
 ARTICLE = {
@@ -106,7 +107,176 @@ def _alignment_verdict(method: str, entry: dict) -> str:
     return f"{side} the article's {ARTICLE_ALIGNMENT_TEXT[method]}"
 
 
-def _dynamics(out: Path, methods: list[str]) -> tuple[list[str], list[str]]:
+@dataclass(frozen=True)
+class RunFiles:
+    """What the report reads from a run folder: config.json, metrics.json, win_rates.json (once judged),
+    frontier.json, and the units' histories and generations."""
+
+    out: Path
+    config: dict
+    metrics: dict
+    wins: dict | None
+    frontier: dict
+
+    @classmethod
+    def read(cls, out: Path) -> RunFiles:
+        wins = out / "win_rates.json"
+        return cls(
+            out,
+            json.loads((out / "config.json").read_text()),
+            json.loads((out / "metrics.json").read_text()),
+            json.loads(wins.read_text()) if wins.exists() else None,
+            json.loads((out / "frontier.json").read_text()),
+        )
+
+    @property
+    def exp(self) -> dict:
+        return self.config["experiment"]
+
+    @property
+    def info(self) -> dict:
+        return self.config["model_info"]
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.exp["run"]["methods"])
+
+    @property
+    def rows_all(self) -> list[str]:
+        """The methods and the reference: the rows of every table."""
+        return [*self.methods, REFERENCE]
+
+    @property
+    def pooled(self) -> dict:
+        return self.metrics["pooled"]
+
+
+def write_report(out: str | Path) -> Path:
+    """Write ``out``/report.md from the run folder's files; returns its path."""
+    path = Path(out) / "report.md"
+    atomic_write_text(path, render_report(out))
+    return path
+
+
+def render_report(out: str | Path) -> str:
+    """report.md's text: one section after another (``SECTIONS``), each a function of the run folder's files."""
+    run = RunFiles.read(Path(out))
+    return portable_text("\n".join(line for section in SECTIONS for line in section(run)))
+
+
+def _title(run: RunFiles) -> list[str]:
+    """The title, and a warning first when the model is not GPT-2 or the run is a quick one."""
+    info, exp = run.info, run.exp
+    lines = ["# The GPT-2 Penn experiment: run report", ""]
+    if info["fallback"]:
+        lines += [
+            f"> **WARNING: GPT-2 124M could not be loaded; the offline stand-in `{info['name']}` replaced it** "
+            f"({info['fallback_reason']}). It is not GPT-2 (a quantised instruction-tuned Llama of the same "
+            "scale): compare with the article's numbers with that in mind.",
+            "",
+        ]
+    if exp["run"]["quick"]:
+        lines += [
+            f"> **Quick smoke run** on the `{info['name']}` model with at most {exp['hyper']['max_steps']} "
+            "steps per method: it checks the pipeline end to end; its numbers are not a replication.",
+            "",
+        ]
+    if info["name"] != "gpt2" and not info["fallback"] and not exp["run"]["quick"]:
+        lines += [f"> This run uses `{info['name']}`, not GPT-2 124M (chosen with --model).", ""]
+    return lines
+
+
+def _setup(run: RunFiles) -> list[str]:
+    """Model, data, seeds, sampling, judge and precision; then each method's objective and optimisation."""
+    info, exp, wins, sampling = run.info, run.exp, run.wins, run.exp["sampling"]
+    lines = [
+        "## Setup",
+        "",
+        f"- Model: `{info['name']}` ({info['n_params'] / 1e6:.1f}M parameters, from `{info['source']}`)"
+        f"{' — FALLBACK for GPT-2' if info['fallback'] else ''}.",
+        f"- Data: `{exp['run']['data']}`; {len(_generations(run.out, REFERENCE, 0))} test prompts, every one "
+        "evaluated.",
+        f"- Seeds: {exp['run']['seeds']}; sampling top-k {sampling['top_k']}, temperature {sampling['temperature']}, "
+        f"{sampling['max_new_tokens']} new tokens, the same sampling seed for every method.",
+        f"- Judge: {exp['run']['judge']}" + (f" (`{wins['judge']}`)" if wins else "") + ".",
+        f"- Precision: {h_precision(exp)} for every trainer, TRL's included (fp32 master weights and optimizer "
+        "state; log-probs summed in fp32).",
+        "",
+    ]
+    h, t = exp["hyper"], exp["trl"]
+    rows = []
+    for m in run.methods:
+        if METHODS[m].trainer == "trl":
+            hp = f"lr {t['learning_rate']:g} linear, {t['epochs']} epochs, batch {t['batch_size']}"
+        else:
+            hp = (
+                f"lr {h['learning_rate']:g} cosine to {h['min_learning_rate']:g}, {h['epochs']} epochs, "
+                f"batch {h['batch_size']}"
+            )
+        extra = {
+            "dpop": f"lambda {h['dpop_lambda']:g}",
+            "kl_sft": f"kl_coef {h['kl_coef']:g}",
+            "ipo": f"{h['ipo_reduction']} log-probs",
+            "odpo": f"alpha {h['odpo_alpha']:g}",
+        }.get(m, "")
+        beta = run.metrics["units"][f"{m}/seed-0"]["beta"]
+        rows.append([label(m), METHODS[m].about, _num(beta), hp, str(len(_history(run.out, m, 0))), extra])
+    return lines + _table(["method", "objective", "beta", "optimisation", "steps run", "other"], rows) + [""]
+
+
+def _wall_time(run: RunFiles) -> list[str]:
+    """Seconds per run-level phase and per unit, and their sum."""
+    lines = [
+        "## Wall time",
+        "",
+        "Seconds per phase, on the machine that ran it. Units done by an earlier invocation "
+        "keep the times recorded when they ran (a run resumed on another machine mixes machines); a training "
+        "resumed from a checkpoint counts only its resumed part; a phase missing from the first table "
+        "(reference log-probs, judging) was served by a cache or by an earlier invocation.",
+        "",
+    ]
+    run_t, units_t = run.metrics["timings"]["run"], run.metrics["timings"]["units"]
+    lines += _table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in run_t.items()]) + [""]
+    unit_rows = [
+        [u, *(f"{secs.get(p, 0.0):.1f}" for p in ("training", "generation", "evaluation"))]
+        for u, secs in units_t.items()
+    ]
+    lines += _table(["unit", "training", "generation", "evaluation"], unit_rows) + [""]
+    total = sum(run_t.values()) + sum(sum(secs.values()) for secs in units_t.values())
+    return lines + [f"Sum of the timed phases: {total:.0f} s ({total / 60:.1f} min).", ""]
+
+
+def _alignment(run: RunFiles) -> list[str]:
+    """Alignment accuracy per method beside the article's, and how the methods compare."""
+    pooled, methods = run.pooled, run.methods
+    lines = ["## Alignment accuracy: ours beside the article's", "", "![alignment](figures/alignment.png)", ""]
+    rows = []
+    for m in run.rows_all:
+        e = pooled[m]["alignment"]
+        per_seed = ", ".join(_pct(v) for v in e["per_seed"])
+        rows.append([label(m), _ci(e, _pct), per_seed, ARTICLE_ALIGNMENT_TEXT.get(m, "—"), _alignment_verdict(m, e)])
+    lines += _table(["method", "ours, 95% CI (pooled over seeds)", "per seed", "article", ""], rows) + [""]
+    lines.append("- " + versus_reference(pooled, methods, "alignment", "alignment accuracy", _pct))
+    for a, b in (("dpo", "dpop"), ("sft", "kl_sft"), ("dpop", "sft")):
+        if a in methods and b in methods:
+            what = "alignment accuracy"
+            lines.append("- " + compare(label(a), pooled[a]["alignment"], label(b), pooled[b]["alignment"], what, _pct))
+    return lines + [""]
+
+
+def _dynamics(run: RunFiles) -> list[str]:
+    """The implicit rewards over training (seed 0), and whether DPO and DPOP draw the article's picture."""
+    out, methods = run.out, run.methods
+    lines = [
+        "## Training dynamics: the chosen reward",
+        "",
+        "![rewards](figures/rewards.png)",
+        "",
+        "![losses](figures/losses.png)",
+        "",
+        "Implicit rewards beta·log(pi/pi_ref) as TRL logs them (seed 0; IPO's are per token).",
+        "",
+    ]
     rows, sentences = [], []
     for m in methods:
         history = _history(out, m, 0)
@@ -114,23 +284,8 @@ def _dynamics(out: Path, methods: list[str]) -> tuple[list[str], list[str]]:
             continue
         chosen = [r["rewards/chosen"] for r in history]
         last = history[-1]
-        rows.append(
-            [
-                label(m),
-                str(len(history)),
-                *(
-                    f"{v:.3f}"
-                    for v in (
-                        chosen[0],
-                        min(chosen),
-                        chosen[-1],
-                        last["rewards/rejected"],
-                        last["rewards/margins"],
-                        last["rewards/accuracies"],
-                    )
-                ),
-            ]
-        )
+        ends = (last["rewards/rejected"], last["rewards/margins"], last["rewards/accuracies"])
+        rows.append([label(m), str(len(history)), *(f"{v:.3f}" for v in (chosen[0], min(chosen), chosen[-1], *ends))])
         if m in ("dpo", "dpop", "trl"):
             trend = "fell" if chosen[-1] < chosen[0] else "rose"
             sign = (
@@ -154,148 +309,20 @@ def _dynamics(out: Path, methods: list[str]) -> tuple[list[str], list[str]]:
                 "(see ENVIRONMENT.md on the dependence on the step size and the reference's prior)."
             )
         )
-    return rows, sentences
+    header = ["method", "steps", "rewards/chosen first", "min", "last"]
+    header += ["rewards/rejected last", "margins last", "accuracies last"]
+    return lines + _table(header, rows) + [""] + [f"- {s}" for s in sentences] + [""]
 
 
-def write_report(out: str | Path) -> Path:
-    out = Path(out)
-    config = json.loads((out / "config.json").read_text())
-    metrics = json.loads((out / "metrics.json").read_text())
-    wins = json.loads((out / "win_rates.json").read_text()) if (out / "win_rates.json").exists() else None
-    frontier = json.loads((out / "frontier.json").read_text())
-    exp, info = config["experiment"], config["model_info"]
-    methods, pooled, seeds = list(exp["run"]["methods"]), metrics["pooled"], exp["run"]["seeds"]
-    rows_all = [*methods, REFERENCE]
-    lines = ["# The GPT-2 Penn experiment: run report", ""]
-
-    if info["fallback"]:
-        lines += [
-            f"> **WARNING: GPT-2 124M could not be loaded; the offline stand-in `{info['name']}` replaced it** "
-            f"({info['fallback_reason']}). It is not GPT-2 (a quantised instruction-tuned Llama of the same "
-            "scale): compare with the article's numbers with that in mind.",
-            "",
-        ]
-    if exp["run"]["quick"]:
-        lines += [
-            f"> **Quick smoke run** on the `{info['name']}` model with at most {exp['hyper']['max_steps']} "
-            "steps per method: it checks the pipeline end to end; its numbers are not a replication.",
-            "",
-        ]
-    n_prompts, sampling = len(_generations(out, REFERENCE, 0)), exp["sampling"]
-    if info["name"] != "gpt2" and not info["fallback"] and not exp["run"]["quick"]:
-        lines += [f"> This run uses `{info['name']}`, not GPT-2 124M (chosen with --model).", ""]
-    lines += [
-        "## Setup",
-        "",
-        f"- Model: `{info['name']}` ({info['n_params'] / 1e6:.1f}M parameters, from `{info['source']}`)"
-        f"{' — FALLBACK for GPT-2' if info['fallback'] else ''}.",
-        f"- Data: `{exp['run']['data']}`; {n_prompts} test prompts, every one evaluated.",
-        f"- Seeds: {seeds}; sampling top-k {sampling['top_k']}, temperature {sampling['temperature']}, "
-        f"{sampling['max_new_tokens']} new tokens, the same sampling seed for every method.",
-        f"- Judge: {exp['run']['judge']}" + (f" (`{wins['judge']}`)" if wins else "") + ".",
-        f"- Precision: {h_precision(exp)} for every trainer, TRL's included (fp32 master weights and optimizer "
-        "state; log-probs summed in fp32).",
-        "",
-    ]
-    h, t = exp["hyper"], exp["trl"]
-    spec_rows = []
-    for m in methods:
-        unit = metrics["units"][f"{m}/seed-0"]
-        steps = len(_history(out, m, 0))
-        if METHODS[m].trainer == "trl":
-            hp = f"lr {t['learning_rate']:g} linear, {t['epochs']} epochs, batch {t['batch_size']}"
-        else:
-            hp = (
-                f"lr {h['learning_rate']:g} cosine to {h['min_learning_rate']:g}, {h['epochs']} epochs, "
-                f"batch {h['batch_size']}"
-            )
-        extra = {
-            "dpop": f"lambda {h['dpop_lambda']:g}",
-            "kl_sft": f"kl_coef {h['kl_coef']:g}",
-            "ipo": f"{h['ipo_reduction']} log-probs",
-            "odpo": f"alpha {h['odpo_alpha']:g}",
-        }.get(m, "")
-        spec_rows.append([label(m), METHODS[m].about, _num(unit["beta"]), hp, str(steps), extra])
-    lines += _table(["method", "objective", "beta", "optimisation", "steps run", "other"], spec_rows) + [""]
-
-    lines += [
-        "## Wall time",
-        "",
-        "Seconds per phase, on the machine that ran it. Units done by an earlier invocation "
-        "keep the times recorded when they ran (a run resumed on another machine mixes machines); a training "
-        "resumed from a checkpoint counts only its resumed part; a phase missing from the first table "
-        "(reference log-probs, judging) was served by a cache or by an earlier invocation.",
-        "",
-    ]
-    run_t = metrics["timings"]["run"]
-    lines += _table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in run_t.items()]) + [""]
-    unit_rows = [
-        [u, *(f"{secs.get(p, 0.0):.1f}" for p in ("training", "generation", "evaluation"))]
-        for u, secs in metrics["timings"]["units"].items()
-    ]
-    lines += _table(["unit", "training", "generation", "evaluation"], unit_rows) + [""]
-    total = sum(run_t.values()) + sum(sum(secs.values()) for secs in metrics["timings"]["units"].values())
-    lines += [f"Sum of the timed phases: {total:.0f} s ({total / 60:.1f} min).", ""]
-
-    lines += ["## Alignment accuracy: ours beside the article's", "", "![alignment](figures/alignment.png)", ""]
-    rows = []
-    for m in rows_all:
-        e = pooled[m]["alignment"]
-        per_seed = ", ".join(_pct(v) for v in e["per_seed"])
-        rows.append([label(m), _ci(e, _pct), per_seed, ARTICLE_ALIGNMENT_TEXT.get(m, "—"), _alignment_verdict(m, e)])
-    lines += _table(["method", "ours, 95% CI (pooled over seeds)", "per seed", "article", ""], rows) + [""]
-    lines.append("- " + versus_reference(pooled, methods, "alignment", "alignment accuracy", _pct))
-    for a, b in (("dpo", "dpop"), ("sft", "kl_sft"), ("dpop", "sft")):
-        if a in methods and b in methods:
-            lines.append(
-                "- "
-                + compare(
-                    label(a), pooled[a]["alignment"], label(b), pooled[b]["alignment"], "alignment accuracy", _pct
-                )
-            )
-    lines.append("")
-
-    dyn_rows, dyn_sentences = _dynamics(out, methods)
-    lines += [
-        "## Training dynamics: the chosen reward",
-        "",
-        "![rewards](figures/rewards.png)",
-        "",
-        "![losses](figures/losses.png)",
-        "",
-        "Implicit rewards beta·log(pi/pi_ref) as TRL logs them (seed 0; IPO's are per token).",
-        "",
-    ]
-    lines += _table(
-        [
-            "method",
-            "steps",
-            "rewards/chosen first",
-            "min",
-            "last",
-            "rewards/rejected last",
-            "margins last",
-            "accuracies last",
-        ],
-        dyn_rows,
-    ) + [""]
-    lines += [f"- {s}" for s in dyn_sentences] + [""]
-
-    lines += ["## Fluency, repetition, relevance, KL", "", "![quality](figures/quality.png)", ""]
+def _quality(run: RunFiles) -> list[str]:
+    """Fluency, repetition, relevance and KL per method, each against the reference's."""
+    pooled, metrics, methods, rows_all = run.pooled, run.metrics, run.methods, run.rows_all
+    lines = ["## Fluency, repetition, relevance, KL", "", "![quality](figures/quality.png)", ""]
     keys = ["perplexity_ref", "distinct_2", "corpus_distinct_2", "repeated_2gram", "relevance", "kl", "length"]
-    lines += _table(
-        [
-            "method",
-            "ref. perplexity",
-            "distinct-2",
-            "corpus distinct-2",
-            "repeated bigrams",
-            "relevance",
-            "KL (nats)",
-            "tokens",
-        ],
-        [[label(m), *(_ci(_pooled_or_unit(pooled, metrics, m, k)) for k in keys)] for m in rows_all],
-    ) + [""]
+    header = ["method", "ref. perplexity", "distinct-2", "corpus distinct-2", "repeated bigrams", "relevance"]
+    header += ["KL (nats)", "tokens"]
+    rows = [[label(m), *(_ci(_pooled_or_unit(pooled, metrics, m, k)) for k in keys)] for m in rows_all]
+    lines += _table(header, rows) + [""]
     for key, what in (
         ("repeated_2gram", "repeated-bigram rate (repetition within an output)"),
         ("distinct_2", "distinct-2 per output"),
@@ -309,17 +336,15 @@ def write_report(out: str | Path) -> Path:
         f"- Corpus distinct-2 (templating across outputs, seed 0, no interval): lowest for {label(lowest)} "
         f"({_num(corpus[lowest])}) against the reference's {_num(corpus[REFERENCE])}."
     )
-    lines.append("")
+    return lines + [""]
 
-    if wins:
-        lines += _win_section(wins, methods)
-    lines += _frontier_section(frontier)
-    lines += _samples(out, rows_all)
-    notes = metrics.get("notes", [])
-    lines += [
+
+def _notes(run: RunFiles) -> list[str]:
+    """The run's own notes (e.g. ODPO's offsets), then the caveats every run shares."""
+    return [
         "## Notes and caveats",
         "",
-        *[f"- {n}" for n in notes],
+        *[f"- {n}" for n in run.metrics.get("notes", [])],
         "- KL is estimated from the evaluated samples, drawn with top-k 30: it is E_q[log pi - log pi_ref] under "
         "the truncated sampler q, not exactly KL(pi || pi_ref) (dpolab.eval.likelihood).",
         "- Intervals are percentile bootstraps over prompts; with several seeds the per-seed values and their "
@@ -327,10 +352,11 @@ def write_report(out: str | Path) -> Path:
         "- The article ran each method once on GPT-2 124M and judged with GPT-4; its numbers have no intervals.",
         "",
     ]
-    lines += ["Figures: " + ", ".join(f"[{f}](figures/{f})" for f in FIGURES if (out / "figures" / f).exists()), ""]
-    path = out / "report.md"
-    atomic_write_text(path, portable_text("\n".join(lines)))
-    return path
+
+
+def _figure_links(run: RunFiles) -> list[str]:
+    present = [f for f in FIGURES if (run.out / "figures" / f).exists()]
+    return ["Figures: " + ", ".join(f"[{f}](figures/{f})" for f in present), ""]
 
 
 def _pooled_or_unit(pooled, metrics, method, key) -> dict:
@@ -345,7 +371,11 @@ def _generations(out: Path, method: str, seed: int) -> list[dict]:
     return read_jsonl(path) if path.exists() else []
 
 
-def _win_section(wins: dict, methods: list[str]) -> list[str]:
+def _win_rates(run: RunFiles) -> list[str]:
+    """The judge's win-rate matrix, beside the article's pairs (nothing before the run is judged)."""
+    wins = run.wins
+    if not wins:
+        return []
     names = wins["methods"]
     index = {m: i for i, m in enumerate(names)}
     matrix = wins["win_rate"]
@@ -394,8 +424,9 @@ def _win_section(wins: dict, methods: list[str]) -> list[str]:
     return lines
 
 
-def _frontier_section(frontier: dict) -> list[str]:
-    points = frontier["points"]
+def _frontier(run: RunFiles) -> list[str]:
+    """Alignment against KL per beta (seed 0), and which beta buys the most alignment for the least KL."""
+    points = run.frontier["points"]
     if not points:
         return []
     lines = [
@@ -435,8 +466,10 @@ def _frontier_section(frontier: dict) -> list[str]:
     return lines + [""]
 
 
-def _samples(out: Path, rows_all: list[str], n: int = 4) -> list[str]:
-    gens = {m: _generations(out, m, 0) for m in rows_all}
+def _samples(run: RunFiles, n: int = 4) -> list[str]:
+    """Every row's continuation of the first ``n`` test prompts (seed 0)."""
+    rows_all = run.rows_all
+    gens = {m: _generations(run.out, m, 0) for m in rows_all}
     lines = ["## Samples (seed 0, the first test prompts)", ""]
     for i in range(min(n, len(gens[REFERENCE]))):
         lines.append(f"**{gens[REFERENCE][i]['prompt']}**")
@@ -446,3 +479,18 @@ def _samples(out: Path, rows_all: list[str], n: int = 4) -> list[str]:
             lines.append(f"- {label(m)}: {text}")
         lines.append("")
     return lines
+
+
+SECTIONS = (
+    _title,
+    _setup,
+    _wall_time,
+    _alignment,
+    _dynamics,
+    _quality,
+    _win_rates,
+    _frontier,
+    _samples,
+    _notes,
+    _figure_links,
+)

@@ -8,10 +8,10 @@ What we set and why (ENVIRONMENT.md, "TRL DPOTrainer offline"):
 - ``report_to="none"``: no experiment trackers.
 - ``logging_steps=1``: one history row per optimizer step, like dpolab.train (DPOConfig logs every 10 steps).
 - ``gradient_checkpointing=False``: DPOConfig's default recomputes activations to save GPU memory; it changes no
-  number and costs ~30% more time on a CPU.
+  number and runs each layer's forward twice.
 - ``precompute_ref_log_probs=True`` (``TRLSettings``): TRL scores the training pairs under the frozen reference
   once, before the first step, instead of running the reference in every step; the same numbers (dropout is off),
-  about a quarter less time per step. dpolab's loop does the same.
+  one forward less per step. dpolab's loop does the same.
 - ``data``: the rows as they are (TRL's standard format: each completion carries its leading space); TRL appends
   EOS itself, as dpolab.data.tokenize does, so both trainers see the same token sequences.
 Everything else (AdamW, linear decay without warm-up, gradient clipping at 1.0, batch size 8, sigmoid loss on
