@@ -7,7 +7,10 @@ before training is the reference (pi_ref = pi_theta at step 0).
 
 The cache key is a hash of everything the numbers depend on: the model's weights (names, dtypes, shapes and
 bytes) and class, the tokenized data (which carries the tokenizer and the truncation), the tokenizer's name
-and size, the reduction and the precision. Change any of them and the log-probs are recomputed.
+and size, the reduction and the precision, and a note for a model scored in another state than its weights say (a
+PEFT model with its adapter disabled). Change any of them and the log-probs are recomputed.
+
+``score_pairs`` is the scoring itself, without the cache: ``train`` also scores its policy on the eval pairs with it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..data.packing import PackedPreferenceCollator
 from ..logprobs import concatenated_logps, packed_logps
 from ..files import atomic_directory, cache_root
 
-__all__ = ["weights_hash", "examples_hash", "reference_cache_key", "precompute_reference_logps"]
+__all__ = ["weights_hash", "examples_hash", "reference_cache_key", "score_pairs", "precompute_reference_logps"]
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -52,9 +55,15 @@ def examples_hash(examples: Sequence[dict[str, Any]]) -> str:
 
 
 def reference_cache_key(
-    model: torch.nn.Module, examples: Sequence[dict[str, Any]], tokenizer, reduction: str, precision: str
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    tokenizer,
+    reduction: str,
+    precision: str,
+    note: str | None = None,
 ) -> str:
-    """The cache key of a reference's log-probs on tokenized ``examples`` (see the module docstring)."""
+    """The cache key of a reference's log-probs on tokenized ``examples`` (see the module docstring); ``note`` names a
+    state of the model its weights do not show (e.g. "adapter disabled")."""
     digest = hashlib.sha256()
     digest.update(weights_hash(model).encode())
     meta = {
@@ -63,6 +72,8 @@ def reference_cache_key(
         "reduction": reduction,
         "precision": precision,
     }
+    if note is not None:  # absent otherwise: the keys of every earlier cache stay valid
+        meta["note"] = note
     digest.update(json.dumps(meta, sort_keys=True).encode())
     digest.update(examples_hash(examples).encode())
     return digest.hexdigest()[:32]
@@ -89,6 +100,44 @@ def _compute(model, examples, collate, *, batch_size, device, autocast_dtype, re
     return out
 
 
+def score_pairs(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    tokenizer,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    reduction: str = "sum",
+    rank: int = 0,
+    world_size: int = 1,
+    packing: bool = True,
+) -> torch.Tensor:
+    """(2, N) float32 log-probs on ``device``, log pi(y_w|x) then log pi(y_l|x) of the tokenized ``examples`` (eq.
+    6.1), in batches of ``batch_size`` pairs of similar length, without gradients and with ``model`` in eval mode
+    (left in the mode it was in). Under torch.distributed every process scores a share and all get every row.
+    ``packing``: shared-prefix packed batches (``dpolab.data.packing``; the model's attention must be sdpa or eager),
+    else the padded 2B-row batches; the same numbers to float tolerance."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id or 0
+    collate = PackedPreferenceCollator(pad) if packing else PreferenceCollator(pad_token_id=pad)  # prompt once
+    try:
+        return _compute(
+            model,
+            examples,
+            collate,
+            batch_size=batch_size,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            reduction=reduction,
+            rank=rank,
+            world_size=world_size,
+        )
+    finally:
+        model.train(was_training)
+
+
 def precompute_reference_logps(
     model: torch.nn.Module,
     examples: Sequence[dict[str, Any]],
@@ -103,16 +152,17 @@ def precompute_reference_logps(
     rank: int = 0,
     world_size: int = 1,
     packing: bool = True,
+    cache_note: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ref_chosen_logps, ref_rejected_logps)``, each (N,) float32 on CPU, for the tokenized ``examples``.
 
-    ``model`` is used in eval mode without gradients and left in the mode it was in. Under torch.distributed
-    every process computes a share and all get the full tensors; only rank 0 touches the cache.
-    ``packing``: shared-prefix packed batches (``dpolab.data.packing``; the model's attention must be sdpa or
-    eager), else the padded 2B-row batches; the same numbers to float tolerance, so the cache key ignores it.
+    ``model`` is scored by :func:`score_pairs` (eval mode, no gradients, left in the mode it was in). Under
+    torch.distributed every process computes a share and all get the full tensors; only rank 0 touches the cache.
+    ``packing`` changes the numbers only to float tolerance, so the cache key ignores it; ``cache_note`` enters the
+    key (``reference_cache_key``'s ``note``).
     """
     precision = "fp32" if autocast_dtype is None else str(autocast_dtype)
-    key = reference_cache_key(model, examples, tokenizer, reduction, precision) if use_cache else None
+    key = reference_cache_key(model, examples, tokenizer, reduction, precision, cache_note) if use_cache else None
     path = Path(cache_dir or cache_root() / "ref-logps") / key if key else None
     hit = torch.tensor([int(bool(path and rank == 0 and (path / "logps.safetensors").exists()))], device=device)
     if world_size > 1:
@@ -126,22 +176,18 @@ def precompute_reference_logps(
         if world_size > 1:
             dist.broadcast(logps, src=0)
     else:
-        was_training = model.training
-        model.eval()
-        pad = tokenizer.pad_token_id or 0
-        collate = PackedPreferenceCollator(pad) if packing else PreferenceCollator(pad_token_id=pad)  # prompt once
-        logps = _compute(
+        logps = score_pairs(
             model,
             examples,
-            collate,
+            tokenizer,
             batch_size=batch_size,
             device=device,
             autocast_dtype=autocast_dtype,
             reduction=reduction,
             rank=rank,
             world_size=world_size,
+            packing=packing,
         )
-        model.train(was_training)
         if path is not None and rank == 0:
             with atomic_directory(path, replace=False) as tmp:
                 save_file({"logps": logps.cpu().contiguous()}, str(tmp / "logps.safetensors"))
