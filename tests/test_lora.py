@@ -85,14 +85,16 @@ def adapter(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
 
 
-def test_only_the_adapter_trains_against_the_base_model(tmp_path):
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_only_the_adapter_trains_against_the_base_model(tmp_path, targets):
     """A random (non-zero) initial adapter, so the adapted policy differs from the base model from the start: the
     loss falls, every base weight stays bit-identical, the cached reference log-probs are the base model's own, and the
-    first step's rewards are beta (log pi_adapted - log pi_base)."""
+    first step's log-probs are the adapted model's own and its rewards beta (log pi_adapted - log pi_base); with the
+    LM head adapted too, dpolab's lean head falls back to the model's logits, as exact."""
     base = tiny_llama()
     expected_reference = own_logps(base)
     before = weights(base)
-    lora = peft.LoraConfig(**LORA, init_lora_weights=False)
+    lora = peft.LoraConfig(**{**LORA, "target_modules": targets}, init_lora_weights=False)
     torch.manual_seed(7)  # the adapter's random initialisation (nothing else draws before it)
     result = train(base, TOKENIZER, ROWS, config(peft_config=lora, use_ref_cache=True, ref_cache_dir=str(tmp_path)))
     losses = [row["loss"] for row in result.history]
@@ -110,9 +112,11 @@ def test_only_the_adapter_trains_against_the_base_model(tmp_path):
     first = result.history[0]  # metrics of step 1 are taken before its update: the initial adapter's
     fresh = tiny_llama()
     torch.manual_seed(7)
-    adapted = own_logps(peft.get_peft_model(fresh, peft.LoraConfig(**LORA, init_lora_weights=False)))
+    adapted = own_logps(peft.get_peft_model(fresh, lora))
     assert (adapted - expected_reference).abs().max() > 0.1
     beta, half = TrainConfig().beta, len(ROWS)
+    assert first["logps/chosen"] == pytest.approx(adapted[:half].mean().item(), rel=1e-5)
+    assert first["logps/rejected"] == pytest.approx(adapted[half:].mean().item(), rel=1e-5)
     assert first["rewards/chosen"] == pytest.approx(beta * (adapted - reference)[:half].mean().item(), abs=1e-4)
 
 
@@ -334,3 +338,7 @@ def test_cli_trains_lora_and_merges(tmp_path, capsys):
         f"dpolab train: error: --merge folds a LoRA adapter into the model, and --model {base_dir} trains none: pass "
         "--lora-r (or --use-peft), or leave out --merge"
     )
+    assert main([*common, "--lora-target", "attn", "--output-dir", str(tmp_path / "none")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("dpolab train: error: peft_config: target_modules ['attn'] match no module of ")
+    assert last.endswith("target some of them (--lora-target q_proj v_proj) or 'all-linear'")

@@ -5,7 +5,8 @@ result = train(model, tokenizer, load_penn()["train"], TrainConfig(loss="dpop", 
 result.history[-1]["rewards/margins"]
 """
 
+from .adapters import merge_adapter
 from .config import TrainConfig
-from .loop import METRICS, NonFiniteError, TrainResult, train
+from .loop import EVAL_METRICS, METRICS, NonFiniteError, TrainResult, train
 
-__all__ = ["TrainConfig", "train", "TrainResult", "NonFiniteError", "METRICS"]
+__all__ = ["TrainConfig", "train", "TrainResult", "NonFiniteError", "METRICS", "EVAL_METRICS", "merge_adapter"]

@@ -151,8 +151,9 @@ def add_adapter(model: torch.nn.Module, config) -> torch.nn.Module:
     except ValueError as error:  # peft's NoMatchingPeftModuleError is a ValueError, as is "specify target_modules"
         targets = getattr(config, "target_modules", None)
         targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+        said = " ".join(str(error).split())  # peft's own words, on one line
         raise ValueError(
-            f"peft_config: target_modules {targets!r} match no module of {type(model).__name__} ({error}); its linear "
+            f"peft_config: target_modules {targets!r} match no module of {type(model).__name__} ({said}); its linear "
             f"layers are {', '.join(_linear_names(model))}: target some of them (--lora-target q_proj v_proj) or "
             "'all-linear'"
         ) from error
@@ -213,6 +214,9 @@ def save_adapter(model, folder: str | Path) -> None:
     save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = _plain(model.peft_config[_active(model)].to_dict())
     config["inference_mode"] = True
+    base = config.get("base_model_name_or_path")
+    if base and Path(base).expanduser().is_dir():  # a folder: found from anywhere (home written as ~)
+        config["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
     atomic_write_text(folder / ADAPTER_CONFIG, portable_text(json.dumps(config, indent=2, sort_keys=True)))
 
 
