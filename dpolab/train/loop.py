@@ -155,7 +155,9 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class TrainResult:
-    model: torch.nn.Module  # the trained policy (the object passed in, updated in place)
+    model: (
+        torch.nn.Module
+    )  # the trained policy: the object passed in, updated in place (with peft_config, its PeftModel)
     history: list[dict[str, float]]  # one row of METRICS per optimizer step, from step 1
     resumed_from_step: int | None = None  # the checkpoint step this run continued from, if any
     output_dir: str | None = None
