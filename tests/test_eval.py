@@ -246,7 +246,8 @@ def test_conversations_are_rendered_with_the_chat_template_and_batched(word_mode
     ]
     greedy = SamplingConfig(max_new_tokens=8, do_sample=False, batch_size=len(chats))
     batched = generate(word_model, tok, chats, greedy)
-    pair = {"prompt": chats[0], "chosen": [{"role": "assistant", "content": "bright"}], "rejected": [{"role": "assistant", "content": "cold"}]}  # fmt: skip
+    answers = [[{"role": "assistant", "content": text}] for text in ("bright", "cold")]
+    pair = {"prompt": chats[0], "chosen": answers[0], "rejected": answers[1]}
     assert batched.prompt_ids[0] == tokenize_preferences([pair], tok)[0]["prompt_ids"]
     assert batched.prompt_ids[0] == tok("the sun was and")["input_ids"]
     for i, prompt in enumerate(chats):

@@ -231,8 +231,9 @@ def test_gpt2_speedups_stay_exact_with_an_adapter(small_tokenizer, penn, targets
 
 
 def test_peft_config_is_kept_as_json_and_rebuilds():
-    """TrainConfig keeps the type, task, rank, alpha, dropout, targets and the other non-default fields, as JSON; the config rebuilt from them equals
-    the one given (peft's own to_dict), and a TrainConfig rebuilt from its to_dict equals it."""
+    """TrainConfig keeps the type, task, rank, alpha, dropout, targets and the other non-default fields, as JSON; the
+    config rebuilt from them equals the one given (peft's own to_dict), and a TrainConfig rebuilt from its to_dict
+    equals it."""
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["v_proj", "q_proj"], use_rslora=True)
     c = TrainConfig(peft_config=lora)
     assert c.peft_config == {

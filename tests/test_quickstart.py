@@ -105,7 +105,8 @@ def test_the_readme_quickstart_runs_offline(penn, tmp_path, monkeypatch, capsys)
 
     out, tokenizer = namespace["out"], namespace["tokenizer"]  # generation from the saved adapter
     question = [{"role": "user", "content": "Where should I study?"}]
-    pair = {"prompt": question, "chosen": [{"role": "assistant", "content": "Penn."}], "rejected": [{"role": "assistant", "content": "No."}]}  # fmt: skip
+    answers = [[{"role": "assistant", "content": text}] for text in ("Penn.", "No.")]
+    pair = {"prompt": question, "chosen": answers[0], "rejected": answers[1]}
     assert out.prompt_ids[0] == tokenize_preferences([pair], tokenizer)[0]["prompt_ids"]  # the training prompt's
     assert tokenizer.decode(out.prompt_ids[0]).endswith("<|assistant|>\n")  # the assistant's turn, opened
     assert len(out.completion_ids[0]) >= 1

@@ -7,7 +7,8 @@
         losses <- sum_k w_k LOSSES[loss_k](policy logps, reference logps; beta, ...)   (eq. 4.2 for DPO)
         backward(mean of losses over the global batch), accumulated over micro-batches
         clip the gradient norm; AdamW step; learning rate <- warm-up then cosine  (or a transformers schedule)
-        metrics under TRL's names; on eval_strategy's steps, TRL's eval_ metrics on eval_data; checkpoint every save_steps
+        metrics under TRL's names; on eval_strategy's steps, TRL's eval_ metrics on eval_data
+        checkpoint every save_steps
 
 How it differs from TRL's DPOTrainer: the reference model never runs during training (its log-probs are
 precomputed and cached on disk), log-probs are taken with the LM head on completion positions only
