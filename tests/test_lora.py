@@ -314,8 +314,8 @@ def test_cli_lora_flags_give_trls_lora_config():
 
 
 def test_cli_trains_lora_and_merges(tmp_path, capsys):
-    """dpolab train --lora-r ... writes the adapter as model/ (no machine path in it); with --merge, a plain model;
-    --merge without LoRA is one line."""
+    """dpolab train --lora-r ... writes the adapter as model/, which --model trains further; with --merge, a plain
+    model; --merge without LoRA, LoRA flags on an adapter folder and targets that match nothing are one line each."""
     from dpolab.cli import main
 
     base_dir = tmp_path / "base"
@@ -330,6 +330,19 @@ def test_cli_trains_lora_and_merges(tmp_path, capsys):
     written = json.loads((tmp_path / "adapter" / "model" / "adapter_config.json").read_text())
     assert (written["r"], written["task_type"], written["peft_type"]) == (4, "CAUSAL_LM", "LORA")
     assert written["base_model_name_or_path"] == str(base_dir)  # under /tmp: written as it is (files.portable_text)
+    adapter_dir = tmp_path / "adapter" / "model"  # an adapter folder as --model: its adapter trains further
+    more = ["--max-steps", "1", "--output-dir", str(tmp_path / "more")]
+    assert main([*common[:2], str(adapter_dir), *common[3:], *more]) == 0
+    assert json.loads((tmp_path / "more" / "model" / "adapter_config.json").read_text())["r"] == 4
+    assert main([*common[:2], str(adapter_dir), *common[3:], *lora, *more, "--overwrite"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"dpolab train: error: --model {adapter_dir} holds a PEFT adapter, which is trained further as it is: leave "
+            "out the LoRA flags, or pass its merged model (dpolab train ... --merge) to train a new adapter"
+        )
+    )
     assert main([*common, *lora, "--merge", "--output-dir", str(tmp_path / "merged")]) == 0
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "model")
     assert type(merged) is transformers.LlamaForCausalLM

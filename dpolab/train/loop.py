@@ -156,9 +156,7 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class TrainResult:
-    model: (
-        torch.nn.Module
-    )  # the trained policy: the object passed in, updated in place (with peft_config, its PeftModel)
+    model: torch.nn.Module  # the trained policy: the object passed in, trained in place (peft_config: its PeftModel)
     history: list[dict[str, float]]  # one row of METRICS per optimizer step, from step 1
     resumed_from_step: int | None = None  # the checkpoint step this run continued from, if any
     output_dir: str | None = None
@@ -472,7 +470,7 @@ def check_eval_data(
     if example_loss_kwargs:
         raise ValueError(
             f"{eval_name} with example_loss_kwargs: the eval pairs have no per-example loss parameters "
-            f"({', '.join(example_loss_kwargs)}); evaluate without eval data, or with a loss that needs none"
+            f"({', '.join(example_loss_kwargs)}); train without eval data and evaluate the trained model afterwards"
         )
     first_eval, first_train = _first_row(eval_data), _first_row(train_data)
     if hasattr(eval_data, "__len__") and len(eval_data) == 0:
