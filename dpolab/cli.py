@@ -2,6 +2,7 @@
 
     dpolab train --model tiny --loss dpop --output-dir runs/tiny-dpop          # the tiny Penn world, seconds
     dpolab train --model gpt2 --loss dpo --output-dir runs/gpt2-dpo             # the article's run
+    dpolab train --data rankings.jsonl --loss plackett_luce --output-dir runs/pl   # listwise DPO on rankings
     dpolab train --model FOLDER --data pairs.jsonl --eval-data eval.jsonl --lora-r 16 --merge   # LoRA, evaluation
     torchrun --nproc_per_node 2 -m dpolab.cli train --model gpt2 ...            # several GPUs (DDP)
 
@@ -43,7 +44,7 @@ def _loss_param(text: str) -> tuple[str, float]:
 
 
 def _add_train(commands) -> None:
-    from .losses import LOSSES
+    from .losses import LISTWISE_LOSSES, LOSSES, PAIR_EXPANSIONS
     from .train import TrainConfig
 
     d = TrainConfig()
@@ -64,7 +65,8 @@ def _add_train(commands) -> None:
         "--data",
         default="penn",
         help="penn (the shipped Penn set's train split), a .json/.jsonl file "
-        "of prompt/chosen/rejected rows, or a Hugging Face dataset name",
+        "of prompt/chosen/rejected rows (or prompt/completions rankings, best first or with scores), or a Hugging "
+        "Face dataset name",
     )
     p.add_argument("--split", default="train", help="the split to train on when --data holds several")
     p.add_argument(
@@ -72,7 +74,19 @@ def _add_train(commands) -> None:
         action="store_true",
         help="refuse data with several pairs per prompt (prompts equal up to whitespace); by default they are fine",
     )
-    p.add_argument("--loss", default=d.loss, choices=sorted(LOSSES), help="the preference loss")
+    p.add_argument(
+        "--loss",
+        default=d.loss,
+        choices=sorted(LOSSES | LISTWISE_LOSSES),
+        help="the preference loss; plackett_luce is listwise: it trains on rankings of K completions (pairs are "
+        "rankings of 2)",
+    )
+    p.add_argument(
+        "--listwise-pairs",
+        default=None,
+        choices=PAIR_EXPANSIONS,
+        help="rankings with a pairwise loss: train on each ranking's adjacent (K-1) or all (K(K-1)/2) pairs",
+    )
     p.add_argument("--beta", type=float, default=d.beta, help="beta: KL strength, scales the implicit rewards")
     p.add_argument("--dpop-lambda", type=float, default=5.0, help="DPOP's lambda (used with --loss dpop)")
     p.add_argument(
@@ -279,6 +293,7 @@ def train_config(args: argparse.Namespace):
         loss_kwargs.setdefault("dpop_lambda", args.dpop_lambda)
     return TrainConfig(
         loss=args.loss,
+        listwise_pairs=args.listwise_pairs,
         beta=args.beta,
         loss_kwargs=loss_kwargs,
         reduction=args.reduction,
@@ -349,9 +364,10 @@ def _check_lora_flags(args: argparse.Namespace, config) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .data import count_prompts
+    from .data import count_prompts, is_listwise_data
     from .train import train
     from .train.adapters import merge_adapter
+    from .train.listwise import training_rows
     from .train.loop import check_device, check_eval_data, check_output_dir
 
     config = train_config(args)
@@ -359,14 +375,18 @@ def _train(args: argparse.Namespace) -> None:
     check_output_dir(config)
     _check_lora_flags(args, config)
     data = _load_data(args.data, args.split, args.unique_prompts)
+    training_rows(data, config)  # rankings and the loss agree, before the model loads
     eval_data = None if args.eval_data is None else _load_data(args.eval_data, args.eval_split, option="--eval-data")
     check_eval_data(config, data, eval_data, names=(f"--data {args.data}", f"--eval-data {args.eval_data}"))
+    if eval_data is not None:
+        training_rows(eval_data, config, f"--eval-data {args.eval_data}")
     model, tokenizer, info = _load_model(args.model)
     rank0, world_size = int(os.environ.get("RANK", "0")) == 0, int(os.environ.get("WORLD_SIZE", "1"))
     if rank0:
         print(
             f"dpolab train: {info.name} ({info.n_params / 1e6:.1f}M parameters{', FALLBACK' if info.fallback else ''}), "
-            f"{len(data)} pairs over {count_prompts(data)} prompts, loss {config.loss}, "
+            f"{len(data)} {'rankings' if is_listwise_data(data) else 'pairs'} over {count_prompts(data)} prompts, "
+            f"loss {config.loss}, "
             f"on {world_size} process{'es' * (world_size > 1)}, "
             f"output {config.output_dir}",
             flush=True,

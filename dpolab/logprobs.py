@@ -23,6 +23,8 @@ computed transposed, vocabulary x token, a few thousand vocabulary rows per prod
 contiguous block that is exponentiated while still in cache (GPT-2, 488 tokens, 2 CPU cores: the head's forward
 1.3-1.6x faster than through one (n x 50,257) product, in interleaved runs; the backward as fast as before).
 
+Rankings of K completions (``listwise_logps``) go through the same paths, K branches per packed segment.
+
 Any causal LM: the lean head is the model's own head followed by its post-head transform (Gemma's soft-cap,
 Cohere's and Granite's logit scales), checked once per model against its own forward (``dpolab.lm_head``); a model
 it does not match is scored from its own forward logits, and a model that cannot take the packed layout exactly is
@@ -52,6 +54,7 @@ __all__ = [
     "linear_log_softmax",
     "shared_prefix_mask",
     "packed_logps",
+    "listwise_logps",
 ]
 
 Reduction = Literal["sum", "mean"]
@@ -443,7 +446,7 @@ def _probe_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> str | Non
     with probing(model):
         theirs = torch.cat(concatenated_logps(model, {k: v.to(device) for k, v in padded.items()}))
         try:
-            ours = torch.cat(_packed(model, {k: v.to(device) for k, v in packed.items()}, "sum", 1024, None))
+            ours = _packed(model, {k: v.to(device) for k, v in packed.items()}, "sum", 1024, None, 4)
         except Exception as error:
             return f"its forward fails on a packed batch ({type(error).__name__}: {error})"
     if not close(ours, theirs, _dtype(model)):
@@ -468,10 +471,15 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
-def _packed(model, batch, reduction, chunk_size, keep_softmax_bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """``packed_logps`` once the packed layout is known to be exact for ``model``."""
+def _n_examples(batch: dict[str, torch.Tensor]) -> int:
+    """B, the pairs or rankings of a packed batch: one segment each, numbered 0..B-1."""
+    return batch["index"].shape[0] if "index" in batch else int(batch["segment_ids"].max()) + 1
+
+
+def _packed(model, batch, reduction, chunk_size, keep_softmax_bytes, n_sequences: int) -> torch.Tensor:
+    """The log-probs of the ``n_sequences`` sequences of a packed batch, (n_sequences,), once the packed layout is
+    known to be exact for ``model``."""
     sequence = batch["score_sequence"]
-    n_sequences = 2 * batch["index"].shape[0] if "index" in batch else int(sequence.max()) + 1
     counts = torch.bincount(sequence, minlength=n_sequences)
     head = lean_head(model, batch["input_ids"])
     mask = shared_prefix_mask(batch, attention_implementation(model), _dtype(model))
@@ -492,7 +500,32 @@ def _packed(model, batch, reduction, chunk_size, keep_softmax_bytes) -> tuple[to
         totals = totals / counts
     elif reduction != "sum":
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    return totals.chunk(2)
+    return totals
+
+
+def _packed_sequences(model, batch, n_completions: int, reduction, chunk_size, keep_softmax_bytes) -> torch.Tensor:
+    """(K*B,) log-probs of a packed batch of K completions per segment, sequence k*B + i = completion k of example
+    i (``dpolab.data.packing``), packed where the model takes the layout exactly, else padded."""
+    n_sequences = n_completions * _n_examples(batch)
+    counts = torch.bincount(batch["score_sequence"], minlength=n_sequences)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty or counts.shape[0] != n_sequences:
+        raise ValueError(
+            f"no completion token is scored for sequences {empty[:10]} of the packed batch (sequence k*B + i is "
+            f"completion k of example i; for pairs 0..B-1 chosen, B..2B-1 rejected), or it holds more than "
+            f"{n_completions} completions per example: an empty prompt and a one-token completion?"
+        )
+    problem = _packing_problem(model, batch)
+    if problem is not None:
+        from .data.collate import PreferenceCollator
+        from .data.packing import unpack
+
+        what = "pairs" if n_completions == 2 else "rankings"
+        say_once(f"dpolab: {type(model).__name__}: {problem}; its {what} are scored in the padded layout instead")
+        padded = PreferenceCollator(pad_token_id=0)(unpack(batch, n_completions))
+        padded = {k: v.to(batch["input_ids"].device) for k, v in padded.items() if k != "index"}
+        return sequence_logps(model, **padded, reduction=reduction, chunk_size=chunk_size)
+    return _packed(model, batch, reduction, chunk_size, keep_softmax_bytes, n_sequences)
 
 
 def packed_logps(
@@ -511,22 +544,30 @@ def packed_logps(
     disagrees with their padded layout, once per model), the batch is unpacked and scored padded, and that is
     said once. Shapes: see ``dpolab.data.packing``.
     """
-    sequence = batch["score_sequence"]
-    n_sequences = 2 * batch["index"].shape[0] if "index" in batch else int(sequence.max()) + 1
-    counts = torch.bincount(sequence, minlength=n_sequences)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty or n_sequences % 2:
-        raise ValueError(
-            f"no completion token is scored for sequences {empty[:10]} of the packed batch "
-            "(0..B-1 chosen, B..2B-1 rejected): an empty prompt and a one-token completion?"
-        )
-    problem = _packing_problem(model, batch)
-    if problem is not None:
-        from .data.collate import PreferenceCollator
-        from .data.packing import unpack
+    return _packed_sequences(model, batch, 2, reduction, chunk_size, keep_softmax_bytes).chunk(2)
 
-        say_once(f"dpolab: {type(model).__name__}: {problem}; its pairs are scored in the padded layout instead")
-        padded = PreferenceCollator(pad_token_id=0)(unpack(batch))
-        padded = {k: v.to(batch["input_ids"].device) for k, v in padded.items() if k != "index"}
-        return concatenated_logps(model, padded, reduction=reduction, chunk_size=chunk_size)
-    return _packed(model, batch, reduction, chunk_size, keep_softmax_bytes)
+
+def listwise_logps(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    n_completions: int,
+    reduction: Reduction = "sum",
+    chunk_size: int = 1024,
+    keep_softmax_bytes: int | None = None,
+) -> torch.Tensor:
+    """log pi(y_k|x) of every completion of a batch of rankings, (B, K), best first (the layout of
+    ``dpolab.losses.plackett_luce_loss``), from one forward.
+
+    ``batch``: a shared-prefix packed batch of K branches per prompt (``dpolab.data.packing``, eq. 6.9: the prompt
+    runs once; scored padded where the model cannot take it, as in :func:`packed_logps`), or the padded one of K*B
+    rows (``dpolab.data.collate``, row k*B + i = completion k of example i). With K = 2 the columns are
+    :func:`packed_logps`'s (chosen, rejected) of the same batch.
+    """
+    if "score_index" in batch:
+        totals = _packed_sequences(model, batch, n_completions, reduction, chunk_size, keep_softmax_bytes)
+    else:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+        totals = sequence_logps(model, **inputs, reduction=reduction, chunk_size=chunk_size)
+    if totals.shape[0] % n_completions:
+        raise ValueError(f"a batch of rankings of {n_completions} has a multiple of {n_completions} sequences")
+    return totals.view(n_completions, -1).t()  # (B, K): column k is completion k

@@ -14,6 +14,12 @@ Notation (notebook 00): the log-ratios are
 and each variant is written as a small diff of DPO (notebook 09). All losses live in one registry,
 ``LOSSES``, a dict from name to function; ``preference_loss(name, ...)`` is the entry point.
 
+Listwise losses take a ranking's log-probs instead: ``policy_logps`` and ``ref_logps`` of shape (B, K), the K
+completions of each prompt best first, and return a :class:`ListwiseLossOutput` (per-example losses, the (B, K)
+implicit rewards). They live in their own registry, ``LISTWISE_LOSSES`` (Plackett-Luce, eq. 5.2 of notebook 05);
+``listwise_loss`` is their entry point. A ranking can instead be expanded into the pairs it implies
+(:func:`ranking_pairs`: its K-1 adjacent pairs, or all K(K-1)/2) and fed to any pairwise loss.
+
 ``TRL_LOSS_TYPES`` maps TRL 1.16's ``DPOConfig.loss_type`` names onto the registry; ``weighted_loss`` is TRL's
 list of loss types with ``loss_weights`` (a weighted sum, per example).
 
@@ -39,7 +45,12 @@ from .theory import check_beta
 
 __all__ = [
     "LossOutput",
+    "ListwiseLossOutput",
     "LOSSES",
+    "LISTWISE_LOSSES",
+    "PAIR_EXPANSIONS",
+    "ranking_pairs",
+    "listwise_loss",
     "TRL_LOSS_TYPES",
     "trl_loss_table",
     "preference_loss",
@@ -58,15 +69,26 @@ class LossOutput(NamedTuple):
     rejected_rewards: torch.Tensor
 
 
+class ListwiseLossOutput(NamedTuple):
+    """Per-example losses (B,) and the implicit rewards (B, K) of a listwise loss, best first."""
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
+
+
 LossFn = Callable[..., LossOutput]
-LOSSES: dict[str, LossFn] = {}
+LOSSES: dict[str, LossFn] = {}  # pairwise: (pc, pr, rc, rr, *, beta, ...) -> LossOutput
+LISTWISE_LOSSES: dict[str, Callable[..., ListwiseLossOutput]] = {}  # (policy_logps, ref_logps, *, beta, ...), (B, K)
 
 
-def register(name: str) -> Callable[[LossFn], LossFn]:
+def register(name: str, registry: dict | None = None) -> Callable[[LossFn], LossFn]:
+    """Add a loss to ``registry`` (``LOSSES`` by default) under ``name``, unique across both registries."""
+    registry = LOSSES if registry is None else registry
+
     def add(fn: LossFn) -> LossFn:
-        if name in LOSSES:
+        if name in LOSSES or name in LISTWISE_LOSSES:
             raise KeyError(f"loss {name!r} is registered twice")
-        LOSSES[name] = fn
+        registry[name] = fn
         return fn
 
     return add
@@ -371,6 +393,8 @@ def preference_loss(
             exo_pair, aot), ``dpop_lambda`` (dpop), ``offset`` (odpo: float or (B,) tensor), ``f_divergence`` and
             ``alpha`` (fdpo), ``rpo_alpha`` (rpo), ``kl_coef`` (kl_sft).
     """
+    if name in LISTWISE_LOSSES:
+        raise ValueError(f"{name} is a listwise loss: call listwise_loss({name!r}, ...) with (B, K) log-probs")
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
     if "beta" not in params:
@@ -452,6 +476,68 @@ def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta
     rewards = beta * (policy_logps - ref_logps)  # (B, K), best first
     suffix_lse = torch.logcumsumexp(rewards.flip(-1), dim=-1).flip(-1)  # log sum_{j>=k} exp(r_j)
     return -(rewards - suffix_lse)[:, :-1].sum(-1)  # the last factor is exp(r_K)/exp(r_K) = 1
+
+
+@register("plackett_luce", LISTWISE_LOSSES)
+def plackett_luce(policy_logps, ref_logps, *, beta: float) -> ListwiseLossOutput:
+    """Listwise DPO under Plackett-Luce, eq. (5.2) of notebook 05 (:func:`plackett_luce_loss`), with the implicit
+    rewards r_hat_k = beta log(pi_theta(y_k)/pi_ref(y_k)), (B, K), detached. K = 2 is DPO (eq. 4.2)."""
+    rewards = (beta * (policy_logps - ref_logps)).detach()
+    return ListwiseLossOutput(plackett_luce_loss(policy_logps, ref_logps, beta), rewards)
+
+
+PAIR_EXPANSIONS = ("adjacent", "all")  # the pairs a ranking implies, for a pairwise loss (ranking_pairs)
+
+
+def ranking_pairs(n_completions: int, which: str) -> list[tuple[int, int]]:
+    """The pairs (winner, loser) of positions that a ranking of K completions (best first) implies: its K-1
+    ``"adjacent"`` pairs (k, k+1), or ``"all"`` K(K-1)/2 pairs (i, j), i < j.
+
+    Under Plackett-Luce (5.1) y_i precedes y_j with probability sigma(r_i - r_j) whatever else is ranked (the Gumbel
+    race, eq. 5.4), so "all" pairs are Bradley-Terry draws, though the pairs of one ranking are not independent;
+    "adjacent" pairs are picked by the ranking itself, and y_i beats y_j among them with another probability
+    (K = 3, rewards 1, 0.2, -0.7: 0.657 against sigma(0.8) = 0.690). ``tests/test_listwise.py`` reports what each
+    does on the toy world."""
+    if which not in PAIR_EXPANSIONS:
+        raise ValueError(f"pairs of a ranking: one of {PAIR_EXPANSIONS}, got {which!r}")
+    if n_completions < 2:
+        raise ValueError(f"a ranking has at least 2 completions, got {n_completions}")
+    if which == "adjacent":
+        return [(k, k + 1) for k in range(n_completions - 1)]
+    return [(i, j) for i in range(n_completions) for j in range(i + 1, n_completions)]
+
+
+def listwise_loss(
+    names: str | Sequence[str],
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    **params,
+) -> ListwiseLossOutput:
+    """sum_k weights[k] * LISTWISE_LOSSES[names[k]], per example, (B,), on (B, K) log-probs best first: the entry
+    point of the listwise registry, as :func:`weighted_loss` is of the pairwise one. Each loss receives ``beta``
+    (required, > 0) and those of ``params`` it takes; a parameter none takes is an error. The rewards are the first
+    loss's."""
+    names = [names] if isinstance(names, str) else list(names)
+    weights = [1.0] * len(names) if weights is None else list(weights)
+    unknown = [name for name in names if name not in LISTWISE_LOSSES]
+    if unknown or not names or len(weights) != len(names):
+        raise ValueError(
+            f"listwise losses: {names} with weights {weights}; known listwise losses: {', '.join(LISTWISE_LOSSES)}"
+        )
+    if "beta" not in params:
+        raise ValueError(f"{names}: the parameter beta is required")
+    params["beta"] = check_beta(params["beta"])
+    accepted = {name: set(inspect.signature(LISTWISE_LOSSES[name]).parameters) for name in names}
+    unused = sorted(set(params) - set().union(*accepted.values()))
+    if unused:
+        raise ValueError(f"none of the losses {names} takes the parameters {unused}")
+    outputs = [
+        LISTWISE_LOSSES[name](policy_logps, ref_logps, **{k: params[k] for k in accepted[name] & set(params)})
+        for name in names
+    ]
+    losses = sum(weight * out.losses for weight, out in zip(weights, outputs))
+    return ListwiseLossOutput(losses, outputs[0].rewards)
 
 
 def wpo_weights(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,12 @@ prompt, which sampling over all pairs (7.1) ensures (notebook 07).
 
 Notebook 09 adds label noise, (9.7) ``flip_preferences``, and IPO's population minimiser on this world,
 (9.6) ``ipo_optimal_policy``, the policy IPO converges to instead of pi*.
+
+Rankings (notebook 05): ``sample_pl_rankings`` draws a prompt uniformly, K of its N responses uniformly, and ranks
+them by sorting r + Gumbel noise, which is a Plackett-Luce draw (5.1) (the Gumbel trick, eq. 5.4);
+``train_tabular_listwise`` fits the tabular policy (7.2) to them with a listwise loss (eq. 5.2), whose population
+minimiser is pi* again (the Plackett-Luce likelihood is maximised at the true rewards, up to a constant per prompt,
+and Z(x) cancels, eq. 5.3); ``ranking_preferences`` turns them into the pairs they imply, for a pairwise loss.
 """
 
 from __future__ import annotations
@@ -26,10 +32,14 @@ from typing import NamedTuple
 
 import torch
 
-from .losses import preference_loss
+from .losses import listwise_loss, preference_loss, ranking_pairs
 
 __all__ = [
     "Preferences",
+    "Rankings",
+    "sample_pl_rankings",
+    "ranking_preferences",
+    "train_tabular_listwise",
     "sample_bt_preferences",
     "flip_preferences",
     "win_counts",
@@ -48,6 +58,13 @@ class Preferences(NamedTuple):
     prompt: torch.Tensor
     chosen: torch.Tensor
     rejected: torch.Tensor
+
+
+class Rankings(NamedTuple):
+    """n rankings as indices: ``prompt`` (n,) into P prompts, ``order`` (n, K) into N responses, best first."""
+
+    prompt: torch.Tensor
+    order: torch.Tensor
 
 
 _BATCH_COUPLED = ("aot", "aot_unpaired")  # losses of sorted batches, not sums over examples
@@ -227,6 +244,80 @@ def train_tabular(
             schedule.step()
     finally:
         torch.set_num_threads(threads)
+    return torch.softmax(theta.detach(), dim=-1)
+
+
+def sample_pl_rankings(rewards: torch.Tensor, n: int, k: int, generator: torch.Generator | None = None) -> Rankings:
+    """n rankings of K responses from the Plackett-Luce model with reward ``rewards`` (module docstring): a prompt
+    uniformly at random, K of its N responses uniformly at random, ranked by sorting r + G, G standard Gumbel noise
+    (eq. 5.4), which orders them as Plackett-Luce (5.1) does.
+
+    Args:
+        rewards: (P, N) true rewards r(x, y).
+        n: number of rankings to draw, >= 1.
+        k: responses per ranking, 2 <= k <= N (k = 2: the Bradley-Terry pairs of ``sample_bt_preferences``'s model).
+        generator: a seeded ``torch.Generator`` for reproducible draws.
+    """
+    rewards = _check_table("rewards", rewards)
+    P, N = rewards.shape
+    if n < 1 or not 2 <= k <= N:
+        raise ValueError(f"need n >= 1 and 2 <= k <= N = {N}, got n = {n}, k = {k}")
+    prompt = torch.randint(0, P, (n,), generator=generator)
+    subset = torch.rand(n, N, generator=generator).argsort(-1)[:, :k]  # (n, K) uniform K-subsets
+    uniform = torch.rand(n, k, generator=generator, dtype=rewards.dtype).clamp_min(torch.finfo(rewards.dtype).tiny)
+    gumbel = -torch.log(-torch.log(uniform))  # standard Gumbel noise
+    noisy = rewards[prompt[:, None], subset] + gumbel
+    return Rankings(prompt, subset.gather(1, noisy.argsort(-1, descending=True)))
+
+
+def ranking_preferences(rankings: Rankings, which: str) -> Preferences:
+    """The pairs the rankings imply, as triples: each ranking's K-1 "adjacent" pairs or "all" K(K-1)/2
+    (``dpolab.losses.ranking_pairs``), ranking after ranking."""
+    pairs = ranking_pairs(rankings.order.shape[1], which)
+    winner, loser = (torch.tensor(index) for index in zip(*pairs))
+    return Preferences(
+        rankings.prompt.repeat_interleave(len(pairs)),
+        rankings.order[:, winner].flatten(),
+        rankings.order[:, loser].flatten(),
+    )
+
+
+def train_tabular_listwise(
+    loss_name: str,
+    rankings: Rankings,
+    ref_probs: torch.Tensor,
+    beta: float,
+    steps: int = 500,
+    lr: float = 0.1,
+    **params,
+) -> torch.Tensor:
+    """Fit the tabular policy (7.2) to rankings by minimising the mean listwise loss (eq. 5.2 for
+    ``"plackett_luce"``), as :func:`train_tabular` does for pairs: theta from log pi_ref, full-batch Adam, each
+    distinct ranking weighted by its count. Returns the (P, N) learned policy, detached."""
+    ref_probs = _check_table("ref_probs", ref_probs)
+    if (ref_probs <= 0).any():
+        raise ValueError("ref_probs must be > 0 everywhere: the tabular policy starts at log pi_ref")
+    P, N = ref_probs.shape
+    prompt, order = rankings
+    if prompt.numel() == 0 or not (0 <= prompt.min() and prompt.max() < P and 0 <= order.min() and order.max() < N):
+        raise ValueError(f"rankings must be non-empty and index the ({P}, {N}) table of ref_probs")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    distinct, counts = torch.unique(torch.cat([prompt[:, None], order], 1), dim=0, return_counts=True)
+    x, ranked = distinct[:, :1], distinct[:, 1:]  # (m, 1), (m, K): at most P N!/(N-K)! rows, whatever n is
+    weights = counts.to(ref_probs.dtype) / counts.sum()
+    ref_logps = ref_probs.log()[x, ranked]  # (m, K)
+
+    theta = ref_probs.log().clone().requires_grad_(True)  # (P, N) logits of (7.2), starting at pi_ref
+    optimizer = torch.optim.Adam([theta], lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    for _ in range(steps):
+        logps = torch.log_softmax(theta, dim=-1)[x, ranked]  # (m, K) log pi_theta(y_k|x), best first
+        loss = (weights * listwise_loss(loss_name, logps, ref_logps, beta=beta, **params).losses).sum()  # eq. (5.2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
     return torch.softmax(theta.detach(), dim=-1)
 
 

@@ -111,3 +111,34 @@ def test_bad_flags_end_in_one_line_and_exit_status_2(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "python -m dpolab.bench: error: --warmup must be >= 2 (the step-2 loss check) and --steps >= 1"
     ]
+
+
+def test_against_runs_the_ref_s_own_dpolab(tmp_path):
+    """--against REF: the exported tree is the ref's (a file of this commit, byte for byte), and a worker started with
+    worker_env(source) imports dpolab from that tree, not from this checkout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpolab.bench.against import REPO, export_ref
+    from dpolab.bench.lockstep import worker_env
+
+    commit, tree = export_ref("HEAD", tmp_path)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert commit == head.strip()
+    committed = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:dpolab/bench/lockstep.py"], capture_output=True)
+    assert (tree / "dpolab" / "bench" / "lockstep.py").read_bytes() == committed.stdout
+    code = "import dpolab.bench.workers as w; print(w.__file__)"
+    for source, expected in ((str(tree), tree), (None, REPO)):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=worker_env(source), cwd=source or REPO, capture_output=True, text=True
+        )
+        assert Path(out.stdout.strip()).resolve() == (expected / "dpolab/bench/workers.py").resolve(), out.stderr
+
+
+def test_against_a_ref_that_is_not_a_commit_is_one_line(tmp_path):
+    from dpolab.bench.against import export_ref
+
+    with pytest.raises(ValueError, match=r"^--against no-such-ref-x: not a commit of the git checkout at .*git log"):
+        export_ref("no-such-ref-x", tmp_path)
+    assert "\n" not in str(pytest.raises(ValueError, export_ref, "no-such-ref-x", tmp_path).value)

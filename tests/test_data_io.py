@@ -414,8 +414,8 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, fmt):
             "pairs.json",
             json.dumps({"data": GOOD, "version": 2}, indent=2),
             "holds one JSON object with keys 'data', 'version'; its 'data' holds a list of 3 items; expected a JSON "
-            'list of {"prompt", "chosen", "rejected"} objects, or JSON Lines (one such object per line): write that '
-            "list itself (json.dump(obj['data'], f))",
+            'list of {"prompt", "chosen", "rejected"} objects (or {"prompt", "completions"} rankings), or JSON Lines '
+            "(one such object per line): write that list itself (json.dump(obj['data'], f))",
         ),
         (
             "pairs.csv",

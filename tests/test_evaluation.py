@@ -222,6 +222,31 @@ def test_eval_metrics_equal_trls_evaluate(tmp_path):
     assert_metrics(ours, theirs)
 
 
+def test_rankings_are_evaluated_with_the_listwise_metrics(small_tokenizer, rows, eval_rows):
+    """Rankings of two under Plackett-Luce, evaluated on rankings of two: eval_ and the listwise metrics, and (eq. 5.2
+    at K = 2 is eq. 4.2) the numbers of the pairs under DPO: eval_rewards/position_1 is eval_rewards/chosen, ..."""
+
+    def ranked(data):
+        return [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]]} for r in data]
+
+    runs = []
+    for loss, train_data, eval_data in (("dpo", rows, eval_rows), ("plackett_luce", ranked(rows), ranked(eval_rows))):
+        model = make_tiny_gpt2(small_tokenizer)
+        reference = perturbed_copy(model, seed=3, scale=0.1)
+        settings = config(loss=loss, epochs=1, eval_steps=2, eval_on_start=True)
+        runs.append(train(model, small_tokenizer, train_data, settings, ref_model=reference, eval_data=eval_data))
+    pairs, rankings = (run.eval_history for run in runs)
+    assert [row["step"] for row in rankings] == [0, 2, 4]
+    assert list(rankings[0]) == ["step", "epoch", "eval_loss", "eval_rewards/position_1", "eval_rewards/position_2",
+                                 "eval_ranking/accuracy", "eval_ranking/kendall_tau", "eval_logps/position_1",
+                                 "eval_logps/position_2"]  # fmt: skip
+    for p, q in zip(pairs, rankings, strict=True):
+        assert q["eval_loss"] == pytest.approx(p["eval_loss"], rel=1e-5)
+        assert q["eval_rewards/position_1"] == pytest.approx(p["eval_rewards/chosen"], rel=1e-4, abs=1e-5)
+        assert q["eval_logps/position_2"] == pytest.approx(p["eval_logps/rejected"], rel=1e-5)
+        assert q["eval_ranking/accuracy"] == p["eval_rewards/accuracies"]
+
+
 def test_eval_data_in_another_format_is_one_line(small_tokenizer, rows):
     conversational = [
         {

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..train.speedups import native_bf16
+from .against import export_ref
 from .lockstep import run_lockstep, worker_argv, worker_env
 
 __all__ = ["main", "spec_for"]
@@ -90,12 +91,12 @@ def _token_stats(spec: dict) -> dict:
     from ..data.collate import PreferenceCollator, tokenize_preferences
     from ..models import gpt2_tokenizer
     from .flops import pair_flops
-    from .workers import _model, _rows
+    from .workers import random_gpt2, timed_rows
 
     tokenizer = gpt2_tokenizer()
-    rows, order = _rows(spec)
+    rows, order = timed_rows(spec)
     examples = tokenize_preferences(rows, tokenizer)
-    model = _model(spec, seed=0)
+    model = random_gpt2(spec, seed=0)
     lengths = [(len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
     flops = [pair_flops(model, *t) for t in lengths]
     b = spec["batch_size"]
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker [default: torch's]")
     p.add_argument("--no-ablations", action="store_true", help="skip the one-optimisation-off runs")
     p.add_argument(
+        "--against",
+        default=None,
+        metavar="REF",
+        help="also run dpolab as it was at git ref REF beside dpolab now, in lockstep, once per repeat (against.py)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         help="folder for bench.json and bench.md [default: results/bench; runs/bench-quick with --quick]",
@@ -195,11 +202,10 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.warmup < 2 or args.steps < 1:
         raise ValueError("--warmup must be >= 2 (the step-2 loss check) and --steps >= 1")
-    repeats = args.repeats or (1 if args.quick else 3)
-    ablations = not (args.quick or args.no_ablations)
     out = Path(args.out or ("runs/bench-quick" if args.quick else "results/bench"))
     spec = spec_for(args)
     stats = _token_stats(spec)
+    repeats = args.repeats or (1 if args.quick else 3)
     say(
         f"GPT-2 {stats['parameters'] / 1e6:.1f}M, random weights; {spec['batch_size']} Penn pairs per step, "
         f"prompt {stats['prompt_tokens']}, chosen {stats['chosen_tokens']}, rejected {stats['rejected_tokens']} tokens; "
@@ -207,124 +213,167 @@ def _bench(args: argparse.Namespace) -> int:
     )
     ceilings = [run_worker("ceiling", spec, args.timeout)]
     say(
-        f"matmul ceiling {ceilings[0]['flops_per_s'] / 1e9:.0f} GFLOP/s at {ceilings[0]['shape']} "
-        f"({ceilings[0]['library']})"
+        f"matmul ceiling {ceilings[0]['flops_per_s'] / 1e9:.0f} GFLOP/s at {ceilings[0]['shape']} ({ceilings[0]['library']})"
     )
+    with tempfile.TemporaryDirectory() as tmp:
+        against = export_ref(args.against, Path(tmp)) if args.against else None
+        runs = _training_runs(args, spec, repeats, against)
+    generation = run_worker("generation", spec, args.timeout)
+    reference = run_worker("reference", spec, args.timeout)
+    ceilings.append(run_worker("ceiling", spec, args.timeout))  # the machine's best, before and after
+    result = _result(spec, stats, ceilings, runs, generation, reference, args.against, against)
+    text, lines = _report(result)
+    print(text, *lines, *[f"{k}={result[k]:.3f}" for k in _HEADLINE if k in result], sep="\n")
+    from ..files import atomic_write_text
+
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "bench.md", _markdown(result, text, lines))
+    say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+def _training_runs(args: argparse.Namespace, spec: dict, repeats: int, against: tuple[str, Path] | None) -> dict:
+    """Every lockstep run: {"trl": [TRL's results], "dpolab": [dpolab's beside them], "against": [(dpolab at the ref,
+    dpolab now)], "extra": {variant: (its result, dpolab's in the same run)}}."""
     steps = args.warmup + args.steps
 
-    def paired(variant: str, kind: str = "dpolab") -> tuple[dict, dict]:
+    def paired(variant: str, kind: str = "dpolab", **extra_spec) -> tuple[dict, dict]:
         """One run of ``variant`` in lockstep with dpolab as shipped: (the variant's result, dpolab's)."""
-        other, ours = run_lockstep(
-            [(kind, {**spec, "variant": variant}), ("dpolab", {**spec, "variant": "dpolab"})], steps, args.timeout
-        )
+        jobs = [(kind, {**spec, "variant": variant, **extra_spec}), ("dpolab", {**spec, "variant": "dpolab"})]
+        other, ours = run_lockstep(jobs, steps, args.timeout)
         say(
-            f"{variant}: {statistics.median(other['step_seconds']):.2f} s/step, peak "
-            f"{other['peak_rss_bytes'] / 2**30:.2f} GiB; dpolab in the same run "
+            f"{variant}{' at ' + args.against if extra_spec else ''}: {statistics.median(other['step_seconds']):.2f} "
+            f"s/step, peak {other['peak_rss_bytes'] / 2**30:.2f} GiB; dpolab in the same run "
             f"{statistics.median(ours['step_seconds']):.2f} s/step, peak {ours['peak_rss_bytes'] / 2**30:.2f} GiB"
         )
         return other, ours
 
-    runs = {"trl": [], "dpolab": []}
-    for r in range(repeats):
+    runs = {"trl": [], "dpolab": [], "against": [], "extra": {}}
+    for _ in range(repeats):
         trl, ours = paired("trl", kind="trl")
         check_same_start(trl, ours)
         runs["trl"].append(trl)
         runs["dpolab"].append(ours)
-    extra = {}  # variant -> (its result, dpolab's in the same lockstep run)
-    if ablations:
-        extra["trl-precompute"] = paired("trl-precompute", kind="trl")
-        check_same_start(*extra["trl-precompute"])
-        extra["same"] = paired("dpolab")  # dpolab beside itself: how far apart one run's two sides land by chance
+        if against is not None:
+            runs["against"].append(paired("dpolab", source=str(against[1])))
+            check_same_start(*runs["against"][-1])
+    if not (args.quick or args.no_ablations):
+        runs["extra"]["trl-precompute"] = paired("trl-precompute", kind="trl")
+        check_same_start(*runs["extra"]["trl-precompute"])
+        runs["extra"]["same"] = paired("dpolab")  # dpolab beside itself: how far one run's two sides land by chance
         for variant in ABLATIONS:
-            extra[variant] = paired(variant)
+            runs["extra"][variant] = paired(variant)
     if not args.quick and native_bf16(torch.device("cpu")):  # mixed precision, apart from the fp32 comparison
-        extra["bf16"] = paired("bf16")
-    generation = run_worker("generation", spec, args.timeout)
-    reference = run_worker("reference", spec, args.timeout)
-    ceilings.append(run_worker("ceiling", spec, args.timeout))  # the machine's best, before and after
+        runs["extra"]["bf16"] = paired("bf16")
+    return runs
+
+
+_HEADLINE = (
+    "speedup_vs_trl",
+    "peak_rss_ratio_vs_trl",
+    "fraction_of_limit",
+    "speed_ratio_vs_against",
+    "peak_rss_ratio_vs_against",
+)
+
+
+def _within_runs(pairs: list[tuple[dict, dict]], key: str, ratio) -> float:
+    """The median over the runs of ``ratio(a[key], b[key])``, each taken within one lockstep run."""
+    return statistics.median(ratio(a[key], b[key]) for a, b in pairs)
+
+
+def _result(spec, stats, ceilings, runs, generation, reference, ref, against) -> dict:
+    """Everything measured, summarised: per-run summaries, medians, the ratios within runs (module docstring)."""
     best = max(ceilings, key=lambda c: c["flops_per_s"])
     ceiling = best["flops_per_s"]
 
     def summary(result: dict) -> dict:
         return summarize(result, stats, ceiling, spec["batch_size"])
 
-    per_run = {k: [summary(x) for x in v] for k, v in runs.items()}
+    per_run = {k: [summary(x) for x in runs[k]] for k in ("trl", "dpolab")}
     median = {
         k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "losses"} | {"losses": v[0]["losses"]}
         for k, v in per_run.items()
     }
-    # the ratios are taken within each lockstep run, then their median over the runs
-    speedup = statistics.median(o["pairs_per_s"] / t["pairs_per_s"] for o, t in zip(per_run["dpolab"], per_run["trl"]))
-    rss_ratio = statistics.median(
-        o["peak_rss_bytes"] / t["peak_rss_bytes"] for o, t in zip(per_run["dpolab"], per_run["trl"])
-    )
-    fraction = median["dpolab"]["share_of_ceiling"]
-    versus = {
-        v: summary(x) | {"vs_dpolab": summary(x)["seconds_per_step"] / summary(ours)["seconds_per_step"]}
-        for v, (x, ours) in extra.items()
-    }
-    rows = [("TRL DPOTrainer", median["trl"] | {"vs_dpolab": speedup}), ("dpolab.train", median["dpolab"])]
-    if "trl-precompute" in versus:
-        rows.insert(1, ("TRL DPOTrainer, precompute_ref_log_probs", versus["trl-precompute"]))
-    if "same" in versus:
-        rows.append(("dpolab as shipped, beside itself (the noise floor of one run)", versus["same"]))
-    rows += [(f"dpolab without {ABLATIONS[v].split(':')[0]}", versus[v]) for v in ABLATIONS if v in versus]
-    bf16 = versus.get("bf16")
-    text = table(rows, ceiling)
-    gen_line = (
-        f"generation: {generation['prompts']} prompts x {spec['generation_tokens']} new tokens in "
-        f"{generation['seconds']:.1f} s ({generation['new_tokens'] / generation['seconds']:,.0f} new tokens/s, "
-        "batched, KV cache)"
-    )
-    ref_line = "reference log-probs: " + ", ".join(
-        f"{k} {v['pairs'] / v['seconds']:.1f} pairs/s" for k, v in reference["layouts"].items()
-    )
-    bf16_line = (
-        ""
-        if bf16 is None
-        else (
-            f"bf16 autocast (not part of the fp32 comparison): {bf16['seconds_per_step']:.2f} s/step, "
-            f"{bf16['pairs_per_s']:.2f} pairs/s, {1 / bf16['vs_dpolab']:.2f}x dpolab's fp32 in the same run, "
-            f"peak RSS {bf16['peak_rss_bytes'] / 2**30:.2f} GiB"
-        )
-    )
-    print(text)
-    if bf16_line:
-        print(bf16_line)
-    print(gen_line)
-    print(ref_line)
-    print(f"speedup_vs_trl={speedup:.3f}")
-    print(f"peak_rss_ratio_vs_trl={rss_ratio:.3f}")
-    print(f"fraction_of_limit={fraction:.3f}")
-
-    result = {
+    ours_vs_trl = list(zip(per_run["dpolab"], per_run["trl"]))
+    out = {
         "spec": spec,
         "tokens": stats,
         "ceilings": ceilings,
         "ceiling_flops_per_s": ceiling,
         "ceiling_library": best["library"],
         "ceiling_shape": best["shape"],
-        "runs": runs,
+        "runs": {k: runs[k] for k in ("trl", "dpolab")},
         "per_run": per_run,
         "median": median,
-        "paired_runs": extra,
-        "versus": versus,
+        "paired_runs": runs["extra"],
+        "versus": {
+            v: summary(x) | {"vs_dpolab": summary(x)["seconds_per_step"] / summary(ours)["seconds_per_step"]}
+            for v, (x, ours) in runs["extra"].items()
+        },
         "generation": generation,
         "reference": reference,
-        "bf16": bf16,
-        "speedup_vs_trl": speedup,
-        "peak_rss_ratio_vs_trl": rss_ratio,
-        "fraction_of_limit": fraction,
+        # the ratios are taken within each lockstep run, then their median over the runs
+        "speedup_vs_trl": _within_runs(ours_vs_trl, "pairs_per_s", lambda o, t: o / t),
+        "peak_rss_ratio_vs_trl": _within_runs(ours_vs_trl, "peak_rss_bytes", lambda o, t: o / t),
+        "fraction_of_limit": median["dpolab"]["share_of_ceiling"],
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": _versions(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    from ..files import atomic_write_text
+    if against is not None:
+        pairs = [(summary(then), summary(now)) for then, now in runs["against"]]
+        median_then = {m: statistics.median(p[0][m] for p in pairs) for m in pairs[0][0] if m != "losses"}
+        out["against"] = {"ref": ref, "commit": against[0], "runs": runs["against"], "per_run": pairs}
+        out["against"]["median"] = median_then | {
+            "vs_dpolab": _within_runs(pairs, "seconds_per_step", lambda then, now: then / now)
+        }
+        # > 1: dpolab now takes less time per step than at the ref; rss < 1: now holds less memory
+        out["speed_ratio_vs_against"] = out["against"]["median"]["vs_dpolab"]
+        out["peak_rss_ratio_vs_against"] = _within_runs(pairs, "peak_rss_bytes", lambda then, now: now / then)
+    return out
 
-    atomic_write_text(out / "bench.json", json.dumps(result, indent=1))
-    atomic_write_text(out / "bench.md", _markdown(result, text, [bf16_line, gen_line, ref_line]))
-    say(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
-    return 0
+
+def _report(result: dict) -> tuple[str, list[str]]:
+    """The table and the lines under it."""
+    median, versus, ceiling = result["median"], result["versus"], result["ceiling_flops_per_s"]
+    rows = [
+        ("TRL DPOTrainer", median["trl"] | {"vs_dpolab": result["speedup_vs_trl"]}),
+        ("dpolab.train", median["dpolab"]),
+    ]
+    if "trl-precompute" in versus:
+        rows.insert(1, ("TRL DPOTrainer, precompute_ref_log_probs", versus["trl-precompute"]))
+    if "against" in result:
+        a = result["against"]
+        rows.append((f"dpolab at {a['ref']} ({a['commit'][:10]}), beside dpolab now", a["median"]))
+    if "same" in versus:
+        rows.append(("dpolab as shipped, beside itself (the noise floor of one run)", versus["same"]))
+    rows += [(f"dpolab without {ABLATIONS[v].split(':')[0]}", versus[v]) for v in ABLATIONS if v in versus]
+    generation, spec = result["generation"], result["spec"]
+    lines = [
+        f"generation: {generation['prompts']} prompts x {spec['generation_tokens']} new tokens in "
+        f"{generation['seconds']:.1f} s ({generation['new_tokens'] / generation['seconds']:,.0f} new tokens/s, "
+        "batched, KV cache)",
+        "reference log-probs: "
+        + ", ".join(f"{k} {v['pairs'] / v['seconds']:.1f} pairs/s" for k, v in result["reference"]["layouts"].items()),
+    ]
+    if "against" in result:
+        a = result["against"]
+        lines.append(
+            f"dpolab at {a['ref']} ({a['commit'][:10]}, exported with git archive, run from its own tree): "
+            f"{len(a['runs'])} runs, each in lockstep beside dpolab now, the same first two losses (asserted); "
+            "speed_ratio_vs_against is the median over the runs of its s/step over dpolab now's (above 1: now is "
+            "faster), peak_rss_ratio_vs_against of now's peak RSS over its"
+        )
+    bf16 = versus.get("bf16")
+    if bf16 is not None:
+        lines.insert(
+            0,
+            f"bf16 autocast (not part of the fp32 comparison): {bf16['seconds_per_step']:.2f} s/step, "
+            f"{bf16['pairs_per_s']:.2f} pairs/s, {1 / bf16['vs_dpolab']:.2f}x dpolab's fp32 in the same run, "
+            f"peak RSS {bf16['peak_rss_bytes'] / 2**30:.2f} GiB",
+        )
+    return table(rows, ceiling), lines
 
 
 def _versions() -> dict:
@@ -373,9 +422,7 @@ def _markdown(result: dict, text: str, lines: list[str]) -> str:
             f"{result['ceiling_shape']}; `torch.mm` and oneDNN timed at the model's shapes, before and after the runs).",
             "",
             "```",
-            f"speedup_vs_trl={result['speedup_vs_trl']:.3f}",
-            f"peak_rss_ratio_vs_trl={result['peak_rss_ratio_vs_trl']:.3f}",
-            f"fraction_of_limit={result['fraction_of_limit']:.3f}",
+            *[f"{k}={result[k]:.3f}" for k in _HEADLINE if k in result],
             "```",
             "",
         ]

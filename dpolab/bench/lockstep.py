@@ -31,10 +31,13 @@ def worker_argv(kind: str, spec_path: Path, out_path: Path) -> list[str]:
     return [sys.executable, "-m", "dpolab.bench.workers", kind, str(spec_path), str(out_path)]
 
 
-def worker_env() -> dict[str, str]:
-    """The workers' environment: this one, offline, without tokenizers' own threads."""
+def worker_env(source: str | None = None) -> dict[str, str]:
+    """The workers' environment: this one, offline, without tokenizers' own threads; with ``source`` (a folder holding
+    another tree of dpolab, ``against.export_ref``) first on PYTHONPATH, so that the worker runs that dpolab."""
+    path = {"PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))} if source else {}
     return {
         **os.environ,
+        **path,
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
@@ -94,7 +97,8 @@ def run_lockstep(jobs: list[tuple[str, dict]], steps: int, timeout: float) -> li
                     procs.append(
                         subprocess.Popen(
                             worker_argv(kind, spec_path, out_path),
-                            env=worker_env(),
+                            env=worker_env(spec.get("source")),
+                            cwd=spec.get("source"),  # sys.path[0] is the working folder: the tree's dpolab
                             stdout=subprocess.DEVNULL,
                             stderr=err,
                             pass_fds=(go_r, done_w),

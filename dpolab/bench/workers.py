@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["WORKERS"]
+__all__ = ["WORKERS", "random_gpt2", "timed_rows"]
 
 
-def _model(spec: dict, seed: int):
+def random_gpt2(spec: dict, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**spec["model"]))
 
 
-def _rows(spec: dict):
+def timed_rows(spec: dict):
     """The Penn pairs of the timed steps, in the order dpolab.train visits them (epoch 0 of seed 0)."""
     from ..data import load_penn
     from ..train.loop import epoch_order
@@ -85,8 +85,8 @@ def train_dpolab(spec: dict) -> dict:
     if variant == "mkl-products":
         matmul.ONEDNN = False  # torch's own products in dpolab's autograd functions
     tokenizer = gpt2_tokenizer()
-    rows, _ = _rows(spec)
-    policy = _model(spec, seed=0)
+    rows, _ = timed_rows(spec)
+    policy = random_gpt2(spec, seed=0)
     digest = _weights_digest(policy)
     steps = spec["warmup_steps"] + spec["timed_steps"]
     config = TrainConfig(
@@ -109,7 +109,7 @@ def train_dpolab(spec: dict) -> dict:
         gate.step_done()
 
     # the reference is built inside the call and dropped by train() once its log-probs are computed
-    train(policy, tokenizer, rows, config, ref_model=_model(spec, seed=1), on_step=on_step)
+    train(policy, tokenizer, rows, config, ref_model=random_gpt2(spec, seed=1), on_step=on_step)
     return {**_timings(gate, spec), "losses": losses, "peak_rss_bytes": _peak_rss_bytes(), "initial_weights": digest}
 
 
@@ -122,12 +122,12 @@ def train_trl(spec: dict) -> dict:
     from ..models import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
-    rows, order = _rows(spec)
+    rows, order = timed_rows(spec)
     rows = rows.select(order.tolist())
     data = Dataset.from_dict({key: list(rows[key]) for key in ("prompt", "chosen", "rejected")})
-    policy = _model(spec, seed=0)
+    policy = random_gpt2(spec, seed=0)
     digest = _weights_digest(policy)
-    reference = _model(spec, seed=1).eval()
+    reference = random_gpt2(spec, seed=1).eval()
     gate = _gate(spec)
 
     class Clock(TrainerCallback):
@@ -197,7 +197,7 @@ def generation(spec: dict) -> dict:
 
     tokenizer = gpt2_tokenizer()
     prompts = list(load_penn()["test"]["prompt"])[: spec["generation_prompts"]]
-    model = _model(spec, seed=0).eval()
+    model = random_gpt2(spec, seed=0).eval()
     config = SamplingConfig(max_new_tokens=spec["generation_tokens"])
     generate(model, tokenizer, prompts[:8], config, seed=1)  # warm-up
     start = time.perf_counter()
@@ -221,7 +221,7 @@ def reference(spec: dict) -> dict:
     tokenizer = gpt2_tokenizer()
     rows = load_penn()["train"].select(range(spec["reference_pairs"]))
     examples = tokenize_preferences(rows, tokenizer)
-    model = _model(spec, seed=1).eval()
+    model = random_gpt2(spec, seed=1).eval()
     out = {}
     for layout in ("packed", "padded"):
         start = time.perf_counter()

@@ -10,12 +10,14 @@ Sources (:func:`load_preference_data`):
 
 Rows are ``{"prompt", "chosen", "rejected"}`` as strings (standard: each completion carries its own leading space,
 ``" blue."``) or as lists of ``{"role", "content"}`` messages (conversational); without ``prompt`` the prompt is
-implicit, the common start of chosen and rejected. Other columns (e.g. ``topic``) are kept.
+implicit, the common start of chosen and rejected. Rankings are ``{"prompt", "completions"}`` (best first) or with
+``"scores"`` (``formats.py``). Other columns (e.g. ``topic``) are kept.
 
 Validation (:func:`find_problems`, :func:`validate_rows`) reports every problem with its source, its
 1-based row (the line of a JSONL file, the position of the object in a JSON list) and its field: a missing,
 null or empty field, a value that is neither a string nor a list of messages, a message with an unknown role or
-no content, chosen equal to rejected, rows in two formats, a line that is not JSON, and with
+no content, chosen equal to rejected, a ranking's problems (``formats.row_problems``), rows in two formats or
+rankings of two lengths, a line that is not JSON, and with
 ``unique_prompts=True`` a repeated prompt. Nothing is dropped silently: any problem raises one
 :class:`PreferenceDataError` that lists them all; with ``drop_invalid=True`` the bad rows are dropped instead and
 a :class:`DroppedRowsWarning` says which and why.
@@ -44,7 +46,7 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict
 
-from .formats import prompt_key, row_format, row_problems
+from .formats import LISTWISE_FIELD, is_listwise, prompt_key, row_format, row_problems
 
 __all__ = [
     "FIELDS",
@@ -169,13 +171,31 @@ def near_duplicates(
 # ---------------------------------------------------------------------------------------- validation
 
 
-def _format_problem(row: Mapping, first: Mapping, first_number: str) -> tuple[str, str]:
-    """(field, message) for a row whose format differs from the first valid row's."""
+def _format_problem(row: Mapping, first: Mapping, first_number: str) -> tuple[str, str] | None:
+    """(field, message) for a row whose format differs from the first valid row's (a ranking's length included),
+    or None."""
+    if is_listwise(row) and is_listwise(first) and len(row[LISTWISE_FIELD]) != len(first[LISTWISE_FIELD]):
+        k, first_k = len(row[LISTWISE_FIELD]), len(first[LISTWISE_FIELD])
+        return LISTWISE_FIELD, (
+            f"holds {k} completions while {first_number} holds {first_k}: every ranking of a dataset has the same "
+            "number of completions (a batch is B x K); split the data by K"
+        )
+    if row_format(row) == row_format(first):
+        return None
+    if is_listwise(row) != is_listwise(first):
+        what = (
+            "(a ranking) while {} is a pair (chosen, rejected)"
+            if is_listwise(row)
+            else "(a pair) while {} is a ranking"
+        )
+        return LISTWISE_FIELD if is_listwise(row) else "chosen", (
+            f"is given {what.format(first_number)}: use one format throughout"
+        )
     if ("prompt" in row) != ("prompt" in first):
         what = "is missing (an implicit prompt)" if "prompt" not in row else "is given"
         other = "has one" if "prompt" in first else "has none"
         return "prompt", f"{what} while {first_number} {other}: TRL reads every row in one format, use one throughout"
-    return "chosen", (
+    return LISTWISE_FIELD if is_listwise(row) else "chosen", (
         f"is in the {row_format(row)} format while {first_number} is {row_format(first)}: TRL reads every row in "
         "one format, use one throughout"
     )
@@ -203,8 +223,8 @@ def find_problems(
 
     for index, (row, (row_source, row_number)) in enumerate(zip(rows, where, strict=True)):
         found = row_problems(row)
-        if not found and first_valid is not None and row_format(row) != row_format(rows[first_valid]):
-            found = [_format_problem(row, rows[first_valid], name(first_valid, row_source))]
+        if not found and first_valid is not None:
+            found = [p for p in [_format_problem(row, rows[first_valid], name(first_valid, row_source))] if p]
         problems += [Problem(row_source, row_number, field, message, index) for field, message in found]
         if found:
             continue
@@ -257,7 +277,8 @@ def validate_rows(
 
 
 _EXPECTED_SHAPE = (
-    'expected a JSON list of {"prompt", "chosen", "rejected"} objects, or JSON Lines (one such object per line)'
+    'expected a JSON list of {"prompt", "chosen", "rejected"} objects (or {"prompt", "completions"} rankings), or '
+    "JSON Lines (one such object per line)"
 )
 
 
@@ -269,7 +290,7 @@ def _shape_problem(source: str, text: str) -> Problem | None:
             whole = json.loads(text)
         except json.JSONDecodeError:
             return None  # JSON Lines, or a broken object: the lines say which
-        if isinstance(whole, dict) and not set(FIELDS) & set(whole):
+        if isinstance(whole, dict) and not {*FIELDS, LISTWISE_FIELD} & set(whole):
             lists = [key for key, value in whole.items() if isinstance(value, list)]
             inside = f"; its {lists[0]!r} holds a list of {len(whole[lists[0]])} items" if lists else ""
             fix = f": write that list itself (json.dump(obj[{lists[0]!r}], f))" if lists else ""
@@ -381,11 +402,13 @@ def _load_with_datasets(
 
 
 def _check_hub_split(data: Dataset, source: str, drop_invalid: bool, unique_prompts: bool) -> Dataset:
-    missing = [field for field in ("chosen", "rejected") if field not in data.column_names]
+    listwise = LISTWISE_FIELD in data.column_names
+    missing = [field for field in ("chosen", "rejected") if field not in data.column_names and not listwise]
     if missing:
         message = f"is missing (columns: {', '.join(data.column_names)})"
         raise PreferenceDataError([Problem(source, None, field, message) for field in missing])
-    rows = list(data.select_columns([field for field in FIELDS if field in data.column_names]))
+    fields = (*FIELDS, LISTWISE_FIELD, "scores") if listwise else FIELDS
+    rows = list(data.select_columns([field for field in fields if field in data.column_names]))
     problems = find_problems(rows, source=source, unique_prompts=unique_prompts)
     kept = _kept_indices(len(rows), problems, drop_invalid)
     return data if len(kept) == len(rows) else data.select(kept)

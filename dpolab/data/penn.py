@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict
 
 from .io import load_preference_data
 
-__all__ = ["mentions_penn", "penn_mentions", "load_penn", "PENN_FILES"]
+__all__ = ["mentions_penn", "penn_mentions", "load_penn", "penn_rankings", "PENN_FILES"]
 
 # The shipped files (package data), written by ``python -m dpolab.data.build_penn``.
 PENN_FILES = {
@@ -170,3 +170,39 @@ def load_penn(split: str | None = None) -> DatasetDict | Dataset:
     files = {name: str(path) for name, path in PENN_FILES.items() if split in (None, name)}
     data = load_preference_data(files, unique_prompts=True)
     return data[split] if split is not None else data
+
+
+def penn_rankings(rows, seed: int = 0) -> list[dict]:
+    """Rankings of K = 3 continuations built from Penn pairs, best first (the listwise format, ``formats.py``):
+
+        [chosen, rejected, the rejected continuation of another row]
+
+    The order is the one any reader (and the Penn set's own criteria) gives them: the chosen continuation fits the
+    prompt and names Penn, the rejected one fits it and does not, the borrowed one does not fit it (it continues
+    another sentence, preferably on another topic) and names no Penn either (no rejected continuation of the set
+    does, ``DATASHEET.md``). Each step down loses one thing the data asks for, so the ranking is strict. The row
+    lending its continuation is drawn uniformly among the rows of other topics (among all other rows when ``rows``
+    hold one topic or have no ``topic``) with a generator seeded by ``seed``: the same rows and seed give the same
+    rankings.
+
+    ``rows``: Penn pair rows (``load_penn()["train"]`` or a selection of it). Returns one ranking per row, its
+    ``topic`` kept.
+    """
+    import numpy as np
+
+    rows = list(rows)
+    if len(rows) < 2:
+        raise ValueError(f"penn_rankings needs at least 2 rows (one lends its rejected continuation), got {len(rows)}")
+    rng = np.random.default_rng(seed)
+    by_topic: dict = {}
+    for i, row in enumerate(rows):
+        by_topic.setdefault(row.get("topic"), []).append(i)
+    rankings = []
+    for i, row in enumerate(rows):
+        own = by_topic[row.get("topic")]
+        others = [j for j in range(len(rows)) if j not in own] if len(own) < len(rows) else own
+        others = [j for j in others if j != i and rows[j]["rejected"] not in (row["chosen"], row["rejected"])]
+        borrowed = rows[others[int(rng.integers(len(others)))]]["rejected"]
+        ranking = {"prompt": row["prompt"], "completions": [row["chosen"], row["rejected"], borrowed]}
+        rankings.append(ranking | ({"topic": row["topic"]} if "topic" in row else {}))
+    return rankings

@@ -22,6 +22,13 @@ may keep different ends of a long prompt; then ``prompt_ids`` holds what the two
 and ``chosen_prompt_ids`` / ``rejected_prompt_ids`` the rest of each one's kept prompt (present only then), so the
 chosen sequence is ``prompt_ids + chosen_prompt_ids + chosen_ids``. ``max_prompt_length`` (not in TRL 1.16; older
 TRL had it) first keeps only the prompt's last tokens.
+
+A ranking of K completions (``dpolab.data.formats``; TRL has none) follows the same steps with K sequences
+prompt + completion in place of two, best first: the prompt ends where it ends in all K (step 4), each sequence is
+truncated alone (step 5) and ``prompt_ids`` is what all K kept sequences share at their start. Its example is
+``{"prompt_ids", "completions_ids", "index"}`` with K lists of completion ids, plus ``completions_prompt_ids`` (K
+lists) where ``keep_end`` kept different ends of the prompt. With K = 2 the ids are the pair's: a ranking
+``[y_w, y_l]`` tokenizes as the pair (y_w, y_l).
 """
 
 from __future__ import annotations
@@ -30,10 +37,17 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .formats import extract_prompt, is_conversational
+from .formats import extract_prompt, is_conversational, is_listwise, ranked_completions
 from .io import PreferenceDataError, find_problems
 
-__all__ = ["TRUNCATION_MODES", "common_prefix_length", "truncate_pair", "tokenize_pair", "tokenize_preferences"]
+__all__ = [
+    "TRUNCATION_MODES",
+    "common_prefix_length",
+    "truncate_pair",
+    "truncate_completions",
+    "tokenize_pair",
+    "tokenize_preferences",
+]
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
@@ -60,23 +74,58 @@ def _template_kwargs(row: Mapping[str, Any]) -> dict:
     return {"tools": tools, **(row.get("chat_template_kwargs") or {})}
 
 
-def _untruncated(row: Mapping[str, Any], tokenizer) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, chosen_ids, rejected_ids) of a valid row: steps 1-4 of the module docstring."""
+def _completion_ids(row: Mapping[str, Any], prompt, completions: list, tokenizer) -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, [completion_ids, ...]) of a prompt and its completions: steps 2-4 of the module docstring, the
+    prompt ending where it ends in every one of the sequences."""
+    if is_conversational(prompt):
+        kwargs = _template_kwargs(row)
+        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, **kwargs)
+        full = [_chat_ids(tokenizer, prompt + completion, **kwargs) for completion in completions]
+    else:
+        eos = tokenizer.eos_token
+        completions = [text if text.endswith(eos) else text + eos for text in completions]
+        prompt_ids = list(tokenizer(text=prompt)["input_ids"])
+        full = [list(tokenizer(text=prompt + completion)["input_ids"]) for completion in completions]
+    n = min(common_prefix_length(prompt_ids, ids) for ids in full)
+    return prompt_ids[:n], [ids[n:] for ids in full]
+
+
+def _untruncated(row: Mapping[str, Any], tokenizer) -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, [chosen_ids, rejected_ids]) of a valid pair, or (prompt_ids, the K completions' ids, best first)
+    of a valid ranking: steps 1-4 of the module docstring."""
+    if is_listwise(row):
+        return _completion_ids(row, row["prompt"], ranked_completions(row), tokenizer)
     if "prompt" in row:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     else:
         prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
-    if is_conversational(prompt):
-        kwargs = _template_kwargs(row)
-        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, **kwargs)
-        full = [_chat_ids(tokenizer, prompt + completion, **kwargs) for completion in (chosen, rejected)]
-    else:
-        eos = tokenizer.eos_token
-        chosen, rejected = (text if text.endswith(eos) else text + eos for text in (chosen, rejected))
-        prompt_ids = list(tokenizer(text=prompt)["input_ids"])
-        full = [list(tokenizer(text=prompt + completion)["input_ids"]) for completion in (chosen, rejected)]
-    n = min(common_prefix_length(prompt_ids, ids) for ids in full)
-    return prompt_ids[:n], full[0][n:], full[1][n:]
+    return _completion_ids(row, prompt, [chosen, rejected], tokenizer)
+
+
+def truncate_completions(
+    prompt_ids: list[int], completions_ids: list[list[int]], max_length: int | None, truncation_mode: str
+) -> tuple[list[int], list[list[int]], list[list[int]] | None] | None:
+    """The tokens of each sequence prompt + completion that ``DataCollatorForPreference(max_length,
+    truncation_mode)`` keeps, for any number of completions of one prompt: (shared prompt, kept completions, each
+    sequence's own kept prompt or None when they all kept the same), see the module docstring; ``None`` under
+    ``keep_start`` when the prompt alone fills ``max_length``."""
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if max_length is None:
+        return prompt_ids, completions_ids, None
+    P = len(prompt_ids)
+    if truncation_mode == "keep_start":
+        if P >= max_length:
+            return None
+        return prompt_ids, [ids[: max_length - P] for ids in completions_ids], None
+    kept = []
+    for ids in completions_ids:
+        cut = max(0, P + len(ids) - max_length)  # tokens dropped from the start of prompt + completion
+        kept.append((prompt_ids[min(cut, P) :], ids[max(0, cut - P) :]))
+    prompts = [prompt for prompt, _ in kept]
+    n = min(common_prefix_length(prompts[0], prompt) for prompt in prompts[1:])
+    own = [prompt[n:] for prompt in prompts] if n < max(map(len, prompts)) else None  # each kept its own end
+    return prompts[0][:n], [ids for _, ids in kept], own
 
 
 def truncate_pair(
@@ -84,35 +133,20 @@ def truncate_pair(
 ) -> dict[str, list[int]] | None:
     """The tokens of the two sequences that ``DataCollatorForPreference(max_length, truncation_mode)`` keeps, as an
     example (module docstring); ``None`` under ``keep_start`` when the prompt alone fills ``max_length``."""
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-    if max_length is None:
-        return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
-    P = len(prompt_ids)
-    if truncation_mode == "keep_start":
-        if P >= max_length:
-            return None
-        return {
-            "prompt_ids": prompt_ids,
-            "chosen_ids": chosen_ids[: max_length - P],
-            "rejected_ids": rejected_ids[: max_length - P],
-        }
-    kept = []
-    for ids in (chosen_ids, rejected_ids):
-        cut = max(0, P + len(ids) - max_length)  # tokens dropped from the start of prompt + completion
-        kept.append((prompt_ids[min(cut, P) :], ids[max(0, cut - P) :]))
-    (chosen_prompt, chosen), (rejected_prompt, rejected) = kept
-    n = common_prefix_length(chosen_prompt, rejected_prompt)
-    out = {"prompt_ids": chosen_prompt[:n], "chosen_ids": chosen, "rejected_ids": rejected}
-    if n < max(len(chosen_prompt), len(rejected_prompt)):  # each sequence kept its own end of the prompt
-        out["chosen_prompt_ids"], out["rejected_prompt_ids"] = chosen_prompt[n:], rejected_prompt[n:]
+    kept = truncate_completions(prompt_ids, [chosen_ids, rejected_ids], max_length, truncation_mode)
+    return None if kept is None else _example(*kept, listwise=False)
+
+
+def _example(prompt_ids, completions_ids, own_prompts, listwise: bool) -> dict[str, Any]:
+    """A tokenized example: a pair's keys (module docstring), or a ranking's ``prompt_ids``, ``completions_ids``
+    (K lists, best first) and, where ``keep_end`` kept different ends of the prompt, ``completions_prompt_ids``."""
+    if listwise:
+        out = {"prompt_ids": prompt_ids, "completions_ids": completions_ids}
+        return out if own_prompts is None else {**out, "completions_prompt_ids": own_prompts}
+    out = {"prompt_ids": prompt_ids, "chosen_ids": completions_ids[0], "rejected_ids": completions_ids[1]}
+    if own_prompts is not None:
+        out["chosen_prompt_ids"], out["rejected_prompt_ids"] = own_prompts
     return out
-
-
-def _scored(example: Mapping[str, list[int]], key: str) -> int:
-    """Completion tokens scored in one sequence: all of them, but the first when nothing precedes it."""
-    context = len(example["prompt_ids"]) + len(example.get(f"{key}_prompt_ids", ()))
-    return len(example[f"{key}_ids"]) - (context == 0)
 
 
 def _check_tokenizer(tokenizer, conversational: bool, where: str) -> None:
@@ -137,8 +171,11 @@ def tokenize_pair(
 ) -> dict[str, Any]:
     """One row's token ids, as TRL's DPOTrainer would train on them (module docstring), with ``index``.
 
+    A ranking (``{"prompt", "completions"}``, ``dpolab.data.formats``) is tokenized by the same rules, each
+    completion as TRL tokenizes a chosen one, best first: ``{"prompt_ids", "completions_ids", "index"}``.
+
     Args:
-        example: a row in one of TRL's formats (``dpolab.data.formats``).
+        example: a row in one of TRL's formats (``dpolab.data.formats``), or a ranking.
         tokenizer: a Hugging Face tokenizer (an EOS token for standard rows, a chat template for conversational).
         index: the row's 0-based position in its dataset; errors name its 1-based row in ``source``.
         max_length: tokens kept of each sequence prompt + completion (TRL's ``max_length``); None: all.
@@ -149,25 +186,30 @@ def tokenize_pair(
     problems = find_problems([example], where=[(source, index + 1)])
     if problems:
         raise PreferenceDataError(problems)
-    _check_tokenizer(tokenizer, is_conversational(example["chosen"]), where)
-    prompt_ids, chosen_ids, rejected_ids = _untruncated(example, tokenizer)
+    listwise = is_listwise(example)
+    _check_tokenizer(tokenizer, is_conversational(example["prompt" if listwise else "chosen"]), where)
+    prompt_ids, completions_ids = _untruncated(example, tokenizer)
     if max_prompt_length is not None:
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
         prompt_ids = prompt_ids[-max_prompt_length:]
-    out = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, truncation_mode)
-    if out is None:
+    kept = truncate_completions(prompt_ids, completions_ids, max_length, truncation_mode)
+    if kept is None:
         raise ValueError(
             f"{where}: the prompt has {len(prompt_ids)} tokens and max_length is {max_length}, so keep_start "
             "truncation keeps no completion token (TRL's DPOTrainer drops such rows silently); raise max_length, "
             "shorten the prompt, or set max_prompt_length or truncation_mode='keep_end'"
         )
-    for key in ("chosen", "rejected"):
-        if _scored(out, key) < 1:
+    shared, kept_ids, own = kept
+    names = [f"completion {k}" for k in range(1, len(kept_ids) + 1)] if listwise else ["chosen", "rejected"]
+    for k, (name, ids) in enumerate(zip(names, kept_ids)):
+        context = len(shared) + (len(own[k]) if own is not None else 0)
+        if len(ids) - (context == 0) < 1:  # nothing before its first token: that one is not scored
             raise ValueError(
-                f"{where}: no token of the {key} completion is scored (it has {len(out[f'{key}_ids'])} token(s) "
+                f"{where}: no token of the {name} completion is scored (it has {len(ids)} token(s) "
                 "and nothing before it); raise max_length or give the row a prompt"
             )
+    out = _example(shared, kept_ids, own, listwise)
     out["index"] = index
     return out
 
@@ -179,7 +221,7 @@ def tokenize_preferences(
 
     The rows are validated together first (``dpolab.data.io.find_problems``: one format for all rows, every
     field well formed); any problem raises one ``PreferenceDataError`` naming ``source``, the 1-based row and
-    the field. Several pairs per prompt are fine.
+    the field. Several pairs per prompt are fine; rankings (all of one K) give listwise examples.
     """
     rows = rows if hasattr(rows, "__len__") and hasattr(rows, "__getitem__") else list(rows)
     problems = find_problems(rows, source=source)

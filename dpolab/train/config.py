@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..data.tokenize import TRUNCATION_MODES
-from ..losses import LOSSES
+from ..losses import LISTWISE_LOSSES, LOSSES, PAIR_EXPANSIONS
 
 __all__ = ["TrainConfig", "loss_parameters", "WARMUP_COSINE", "EVAL_STRATEGIES"]
 
@@ -30,18 +30,27 @@ _REPORT_TO = ("none", "tensorboard")
 EVAL_STRATEGIES = (None, "no", "steps", "epoch")
 
 
+_LOG_PROB_ARGUMENTS = ("pc", "pr", "rc", "rr", "policy_logps", "ref_logps", "beta")
+
+
+def _loss_function(name: str):
+    """The function of registry loss ``name``, pairwise (``LOSSES``) or listwise (``LISTWISE_LOSSES``)."""
+    return LOSSES[name] if name in LOSSES else LISTWISE_LOSSES[name]
+
+
 def loss_parameters(loss: str | tuple[str, ...]) -> list[str]:
     """The keyword parameters of registry loss ``loss`` (or of several) besides beta (["dpop_lambda"] for dpop)."""
     names = (loss,) if isinstance(loss, str) else loss
-    params = (p for name in names for p in inspect.signature(LOSSES[name]).parameters)
-    return list(dict.fromkeys(p for p in params if p not in ("pc", "pr", "rc", "rr", "beta")))
+    params = (p for name in names for p in inspect.signature(_loss_function(name)).parameters)
+    return list(dict.fromkeys(p for p in params if p not in _LOG_PROB_ARGUMENTS))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # --- the objective
     loss: str | tuple[str, ...] = "dpo"  # a key of dpolab.losses.LOSSES: dpo (eq. 4.2 of notebook 04), dpop, ipo,
-    # sft, kl_sft, ...; or several keys, whose losses are added (TRL's loss_type list)
+    # sft, kl_sft, ...; or several keys, whose losses are added (TRL's loss_type list); or of LISTWISE_LOSSES:
+    # plackett_luce (eq. 5.2 of notebook 05), trained on rankings (a pair is a ranking of 2)
     loss_weights: tuple[float, ...] | None = None  # with several losses: one weight each (TRL's); None: all 1.0
     beta: float = 0.5  # beta of the KL-constrained objective (eq. 1.1); scales the implicit rewards
     loss_kwargs: dict[str, Any] = field(default_factory=dict)  # the losses' own parameters, e.g. {"dpop_lambda": 5.0}
@@ -69,7 +78,10 @@ class TrainConfig:
     max_prompt_length: int | None = None  # tokens of the prompt kept (prompt's start cut) before max_length; None:
     # all (not in TRL 1.16)
     pad_to_multiple_of: int | None = None  # pad each batch's length to a multiple of this
-    packing: bool = True  # pairwise losses: each pair one prompt+chosen+rejected segment, packed rows (eq. 6.9)
+    listwise_pairs: str | None = None  # rankings with a pairwise loss: train on each ranking's "adjacent" (K-1) or
+    # "all" (K(K-1)/2) pairs (dpolab.losses.ranking_pairs); None: a pairwise loss refuses rankings
+    packing: bool = True  # pairwise losses: each pair one prompt+chosen+rejected segment, packed rows (eq. 6.9); a
+    # ranking: one prompt + K completions segment
     packed_row_tokens: int = 256  # with packing: target tokens per packed row (dpolab.data.packing)
     # --- speed-ups that change no number beyond float rounding (dpolab/train/speedups.py; `make bench` measures them)
     fuse_activations: bool = True  # GPT-2's Python GELU -> torch's fused tanh GELU, folded into the MLP's projection
@@ -117,9 +129,11 @@ class TrainConfig:
             object.__setattr__(self, "loss", tuple(self.loss))
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
-        unknown_losses = [name for name in self.losses if name not in LOSSES]
+        unknown_losses = [name for name in self.losses if name not in LOSSES and name not in LISTWISE_LOSSES]
         if unknown_losses or not self.losses:
-            raise ValueError(f"loss: unknown loss {self.loss!r}; known losses: {', '.join(sorted(LOSSES))}")
+            known = ", ".join(sorted(LOSSES | LISTWISE_LOSSES))
+            raise ValueError(f"loss: unknown loss {self.loss!r}; known losses: {known}")
+        _check_listwise(self.losses, self.listwise_pairs)
         if self.loss_weights is not None and (
             len(self.loss_weights) != len(self.losses) or not all(_finite(w) for w in self.loss_weights)
         ):
@@ -196,6 +210,11 @@ class TrainConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     @property
+    def listwise(self) -> bool:
+        """Whether the objective is a listwise loss (``LISTWISE_LOSSES``), trained on rankings."""
+        return self.losses[0] in LISTWISE_LOSSES
+
+    @property
     def losses(self) -> tuple[str, ...]:
         """The registry losses whose weighted sum is the objective (one, usually)."""
         return (self.loss,) if isinstance(self.loss, str) else self.loss
@@ -226,6 +245,23 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_listwise(losses: tuple[str, ...], listwise_pairs: str | None) -> None:
+    """Listwise and pairwise losses do not mix; ``listwise_pairs`` is for a pairwise loss only."""
+    listwise = [name for name in losses if name in LISTWISE_LOSSES]
+    if listwise and len(listwise) != len(losses):
+        raise ValueError(
+            f"loss: {list(losses)} mixes listwise {listwise} and pairwise losses: a listwise loss scores rankings, a "
+            "pairwise loss pairs; choose one kind"
+        )
+    if listwise_pairs is not None and listwise_pairs not in PAIR_EXPANSIONS:
+        raise ValueError(f"listwise_pairs must be one of {PAIR_EXPANSIONS} or None, got {listwise_pairs!r}")
+    if listwise and listwise_pairs is not None:
+        raise ValueError(
+            f"listwise_pairs={listwise_pairs!r} expands rankings into pairs for a pairwise loss, but {listwise[0]} "
+            "trains on the rankings themselves: drop listwise_pairs (--listwise-pairs) or choose a pairwise loss"
+        )
+
+
 def _check_scheduler(name: str) -> None:
     from transformers import SchedulerType
 
@@ -239,7 +275,7 @@ def _check_loss_kwargs(losses: tuple[str, ...], loss_kwargs: dict[str, Any]) -> 
     for loss, name, parameter in (
         (loss, name, parameter)
         for loss in losses
-        for name, parameter in inspect.signature(LOSSES[loss]).parameters.items()
+        for name, parameter in inspect.signature(_loss_function(loss)).parameters.items()
     ):
         if name not in loss_kwargs:
             continue

@@ -10,6 +10,9 @@
         metrics under TRL's names; on eval_strategy's steps, TRL's eval_ metrics on eval_data
         checkpoint every save_steps
 
+Rankings of K completions (``listwise.py``) take the same loop with a listwise loss (Plackett-Luce, eq. 5.2 of
+notebook 05) on (B, K) log-probs from one forward over packed segments prompt + y_1 + ... + y_K.
+
 How it differs from TRL's DPOTrainer: the reference model never runs during training (its log-probs are
 precomputed and cached on disk), log-probs are taken with the LM head on completion positions only
 (``dpolab.logprobs``), and the loop is this file; the tokens are TRL's (``dpolab.data.tokenize``). Devices: CUDA
@@ -41,7 +44,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..data.collate import PreferenceCollator
+from ..data.collate import PreferenceCollator, completion_parts, n_completions
 from ..data.formats import row_format
 from ..data.packing import PackedPreferenceCollator
 from ..data.tokenize import tokenize_preferences
@@ -61,7 +64,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import WARMUP_COSINE, TrainConfig, loss_parameters
-from .reference import examples_hash, precompute_reference_logps, score_pairs
+from .listwise import ListwiseObjective, ListwisePolicy, as_rankings, training_rows
+from .reference import examples_hash, precompute_reference_list_logps, score_completions
 from .speedups import fused_adamw, native_bf16, speedups_applied
 
 __all__ = [
@@ -83,7 +87,7 @@ log = logging.getLogger(__name__)
 
 # The losses that never look at the rejected completion: its log-prob is computed without gradient, for metrics.
 CHOSEN_ONLY_LOSSES = frozenset({"sft", "kl_sft"})
-# Per-step metrics, TRL's names first; history.csv has these columns in this order.
+# Per-step metrics, TRL's names first; history.csv has these columns in this order (rankings: listwise_metrics(K)).
 METRICS = (
     "step",
     "epoch",
@@ -106,7 +110,8 @@ _SUMMED = (
     "logps/chosen",
     "logps/rejected",
 )
-# TRL's evaluation metrics, one row per evaluation (the step's metrics on eval_data, prefixed "eval_" as TRL logs them).
+# TRL's evaluation metrics of pairs, one row per evaluation: the step rows' metrics on eval_data, prefixed "eval_" as
+# TRL logs them (rankings: "eval_" and the listwise metrics, listwise.py).
 EVAL_METRICS = ("step", "epoch", *(f"eval_{name}" for name in _SUMMED))
 # Config fields that may change between a run and its resumption (how, not what: the numbers agree to float
 # tolerance with packing on or off).
@@ -157,7 +162,7 @@ class NonFiniteError(FloatingPointError):
 @dataclass
 class TrainResult:
     model: torch.nn.Module  # the trained policy: the object passed in, trained in place (peft_config: its PeftModel)
-    history: list[dict[str, float]]  # one row of METRICS per optimizer step, from step 1
+    history: list[dict[str, float]]  # one row of METRICS (rankings: listwise_metrics(K)) per optimizer step, from 1
     resumed_from_step: int | None = None  # the checkpoint step this run continued from, if any
     output_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # steps_per_epoch, total_steps, world_size
@@ -232,6 +237,57 @@ class _PolicyLogps(torch.nn.Module):
         with torch.no_grad():  # the loss ignores it; the metrics report it
             policy_rejected_logps = sequence_logps(self.model, **rejected, reduction=self.reduction)
         return policy_chosen_logps, policy_rejected_logps
+
+
+class _PairwiseObjective:
+    """One micro-batch of pairs: its loss (B,) and the sums of its metrics (``summed``, TRL's names), against the
+    precomputed reference log-probs (N,) of the chosen and rejected completions, indexed by dataset index."""
+
+    columns, summed = METRICS, _SUMMED
+
+    def __init__(self, config: TrainConfig, ref_chosen_logps, ref_rejected_logps, example_params):
+        self.config, self.example_params = config, example_params
+        self.ref_chosen_logps, self.ref_rejected_logps = ref_chosen_logps, ref_rejected_logps
+        self.loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
+
+    def __call__(self, step: int, logps, rows: np.ndarray, batch_indices: np.ndarray):
+        policy_chosen_logps, policy_rejected_logps = logps[0].float(), logps[1].float()
+        _check_finite(step, "log pi_theta(y_w|x)", policy_chosen_logps, rows, batch_indices)
+        _check_finite(step, "log pi_theta(y_l|x)", policy_rejected_logps, rows, batch_indices)
+        idx = torch.as_tensor(rows, device=policy_chosen_logps.device)
+        out: LossOutput = weighted_loss(
+            self.config.losses,
+            self.config.weights,
+            policy_chosen_logps,
+            policy_rejected_logps,
+            self.ref_chosen_logps[idx],
+            self.ref_rejected_logps[idx],
+            **self.loss_kwargs,
+            **{k: v[idx] for k, v in self.example_params.items()},
+        )
+        _check_finite(step, "the loss", out.losses, rows, batch_indices)
+        with torch.no_grad():
+            margins = out.chosen_rewards - out.rejected_rewards
+            stats = torch.stack(
+                [
+                    t.double().sum()
+                    for t in (
+                        out.losses,
+                        out.chosen_rewards,
+                        out.rejected_rewards,
+                        margins,
+                        (margins > 0).double(),
+                        policy_chosen_logps,
+                        policy_rejected_logps,
+                    )
+                ]
+            )
+        return out.losses, stats
+
+    @staticmethod
+    def postfix(row: dict[str, float]) -> dict[str, str]:
+        """The progress bar's live metrics."""
+        return {"margin": f"{row['rewards/margins']:.3f}", "acc": f"{row['rewards/accuracies']:.2f}"}
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
@@ -338,15 +394,17 @@ def training_examples(
 ) -> list[dict]:
     """The token ids ``train`` trains on (and evaluates on, for eval_data): TRL's tokenization and truncation
     (``dpolab.data.tokenize``) with the config's ``max_length`` (within the model's context, ``_max_length``),
-    ``truncation_mode`` and ``max_prompt_length``."""
-    return tokenize_preferences(
-        train_data,
+    ``truncation_mode`` and ``max_prompt_length``; rankings as ``listwise.training_rows`` and ``as_rankings`` take
+    them."""
+    examples = tokenize_preferences(
+        training_rows(train_data, config, source),
         tokenizer,
         source=source,
         max_length=_max_length(config, model),
         truncation_mode=config.truncation_mode,
         max_prompt_length=config.max_prompt_length,
     )
+    return as_rankings(examples) if config.listwise else examples
 
 
 def _check_vocabulary(examples, model: torch.nn.Module) -> None:
@@ -356,7 +414,8 @@ def _check_vocabulary(examples, model: torch.nn.Module) -> None:
     if rows is None:
         return
     top = max(
-        (max(ids) for e in examples for ids in (e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) if ids), default=-1
+        (max(ids) for e in examples for ids in (e["prompt_ids"], *(i for p in completion_parts(e) for i in p)) if ids),
+        default=-1,
     )
     if top >= rows:
         raise ValueError(
@@ -402,13 +461,15 @@ def _check_finite(step: int, what: str, values: torch.Tensor, rows: np.ndarray, 
 
 
 def _write_history(output_dir: str, history: list[dict[str, float]], eval_history: Sequence[dict] = ()) -> None:
-    """history.json: the rows in TRL's ``log_history`` layout, each step's METRICS row followed, where the policy was
-    evaluated, by its EVAL_METRICS row (eval_on_start's at step 0 first); without evaluation, the step rows alone.
-    history.csv: one line per step, the METRICS columns, then the eval_ columns when there are evaluations (empty
-    cells where none ran; eval_on_start's line has only step, epoch and the eval_ columns)."""
+    """history.json: the rows in TRL's ``log_history`` layout, each step's row (METRICS, or a ranking run's
+    listwise_metrics(K)) followed, where the policy was evaluated, by its eval row (EVAL_METRICS; eval_on_start's at
+    step 0 first); without evaluation, the step rows alone. history.csv: one line per step, the step rows' columns,
+    then the eval_ columns when there are evaluations (empty cells where none ran; eval_on_start's line has only
+    step, epoch and the eval_ columns)."""
     rows = sorted([*history, *eval_history], key=lambda row: (row["step"], "eval_loss" in row))  # stable
     atomic_write_text(Path(output_dir) / "history.json", json.dumps(rows, indent=1))
-    columns = METRICS + (EVAL_METRICS[2:] if eval_history else ())
+    columns = list(history[0]) if history else list(METRICS)
+    columns += list(eval_history[0])[2:] if eval_history else []
     by_step: dict[int, dict] = {}
     for row in rows:
         by_step.setdefault(row["step"], {}).update(row)
@@ -653,12 +714,12 @@ class _TensorBoard:
             self.writer.flush()
 
     def __call__(self, row: dict[str, float]) -> None:
-        self._scalars(row, {name: f"train/{name}" for name in METRICS[1:]})
+        self._scalars(row, {name: f"train/{name}" for name in list(row)[1:]})  # every column but the step
         if self.on_step is not None:
             self.on_step(row)
 
     def evaluation(self, row: dict[str, float]) -> None:
-        self._scalars(row, {name: "eval/" + name.removeprefix("eval_") for name in EVAL_METRICS[2:]})
+        self._scalars(row, {name: "eval/" + name.removeprefix("eval_") for name in list(row)[2:]})  # not step, epoch
 
     def close(self) -> None:
         if self.writer is not None:
@@ -684,9 +745,9 @@ def train(
     ``example_loss_kwargs`` maps a loss parameter to one value per pair, in dataset order (e.g. ODPO's
     ``{"offset": offsets}``); each batch passes the values of its own pairs.
     ``on_step`` is called with each step's history row right after its optimizer step (logging, timing).
-    ``eval_data``: preference pairs in the training rows' format, scored on ``config.eval_strategy``'s steps (each
-    epoch's end by default; ``eval_steps``, ``eval_on_start``) with TRL's eval_ metrics (``EVAL_METRICS``: the step
-    rows' loss, rewards and log-probs, the means over the eval pairs, against their own reference log-probs,
+    ``eval_data``: preference pairs (or rankings) in the training rows' format, scored on ``config.eval_strategy``'s
+    steps (each epoch's end by default; ``eval_steps``, ``eval_on_start``) with TRL's eval_ metrics (``EVAL_METRICS``:
+    the step rows' loss, rewards and log-probs, the means over the eval pairs, against their own reference log-probs,
     precomputed and cached as the training pairs' are), into ``TrainResult.eval_history``, the history files, the
     progress bar and TensorBoard. Evaluating changes nothing in the training run.
 
@@ -698,7 +759,8 @@ def train(
     LoRA: with ``config.peft_config``, the model is wrapped by peft's ``get_peft_model`` (its adapter layers put into
     it in place and its own weights frozen, as TRL does) and ``TrainResult.model`` is that PeftModel; only the
     adapter trains, and the reference is the base model with the adapter disabled (unless ``ref_model`` is given).
-    A model that already is a PeftModel trains its adapter; its reference is the model as given (``adapters.py``).
+    If ``train`` raises, the adapter is taken out again. A model that already is a PeftModel trains its adapter; its
+    reference is the model as given (``adapters.py``).
 
     Whatever can refuse the run is checked before any work: the device, the output folder and the checkpoint to
     resume (:func:`check_output_dir`), max_length against the model's context, the tokenizer against the
@@ -748,19 +810,11 @@ def train(
         )
 
 
-def _metric_sums(out: LossOutput, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor):
-    """The sums over a batch of the _SUMMED metrics (float64): losses, rewards, margins, accuracies, log-probs."""
-    margins = out.chosen_rewards - out.rejected_rewards
-    summed = (
-        out.losses,
-        out.chosen_rewards,
-        out.rejected_rewards,
-        margins,
-        (margins > 0).double(),
-        policy_chosen_logps,
-        policy_rejected_logps,
-    )
-    return torch.stack([t.detach().double().sum() for t in summed])
+def _objective(config: TrainConfig, ref_logps: torch.Tensor, example_params: dict[str, torch.Tensor]):
+    """The loss and metrics of one micro-batch against reference log-probs ``ref_logps`` (N, K): pairs' or rankings'."""
+    if config.listwise:
+        return ListwiseObjective(config, ref_logps, _check_finite)
+    return _PairwiseObjective(config, ref_logps[:, 0], ref_logps[:, 1], example_params)
 
 
 def _evaluation_steps(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], bool]:
@@ -776,13 +830,13 @@ def _evaluation_steps(config: TrainConfig, total_steps: int, steps_per_epoch: in
     return lambda step: False
 
 
-def _evaluate(model, examples, ref_logps, tokenizer, config: TrainConfig, step: int, epoch: float, **scoring):
+def _evaluate(model, examples, objective, tokenizer, config: TrainConfig, step: int, epoch: float, **scoring):
     """TRL's eval_ metrics after optimizer step ``step``: the step rows' loss, rewards and log-probs of the policy on
-    the eval pairs, each the mean over all of them. The policy is scored without gradients in eval mode
-    (``score_pairs``: no random numbers are drawn, so training continues as without evaluation), the reference's
-    log-probs ``ref_logps`` (2, N) were precomputed once. TRL averages each eval batch, then the batches: the same
-    numbers when the batches are of one size. ``scoring``: score_pairs' device, precision and process arguments."""
-    policy_chosen_logps, policy_rejected_logps = score_pairs(
+    the eval examples (``objective``, against their reference log-probs, precomputed once), each the mean over all of
+    them. The policy is scored without gradients in eval mode (``score_completions``: no random numbers are drawn, so
+    training continues as without evaluation). TRL averages each eval batch, then the batches: the same numbers when
+    the batches are of one size. ``scoring``: score_completions' device, precision and process arguments."""
+    logps = score_completions(  # (K, N)
         model,
         examples,
         tokenizer,
@@ -791,18 +845,10 @@ def _evaluate(model, examples, ref_logps, tokenizer, config: TrainConfig, step: 
         packing=config.packing,
         **scoring,
     )
-    out = weighted_loss(
-        config.losses,
-        config.weights,
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_logps[0],
-        ref_logps[1],
-        beta=config.beta,
-        **config.loss_kwargs,
-    )
-    means = (_metric_sums(out, policy_chosen_logps, policy_rejected_logps) / len(examples)).tolist()
-    return {"step": step, "epoch": epoch, **{f"eval_{name}": value for name, value in zip(_SUMMED, means)}}
+    everything = np.arange(len(examples))
+    _, stats = objective(step, logps.t() if config.listwise else logps, everything, everything)
+    means = (stats / len(examples)).tolist()
+    return {"step": step, "epoch": epoch, **{f"eval_{name}": value for name, value in zip(objective.summed, means)}}
 
 
 def _train(
@@ -833,7 +879,7 @@ def _train(
         _check_vocabulary(eval_examples, model)
     n = len(examples)
     pad = tokenizer.pad_token_id or 0
-    chosen_only = all(name in CHOSEN_ONLY_LOSSES for name in config.losses)
+    chosen_only = all(name in CHOSEN_ONLY_LOSSES for name in config.losses)  # never a listwise loss
     if config.packing and not chosen_only:  # SFT: the chosen rows alone carry gradients
         collate = PackedPreferenceCollator(
             pad, row_tokens=config.packed_row_tokens, pad_to_multiple_of=config.pad_to_multiple_of
@@ -849,13 +895,16 @@ def _train(
     if config.output_dir is not None and rank == 0:
         _claim_output_dir(config, resuming=resume_from is not None)
     model.to(device)
-    policy = _PolicyLogps(model, config.reduction, chosen_only=chosen_only)
+    if config.listwise:
+        policy = ListwisePolicy(model, config.reduction, n_completions(examples))
+    else:
+        policy = _PolicyLogps(model, config.reduction, chosen_only=chosen_only)
     if world_size > 1:  # DDP broadcasts rank 0's weights, so every process also starts from the same reference
         policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     ref_device = None if ref_model is None else next(ref_model.parameters()).device
     reference = model if ref_model is None else ref_model.to(device)
-    reference_logps = functools.partial(
-        precompute_reference_logps,
+    reference_logps = functools.partial(  # (N, K): (chosen, rejected) for pairs
+        precompute_reference_list_logps,
         reference,
         tokenizer=tokenizer,
         batch_size=2 * config.batch_size,
@@ -870,12 +919,13 @@ def _train(
         cache_note="adapter disabled" if base_reference else None,
     )
     with model.disable_adapter() if base_reference else contextlib.nullcontext():  # pi_ref: the base model
-        ref_chosen_logps, ref_rejected_logps = reference_logps(examples)
-        eval_ref_logps = None if eval_examples is None else torch.stack(reference_logps(eval_examples)).to(device)
+        ref_logps = reference_logps(examples)
+        eval_ref_logps = None if eval_examples is None else reference_logps(eval_examples)
     if ref_model is not None and ref_model is not model:  # the caller's reference goes back where it was
         ref_model.to(ref_device)
     del reference, ref_model, reference_logps  # the reference's work is done; training never runs it
-    ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(device), ref_rejected_logps.to(device)
+    objective = _objective(config, ref_logps.to(device), example_params)
+    eval_objective = None if eval_examples is None else _objective(config, eval_ref_logps.to(device), {})
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],  # all of them, or a PEFT model's adapter
@@ -890,19 +940,18 @@ def _train(
     if resume_from is not None:
         start_step, history, eval_history = _resume(resume_from, skipped, model, optimizer, scheduler, rank, device)
     evaluates_at = _evaluation_steps(config, total_steps, steps_per_epoch)
-    scoring = dict(device=device, autocast_dtype=autocast_dtype, rank=rank, world_size=world_size)
-    shown_eval: dict[str, str] = {}  # the last evaluation's numbers, on the progress bar
+    scoring = {"device": device, "autocast_dtype": autocast_dtype, "rank": rank, "world_size": world_size}
+    shown_eval: dict[str, str] = {}  # the last evaluation's loss, on the progress bar
 
     def evaluation(step: int) -> None:
         row = _evaluate(
-            model, eval_examples, eval_ref_logps, tokenizer, config, step, step / steps_per_epoch, **scoring
+            model, eval_examples, eval_objective, tokenizer, config, step, step / steps_per_epoch, **scoring
         )
         eval_history.append(row)
         if isinstance(on_step, _TensorBoard):
             on_step.evaluation(row)
-        shown_eval.update(eval_loss=f"{row['eval_loss']:.4f}", eval_acc=f"{row['eval_rewards/accuracies']:.2f}")
+        shown_eval.update(eval_loss=f"{row['eval_loss']:.4f}")
 
-    loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
     max_norm = config.max_grad_norm or math.inf
     bar = tqdm(
         total=total_steps,
@@ -922,32 +971,17 @@ def _train(
         ]
         micro_batches = np.array_split(batch_indices[rank::world_size], config.grad_accum_steps)
         scale = world_size / len(batch_indices)  # DDP averages over processes: the result is the global-batch mean
-        sums = torch.zeros(len(_SUMMED), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(objective.summed), dtype=torch.float64, device=device)
         learning_rate = optimizer.param_groups[0]["lr"]
         for i, rows in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in collate([examples[j] for j in rows]).items() if k != "index"}
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last or world_size == 1 else policy.no_sync():
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    policy_chosen_logps, policy_rejected_logps = policy(batch)
-                policy_chosen_logps, policy_rejected_logps = policy_chosen_logps.float(), policy_rejected_logps.float()
-                _check_finite(step, "log pi_theta(y_w|x)", policy_chosen_logps, rows, batch_indices)
-                _check_finite(step, "log pi_theta(y_l|x)", policy_rejected_logps, rows, batch_indices)
-                idx = torch.as_tensor(rows, device=device)
-                out: LossOutput = weighted_loss(
-                    config.losses,
-                    config.weights,
-                    policy_chosen_logps,
-                    policy_rejected_logps,
-                    ref_chosen_logps[idx],
-                    ref_rejected_logps[idx],
-                    **loss_kwargs,
-                    **{k: v[idx] for k, v in example_params.items()},
-                )
-                _check_finite(step, "the loss", out.losses, rows, batch_indices)
-                (out.losses.sum() * scale).backward()
-            with torch.no_grad():
-                sums += _metric_sums(out, policy_chosen_logps, policy_rejected_logps)
+                    logps = policy(batch)
+                losses, stats = objective(step, logps, rows, batch_indices)
+                (losses.sum() * scale).backward()
+            sums += stats
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # the norm before clipping
         if not torch.isfinite(grad_norm):
             raise NonFiniteError(step, f"the gradient (norm {grad_norm.item()})", batch_indices.tolist(), batch_indices)
@@ -959,22 +993,17 @@ def _train(
         row = {
             "step": step,
             "epoch": step / steps_per_epoch,
-            **dict(zip(_SUMMED, (sums / len(batch_indices)).tolist())),
+            **dict(zip(objective.summed, (sums / len(batch_indices)).tolist())),
             "learning_rate": learning_rate,
             "grad_norm": grad_norm.item(),
         }
-        history.append({k: row[k] for k in METRICS})
+        history.append({k: row[k] for k in objective.columns})
         if on_step is not None:
             on_step(history[-1])
         if eval_examples is not None and evaluates_at(step):
             evaluation(step)
         bar.set_postfix(
-            loss=f"{row['loss']:.4f}",
-            margin=f"{row['rewards/margins']:.3f}",
-            acc=f"{row['rewards/accuracies']:.2f}",
-            lr=f"{learning_rate:.2e}",
-            **shown_eval,
-            refresh=False,
+            loss=f"{row['loss']:.4f}", **objective.postfix(row), lr=f"{learning_rate:.2e}", **shown_eval, refresh=False
         )
         bar.update(1)
         if config.output_dir is not None and (

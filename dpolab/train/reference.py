@@ -1,6 +1,7 @@
 """Reference log-probs, computed once before training and cached on disk.
 
-The DPO family needs log pi_ref(y_w|x) and log pi_ref(y_l|x) for every pair (eq. 4.2 of notebook 04). pi_ref is
+The DPO family needs log pi_ref(y_w|x) and log pi_ref(y_l|x) for every pair (eq. 4.2 of notebook 04), listwise DPO
+log pi_ref(y_k|x) for the K completions of every ranking (eq. 5.2 of notebook 05). pi_ref is
 frozen, so they are the same at every step: computing them once, before the first step, saves one forward per
 step and frees the memory a second model would hold. When no separate reference is given, the policy itself
 before training is the reference (pi_ref = pi_theta at step 0).
@@ -10,7 +11,7 @@ bytes) and class, the tokenized data (which carries the tokenizer and the trunca
 and size, the reduction and the precision, and a note for a model scored in another state than its weights say (a
 PEFT model with its adapter disabled). Change any of them and the log-probs are recomputed.
 
-``score_pairs`` is the scoring itself, without the cache: ``train`` also scores its policy on the eval pairs with it.
+``score_completions`` is the scoring itself, without the cache: ``train`` also scores its policy on eval pairs with it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,19 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..data.collate import PreferenceCollator
+from ..data.collate import PreferenceCollator, completion_parts, n_completions
 from ..data.packing import PackedPreferenceCollator
-from ..logprobs import concatenated_logps, packed_logps
+from ..logprobs import listwise_logps
 from ..files import atomic_directory, cache_root
 
-__all__ = ["weights_hash", "examples_hash", "reference_cache_key", "score_pairs", "precompute_reference_logps"]
+__all__ = [
+    "weights_hash",
+    "examples_hash",
+    "reference_cache_key",
+    "score_completions",
+    "precompute_reference_logps",
+    "precompute_reference_list_logps",
+]
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -44,12 +52,15 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def examples_hash(examples: Sequence[dict[str, Any]]) -> str:
     """sha256 over the token ids of tokenized examples, in order (with each sequence's own kept prompt where
-    ``keep_end`` truncation gave one)."""
+    ``keep_end`` truncation gave one); a ranking's K completions in its order."""
     digest = hashlib.sha256()
     for ex in examples:
-        parts = [ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]
-        if "chosen_prompt_ids" in ex:
-            parts += [ex["chosen_prompt_ids"], ex["rejected_prompt_ids"]]
+        if "completions_ids" in ex:
+            parts = [ex["prompt_ids"], *ex["completions_ids"], *ex.get("completions_prompt_ids", ())]
+        else:
+            parts = [ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]
+            if "chosen_prompt_ids" in ex:
+                parts += [ex["chosen_prompt_ids"], ex["rejected_prompt_ids"]]
         digest.update(json.dumps(parts).encode())
     return digest.hexdigest()
 
@@ -79,28 +90,30 @@ def reference_cache_key(
     return digest.hexdigest()[:32]
 
 
+def _n_tokens(example: dict[str, Any]) -> int:
+    return len(example["prompt_ids"]) + sum(len(own) + len(ids) for own, ids in completion_parts(example))
+
+
 @torch.no_grad()
 def _compute(model, examples, collate, *, batch_size, device, autocast_dtype, reduction, rank, world_size):
-    """(2, N) log-probs; each process scores every world_size-th batch, the sum over processes fills them all."""
-    order = sorted(
-        range(len(examples)),
-        key=lambda i: -sum(len(ids) for k, ids in examples[i].items() if k.endswith("_ids")),
-    )
-    out = torch.zeros(2, len(examples), dtype=torch.float32, device=device)
+    """(K, N) log-probs (K = 2: chosen, rejected); each process scores every world_size-th batch, the sum over
+    processes fills them all."""
+    order = sorted(range(len(examples)), key=lambda i: -_n_tokens(examples[i]))
+    K = n_completions(examples)
+    out = torch.zeros(K, len(examples), dtype=torch.float32, device=device)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]  # similar lengths: little padding
     for batch_indices in batches[rank::world_size]:
         batch = collate([examples[i] for i in batch_indices])
         batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logps = packed_logps if "score_index" in batch else concatenated_logps
-            chosen, rejected = logps(model, batch, reduction=reduction)
-        out[0, batch_indices], out[1, batch_indices] = chosen.float(), rejected.float()
+            logps = listwise_logps(model, batch, K, reduction=reduction)  # (b, K); pairs: (chosen, rejected)
+        out[:, batch_indices] = logps.float().t()
     if world_size > 1:
         dist.all_reduce(out)  # rows are disjoint across processes: the sum gathers them
     return out
 
 
-def score_pairs(
+def score_completions(
     model: torch.nn.Module,
     examples: Sequence[dict[str, Any]],
     tokenizer,
@@ -113,11 +126,11 @@ def score_pairs(
     world_size: int = 1,
     packing: bool = True,
 ) -> torch.Tensor:
-    """(2, N) float32 log-probs on ``device``, log pi(y_w|x) then log pi(y_l|x) of the tokenized ``examples`` (eq.
-    6.1), in batches of ``batch_size`` pairs of similar length, without gradients and with ``model`` in eval mode
-    (left in the mode it was in). Under torch.distributed every process scores a share and all get every row.
-    ``packing``: shared-prefix packed batches (``dpolab.data.packing``; the model's attention must be sdpa or eager),
-    else the padded 2B-row batches; the same numbers to float tolerance."""
+    """(K, N) float32 log-probs on ``device`` of every completion of the tokenized ``examples`` (eq. 6.1; pairs: K = 2,
+    chosen then rejected), in batches of ``batch_size`` examples of similar length, without gradients and with
+    ``model`` in eval mode (left in the mode it was in). Under torch.distributed every process scores a share and all
+    get every row. ``packing``: shared-prefix packed batches (``dpolab.data.packing``; the model's attention must be
+    sdpa or eager), else the padded K*B-row batches; the same numbers to float tolerance."""
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id or 0
@@ -138,7 +151,14 @@ def score_pairs(
         model.train(was_training)
 
 
-def precompute_reference_logps(
+def precompute_reference_logps(model: torch.nn.Module, examples: Sequence[dict[str, Any]], tokenizer, **kwargs):
+    """``(ref_chosen_logps, ref_rejected_logps)``, each (N,) float32 on CPU, for the tokenized pairs ``examples``
+    (:func:`precompute_reference_list_logps` for the arguments)."""
+    logps = precompute_reference_list_logps(model, examples, tokenizer, **kwargs)
+    return logps[:, 0], logps[:, 1]
+
+
+def precompute_reference_list_logps(
     model: torch.nn.Module,
     examples: Sequence[dict[str, Any]],
     tokenizer,
@@ -153,13 +173,14 @@ def precompute_reference_logps(
     world_size: int = 1,
     packing: bool = True,
     cache_note: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ref_chosen_logps, ref_rejected_logps)``, each (N,) float32 on CPU, for the tokenized ``examples``.
+) -> torch.Tensor:
+    """log pi_ref of every completion of the tokenized ``examples``, (N, K) float32 on CPU: (chosen, rejected) of
+    pairs (K = 2), a ranking's K completions in its order.
 
-    ``model`` is scored by :func:`score_pairs` (eval mode, no gradients, left in the mode it was in). Under
+    ``model`` is scored by :func:`score_completions` (eval mode, no gradients, left in the mode it was in). Under
     torch.distributed every process computes a share and all get the full tensors; only rank 0 touches the cache.
     ``packing`` changes the numbers only to float tolerance, so the cache key ignores it; ``cache_note`` enters the
-    key (``reference_cache_key``'s ``note``).
+    key (``reference_cache_key``'s ``note``). The cache holds the (K, N) tensor ``logps``.
     """
     precision = "fp32" if autocast_dtype is None else str(autocast_dtype)
     key = reference_cache_key(model, examples, tokenizer, reduction, precision, cache_note) if use_cache else None
@@ -171,12 +192,12 @@ def precompute_reference_logps(
         logps = (
             load_file(str(path / "logps.safetensors"))["logps"].to(device)
             if rank == 0
-            else torch.zeros(2, len(examples), device=device)
+            else torch.zeros(n_completions(examples), len(examples), device=device)
         )
         if world_size > 1:
             dist.broadcast(logps, src=0)
     else:
-        logps = score_pairs(
+        logps = score_completions(
             model,
             examples,
             tokenizer,
@@ -191,5 +212,4 @@ def precompute_reference_logps(
         if path is not None and rank == 0:
             with atomic_directory(path, replace=False) as tmp:
                 save_file({"logps": logps.cpu().contiguous()}, str(tmp / "logps.safetensors"))
-    logps = logps.cpu()
-    return logps[0], logps[1]
+    return logps.cpu().t()
