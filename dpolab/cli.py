@@ -3,6 +3,7 @@
     dpolab train --model tiny --loss dpop --output-dir runs/tiny-dpop          # the tiny Penn world, seconds
     dpolab train --model gpt2 --loss dpo --output-dir runs/gpt2-dpo             # the article's run
     dpolab train --data rankings.jsonl --loss plackett_luce --output-dir runs/pl   # listwise DPO on rankings
+    dpolab train --model FOLDER --data pairs.jsonl --eval-data eval.jsonl --lora-r 16 --merge   # LoRA, evaluation
     torchrun --nproc_per_node 2 -m dpolab.cli train --model gpt2 ...            # several GPUs (DDP)
 
 Subcommands live in ``COMMANDS``; each registers its parser and its function. Errors end in one line and an exit
@@ -18,9 +19,18 @@ import sys
 from pathlib import Path
 
 from .errors import InputError, run_command
-from .files import atomic_write_text, portable_text, save_pretrained_atomically
+from .files import atomic_directory, atomic_write_text, portable_text, save_pretrained_atomically
 
 __all__ = ["main", "build_parser", "train_config", "save_model_folder"]
+
+
+def _steps(text: str) -> int | float:
+    """A number of steps, or a fraction of them in (0, 1) (TRL's eval_steps)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or a fraction in (0, 1), got {text!r}") from None
+    return int(value) if value.is_integer() else value
 
 
 def _loss_param(text: str) -> tuple[str, float]:
@@ -129,6 +139,62 @@ def _add_train(commands) -> None:
         help="recompute each layer's activations in the backward: less memory, more time, the same numbers "
         "(TRL's gradient_checkpointing)",
     )
+    lora = p.add_argument_group(
+        "LoRA (peft; TRL's ModelConfig flags and defaults)",
+        "any of these trains a LoRA adapter instead of every weight; the reference is the base model",
+    )
+    lora.add_argument("--use-peft", action="store_true", help="train a LoRA adapter (implied by the flags below)")
+    lora.add_argument("--lora-r", type=int, default=None, help="the adapter's rank r (default 16)")
+    lora.add_argument(
+        "--lora-alpha", type=int, default=None, help="alpha: the update is scaled by alpha/r (default 32)"
+    )
+    lora.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=None,
+        help="dropout on the adapter's input (default 0.05; 0 while training unless --keep-dropout, as in TRL)",
+    )
+    lora.add_argument(
+        "--lora-target",
+        nargs="+",
+        default=None,
+        metavar="MODULE",
+        help="names of the modules to adapt (e.g. q_proj v_proj), or all-linear; default: peft's choice for the "
+        "architecture",
+    )
+    lora.add_argument(
+        "--lora-modules-to-save",
+        nargs="+",
+        default=None,
+        metavar="MODULE",
+        help="modules trained whole and saved with the adapter (e.g. lm_head)",
+    )
+    lora.add_argument("--use-rslora", action="store_true", help="scale the update by alpha/sqrt(r) (rank-stabilised)")
+    lora.add_argument("--use-dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
+    lora.add_argument(
+        "--merge",
+        action="store_true",
+        help="save the adapter merged into the base weights: model/ is a plain transformers model (without: the "
+        "adapter's files, loaded by dpolab.models.load_model or peft)",
+    )
+    evaluation = p.add_argument_group("evaluation during training (TRL's eval_ metrics)")
+    evaluation.add_argument(
+        "--eval-data",
+        default=None,
+        help="preference pairs to evaluate on, in --data's format: penn (the Penn test split), a .json/.jsonl file "
+        "or a Hugging Face dataset name",
+    )
+    evaluation.add_argument("--eval-split", default="test", help="the split of --eval-data when it holds several")
+    evaluation.add_argument(
+        "--eval-strategy",
+        default=d.eval_strategy,
+        choices=["steps", "epoch"],
+        help="evaluate every --eval-steps steps, or at each epoch's end (default: steps if --eval-steps, else epoch)",
+    )
+    evaluation.add_argument(
+        "--eval-steps", type=_steps, default=None, help="evaluate every this many steps (or this fraction of them)"
+    )
+    evaluation.add_argument("--eval-on-start", action="store_true", help="evaluate before the first step too")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data order and the RNGs")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda", "mps"], help="where to train")
     p.add_argument(
@@ -170,7 +236,8 @@ def _add_train(commands) -> None:
     p.set_defaults(func=_train)
 
 
-def _load_data(name: str, split: str, unique_prompts: bool = False):
+def _load_data(name: str, split: str, unique_prompts: bool = False, option: str = "--data"):
+    """The rows of ``option`` (--data, --eval-data) ``name``, its ``split`` where it holds several."""
     from datasets import DatasetDict
 
     from .data import load_penn, load_preference_data
@@ -178,10 +245,11 @@ def _load_data(name: str, split: str, unique_prompts: bool = False):
     try:
         data = load_penn() if name == "penn" else load_preference_data(name, unique_prompts=unique_prompts)
     except (OSError, ValueError) as err:  # missing, unreadable or invalid file; hub unreachable (ConnectionError)
-        raise InputError(f"--data {name}: {err}") from err
+        raise InputError(f"{option} {name}: {err}") from err
     if isinstance(data, DatasetDict):
         if split not in data:
-            raise InputError(f"--data {name} has splits {sorted(data)}, not {split!r}: pass --split with one of them")
+            flag = "--split" if option == "--data" else "--eval-split"
+            raise InputError(f"{option} {name} has splits {sorted(data)}, not {split!r}: pass {flag} with one of them")
         data = data[split]
     return data
 
@@ -193,6 +261,27 @@ def _load_model(name: str):
         return load_model(name)
     except ModelNotAvailableError as err:
         raise InputError(f"--model {name}: {err}") from err
+
+
+def lora_config(args: argparse.Namespace) -> dict | None:
+    """The LoRA config of ``dpolab train``'s LoRA flags as TRL's ``get_peft_config(ModelConfig)`` builds it (task
+    CAUSAL_LM, bias none, TRL's defaults r 16, alpha 32, dropout 0.05), as a dict; None when no flag asks for it."""
+    given = [args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target, args.lora_modules_to_save]
+    if not (args.use_peft or args.use_rslora or args.use_dora or any(v is not None for v in given)):
+        return None
+    target = args.lora_target
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 16 if args.lora_r is None else args.lora_r,
+        "lora_alpha": 32 if args.lora_alpha is None else args.lora_alpha,
+        "lora_dropout": 0.05 if args.lora_dropout is None else args.lora_dropout,
+        "target_modules": target[0] if target == ["all-linear"] else target,  # peft's keyword is a string
+        "modules_to_save": args.lora_modules_to_save,
+        "bias": "none",
+        "use_rslora": args.use_rslora,
+        "use_dora": args.use_dora,
+    }
 
 
 def train_config(args: argparse.Namespace):
@@ -233,30 +322,64 @@ def train_config(args: argparse.Namespace):
         ref_cache_dir=args.ref_cache_dir,
         progress=not args.no_progress,
         report_to=args.report_to,
+        peft_config=lora_config(args),
+        eval_strategy=args.eval_strategy,
+        eval_steps=args.eval_steps,
+        eval_on_start=args.eval_on_start,
     )
 
 
 def save_model_folder(output_dir: str | Path, model, tokenizer, info=None) -> Path:
     """Write the trained model and its tokenizer to ``output_dir/model`` as one folder, filled under a temporary
     name and renamed when complete: a process killed at any instant leaves the earlier ``model/`` or the new one,
-    never a mix (``dpolab.files.atomic_directory``). ``info`` (a ModelInfo) goes to ``model_info.json`` first."""
+    never a mix (``dpolab.files.atomic_directory``). ``info`` (a ModelInfo) goes to ``model_info.json`` first. A PEFT
+    model is saved as its adapter (``dpolab.train.adapters.save_adapter``) beside the tokenizer."""
     output_dir = Path(output_dir)
     if info is not None:
         atomic_write_text(output_dir / "model_info.json", portable_text(json.dumps(info.to_dict(), indent=1)))
-    return save_pretrained_atomically(output_dir / "model", model, tokenizer)
+    peft = sys.modules.get("peft")  # a PeftModel exists only once peft is imported; nothing heavy imported before
+    if peft is None or not isinstance(model, peft.PeftModel):
+        return save_pretrained_atomically(output_dir / "model", model, tokenizer)
+    from .train.adapters import save_adapter
+
+    with atomic_directory(output_dir / "model") as tmp:
+        save_adapter(model, tmp)
+        tokenizer.save_pretrained(tmp)
+    return output_dir / "model"
+
+
+def _check_lora_flags(args: argparse.Namespace, config) -> None:
+    """--merge needs an adapter; a --model folder that holds one (it continues training) takes no new one."""
+    adapter_folder = (Path(args.model).expanduser() / "adapter_config.json").is_file()
+    if args.merge and config.peft_config is None and not adapter_folder:
+        raise InputError(
+            f"--merge folds a LoRA adapter into the model, and --model {args.model} trains none: pass --lora-r (or "
+            "--use-peft), or leave out --merge"
+        )
+    if adapter_folder and config.peft_config is not None:
+        raise InputError(
+            f"--model {args.model} holds a PEFT adapter, which is trained further as it is: leave out the LoRA flags, "
+            "or pass its merged model (dpolab train ... --merge) to train a new adapter"
+        )
 
 
 def _train(args: argparse.Namespace) -> None:
     from .data import count_prompts, is_listwise_data
     from .train import train
+    from .train.adapters import merge_adapter
     from .train.listwise import training_rows
-    from .train.loop import check_device, check_output_dir
+    from .train.loop import check_device, check_eval_data, check_output_dir
 
     config = train_config(args)
     check_device(config)  # every check that can refuse the run, before the data and the model load
     check_output_dir(config)
+    _check_lora_flags(args, config)
     data = _load_data(args.data, args.split, args.unique_prompts)
     training_rows(data, config)  # rankings and the loss agree, before the model loads
+    eval_data = None if args.eval_data is None else _load_data(args.eval_data, args.eval_split, option="--eval-data")
+    check_eval_data(config, data, eval_data, names=(f"--data {args.data}", f"--eval-data {args.eval_data}"))
+    if eval_data is not None:
+        training_rows(eval_data, config, f"--eval-data {args.eval_data}")
     model, tokenizer, info = _load_model(args.model)
     rank0, world_size = int(os.environ.get("RANK", "0")) == 0, int(os.environ.get("WORLD_SIZE", "1"))
     if rank0:
@@ -268,13 +391,16 @@ def _train(args: argparse.Namespace) -> None:
             f"output {config.output_dir}",
             flush=True,
         )
-    result = train(model, tokenizer, data, config)
+    result = train(model, tokenizer, data, config, eval_data=eval_data)
     if rank0:
         if result.resumed_from_step:
             print(f"resumed from step {result.resumed_from_step}", flush=True)
-        save_model_folder(args.output_dir, model, tokenizer, info)
-        last = result.history[-1] if result.history else {}
-        print(json.dumps({k: float(f"{v:.6g}") for k, v in last.items()}), flush=True)
+        trained = merge_adapter(result.model) if args.merge else result.model
+        save_model_folder(args.output_dir, trained, tokenizer, info)
+        for rows in (result.history, result.eval_history):
+            last = rows[-1] if rows else None
+            if last is not None:
+                print(json.dumps({k: float(f"{v:.6g}") for k, v in last.items()}), flush=True)
 
 
 COMMANDS = [_add_train]  # other subcommands append their parser-builders here

@@ -12,7 +12,9 @@ Names (``load_model``'s first argument):
 | ``"auto"``       | ``"gpt2"`` if it loads, otherwise ``"smollm2-135m"`` with a loud warning                  |
 |                  | (``logging.warning`` and ``info.fallback_reason``).                                       |
 | ``"tiny"``       | the tiny GPT-2 Penn world of the tests and notebooks (``dpolab.tiny``).                   |
-| anything else    | a local folder or a hub id, through ``AutoModelForCausalLM`` / ``AutoTokenizer``.          |
+| anything else    | a local folder or a hub id, through ``AutoModelForCausalLM`` / ``AutoTokenizer``; a folder |
+|                  | of a PEFT adapter (``adapter_config.json``, as ``dpolab train --lora-r`` saves it): its    |
+|                  | base model with the adapter, a ``peft.PeftModel`` (``_from_adapter_folder``).              |
 
 A model that cannot be loaded raises :class:`ModelNotAvailableError`, whose message says how to get it.
 
@@ -200,8 +202,34 @@ def _looks_like_a_path(name: str) -> bool:
     )
 
 
+def _from_adapter_folder(folder: Path, dtype: torch.dtype, cache_dir: str | None, hint: str):
+    """A PEFT adapter folder's base model (``base_model_name_or_path`` of its ``adapter_config.json``, ``~`` and
+    ``$DPOLAB_CACHE`` expanded, as ``dpolab.files.portable_text`` writes them) with the adapter on it, trainable (a
+    ``peft.PeftModel``), and the folder's own tokenizer (else the base model's)."""
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelNotAvailableError(
+            f"adapter folder {folder} names no base model (base_model_name_or_path in adapter_config.json): load the "
+            "base model and pass it to peft.PeftModel.from_pretrained(base, folder)"
+        )
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise ModelNotAvailableError(
+            f"{folder} holds a PEFT adapter, which needs the peft package: pip install 'dpolab[peft]'"
+        ) from err
+    model, tokenizer = _from_folder_or_hub(
+        os.path.expandvars(base), dtype, cache_dir, f"(the base model of {folder}) {hint}"
+    )
+    model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    if (folder / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
 def _from_folder_or_hub(name: str, dtype: torch.dtype, cache_dir: str | None, hint: str):
-    """AutoModelForCausalLM + AutoTokenizer for a folder or hub id (local files only when HF_HUB_OFFLINE=1).
+    """AutoModelForCausalLM + AutoTokenizer for a folder or hub id (local files only when HF_HUB_OFFLINE=1); a PEFT
+    adapter folder through :func:`_from_adapter_folder`.
 
     A folder must hold the model's own tokenizer: another model's would encode text into ids the embedding does not
     mean (or has no row for)."""
@@ -209,6 +237,8 @@ def _from_folder_or_hub(name: str, dtype: torch.dtype, cache_dir: str | None, hi
     if not folder.is_dir() and (folder.exists() or _looks_like_a_path(name)):
         problem = "is a file, not a model folder" if folder.exists() else "does not exist"
         raise ModelNotAvailableError(f"model folder {name} {problem}: check the path. {hint}")
+    if (folder / "adapter_config.json").is_file():
+        return _from_adapter_folder(folder, dtype, cache_dir, hint)
     local_only = _hub_offline() and not folder.is_dir()
     source = str(folder) if folder.is_dir() else name
     try:

@@ -3,6 +3,7 @@ the KL estimator against exact enumeration, batched reproducible generation, rel
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -225,6 +226,35 @@ def test_left_padded_batch_equals_unpadded_single_prompts_with_greedy(word_model
     for i, prompt in enumerate(prompts):
         alone = generate(word_model, word_tok, [prompt], greedy)
         assert alone.completion_ids == [batched.completion_ids[i]], prompt
+
+
+def test_conversations_are_rendered_with_the_chat_template_and_batched(word_model, word_tok):
+    """A conversation's prompt ids are those of its chat template with the generation prompt (what a conversational
+    training pair's prompt gets, dpolab.data.tokenize); batched with a string prompt and a longer conversation, each
+    row continues as it does alone (greedy). Without a chat template: one clear line."""
+    from dpolab.data import tokenize_preferences
+
+    tok = copy.deepcopy(word_tok)
+    tok.chat_template = (  # an assistant's turn opens with "and", as the generation prompt does
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}and {% endif %}{{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}and{% endif %}"
+    )
+    chats = [
+        [{"role": "user", "content": "the sun was"}],
+        [{"role": "user", "content": "after the lecture"}, {"role": "assistant", "content": "we walked to the park"}],
+        "a dog and a cat",
+    ]
+    greedy = SamplingConfig(max_new_tokens=8, do_sample=False, batch_size=len(chats))
+    batched = generate(word_model, tok, chats, greedy)
+    answers = [[{"role": "assistant", "content": text}] for text in ("bright", "cold")]
+    pair = {"prompt": chats[0], "chosen": answers[0], "rejected": answers[1]}
+    assert batched.prompt_ids[0] == tokenize_preferences([pair], tok)[0]["prompt_ids"]
+    assert batched.prompt_ids[0] == tok("the sun was and")["input_ids"]
+    for i, prompt in enumerate(chats):
+        alone = generate(word_model, tok, [prompt], greedy)
+        assert alone.completion_ids == [batched.completion_ids[i]] and alone.prompt_ids == [batched.prompt_ids[i]]
+    with pytest.raises(ValueError, match=r"^prompts: a conversation .* needs the tokenizer's chat template"):
+        generate(word_model, word_tok, chats[:1], greedy)
 
 
 def test_sampling_config_validates():

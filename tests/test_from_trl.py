@@ -157,8 +157,7 @@ def test_every_field_dpolab_cannot_honour_is_refused_on_a_line_of_its_own(dpo_co
         optim="sgd",
         loss_type=["sigmoid", "sft"],
         num_train_epochs=1.5,
-        eval_strategy="steps",
-        eval_steps=10,
+        eval_delay=2.0,
         neftune_noise_alpha=5.0,
         label_smoothing=0.2,
     )
@@ -172,13 +171,28 @@ def test_every_field_dpolab_cannot_honour_is_refused_on_a_line_of_its_own(dpo_co
         "optim='sgd': ",
         "loss_type 'sft': TRL's is a per-token mean",
         "num_train_epochs=1.5: dpolab trains whole epochs",
-        "eval_strategy='steps': dpolab.train does not evaluate",
+        "eval_delay=2.0: dpolab evaluates from the first eval step on",
         "neftune_noise_alpha=5.0: ",
         "label_smoothing=0.2: no loss of ['sigmoid'] uses it",
     ]
     assert len(lines) == len(starts)
     for start in starts:
         assert sum(line.startswith(start) for line in lines) == 1, start
+
+
+def test_evaluation_settings_are_converted(dpo_config):
+    """TRL's eval_strategy "steps" (eval_steps defaulting to logging_steps, as TRL's TrainingArguments sets it) and
+    "epoch" carry over with eval_on_start; TRL's default "no" leaves dpolab's default (each epoch, given eval data)."""
+    c = TrainConfig.from_trl(dpo_config(eval_strategy="steps", eval_steps=4, eval_on_start=True))
+    assert (c.eval_strategy, c.eval_steps, c.eval_on_start) == ("steps", 4, True)
+    c = TrainConfig.from_trl(dpo_config(eval_strategy="steps", logging_steps=7))
+    assert (c.eval_strategy, c.eval_steps) == ("steps", 7)
+    c = TrainConfig.from_trl(dpo_config(eval_strategy="steps", eval_steps=0.25))
+    assert (c.eval_strategy, c.eval_steps) == ("steps", 0.25)
+    c = TrainConfig.from_trl(dpo_config(eval_strategy="epoch"))
+    assert (c.eval_strategy, c.eval_steps, c.eval_on_start) == ("epoch", None, False)
+    c = TrainConfig.from_trl(dpo_config())
+    assert (c.eval_strategy, c.eval_steps, c.eval_on_start) == (None, None, False)
 
 
 def test_mixing_summed_and_length_normalised_losses_is_refused(dpo_config):

@@ -5,12 +5,16 @@ left-padded so that every row's new tokens follow its last real token (right pad
 between a short prompt and its continuation). Generation stops at the tokenizer's EOS token; the EOS that was
 sampled is kept in ``completion_ids`` (it is part of y: scoring log pi(y|x) must include it) and dropped from
 the decoded ``texts``.
+
+A prompt is a string, or a conversation in TRL's format (a list of ``{"role", "content"}`` messages): that is
+rendered with the tokenizer's chat template and its generation prompt, into the very token ids a conversational
+training pair's prompt gets (``dpolab.data.tokenize``), so the model continues as the assistant it was trained as.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -55,7 +59,7 @@ class SamplingConfig:
 class Generations:
     """Continuations of ``prompts``, row by row."""
 
-    prompts: list[str]
+    prompts: list[Any]  # as given: strings, or conversations (lists of messages)
     texts: list[str]  # decoded continuations, special tokens dropped (GPT-2's start with a space)
     prompt_ids: list[list[int]]  # the prompt's tokens, unpadded
     completion_ids: list[list[int]]  # the sampled tokens, through the first EOS when one was sampled
@@ -88,7 +92,8 @@ def generate(
 
     Reproducible: the same model, prompts, config and seed give the same continuations (the global RNG is
     seeded inside ``torch.random.fork_rng``, so the caller's RNG state is left untouched). Batches are
-    drawn in order from one seeded stream, so the result also depends on ``batch_size``.
+    drawn in order from one seeded stream, so the result also depends on ``batch_size``. A conversation (a list of
+    messages) is rendered with the chat template (module docstring).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not one string")
@@ -96,6 +101,11 @@ def generate(
     empty = [i for i, prompt in enumerate(prompts) if not prompt]
     if empty:
         raise ValueError(f"prompts {empty[:10]} are empty: a continuation needs at least one prompt token")
+    if any(isinstance(prompt, list) for prompt in prompts) and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "prompts: a conversation (a list of messages) needs the tokenizer's chat template, and this tokenizer has "
+            "none: set tokenizer.chat_template, or give the prompts as text"
+        )
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"{type(tokenizer).__name__} has no EOS token: generation could not stop")
@@ -116,10 +126,26 @@ def generate(
     return out
 
 
-def _generate_batch(model, tokenizer, prompts: list[str], generation_config: GenerationConfig, out: Generations):
+def _left_padded(tokenizer, prompts: list) -> dict:
+    """The prompts' token ids, left-padded: strings through the tokenizer, conversations through the chat template
+    with the generation prompt (``dpolab.data.tokenize``'s prompt ids of a conversational pair)."""
+    if all(isinstance(prompt, str) for prompt in prompts):
+        return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    from dpolab.data.tokenize import _chat_ids
+
+    ids = [
+        _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+        if isinstance(prompt, list)
+        else tokenizer(prompt)["input_ids"]
+        for prompt in prompts
+    ]
+    return tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True, padding_side="left")
+
+
+def _generate_batch(model, tokenizer, prompts: list, generation_config: GenerationConfig, out: Generations):
     """One ``model.generate`` call on left-padded prompts; appends its rows to ``out``."""
     eos = generation_config.eos_token_id
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(_model_device(model))
+    batch = _left_padded(tokenizer, prompts).to(_model_device(model))
     sequences = model.generate(**batch, generation_config=generation_config)  # (B, P + T)
     new_tokens = sequences[:, batch["input_ids"].shape[1] :]  # (B, T), T <= max_new_tokens
     lengths, finished = _truncate_at_eos(new_tokens, eos)

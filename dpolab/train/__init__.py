@@ -7,8 +7,18 @@ result = train(model, tokenizer, penn_rankings(load_penn()["train"]), TrainConfi
 result.history[-1]["ranking/kendall_tau"]                                   # columns: listwise_metrics(K)
 """
 
+from .adapters import merge_adapter
 from .config import TrainConfig
 from .listwise import listwise_metrics
-from .loop import METRICS, NonFiniteError, TrainResult, train
+from .loop import EVAL_METRICS, METRICS, NonFiniteError, TrainResult, train
 
-__all__ = ["TrainConfig", "train", "TrainResult", "NonFiniteError", "METRICS", "listwise_metrics"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "TrainResult",
+    "NonFiniteError",
+    "METRICS",
+    "EVAL_METRICS",
+    "listwise_metrics",
+    "merge_adapter",
+]

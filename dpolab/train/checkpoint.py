@@ -7,7 +7,9 @@ trusting the checkpoint (a copy cut short, a disk error, a file edited by hand),
 one, as transformers' ``Trainer`` resumes only from a complete checkpoint.
 
 A checkpoint folder ``checkpoint-<step>`` holds
-- ``model.safetensors``: the model's parameters and buffers (tied weights stored once);
+- ``model.safetensors``: the model's parameters and buffers (tied weights stored once); for a PEFT model, only its
+  adapter instead, as peft saves it (``adapter_model.safetensors`` and ``adapter_config.json``, ``adapters.py``): the
+  base weights never change, and the checkpoint is a folder ``PeftModel.from_pretrained`` loads;
 - ``trainer_state.pt``: optimizer, scheduler, RNG states (python, numpy, torch, cuda; one set per process),
   the data position (``step``; the data order is a function of the seed and the epoch), the metrics history
   and the config. It contains only tensors and plain Python values, and is loaded with ``weights_only=True``;
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from ..files import atomic_directory
 
@@ -188,9 +190,14 @@ def save_checkpoint(
     ``state`` holds the rest (optimizer, scheduler, RNG states, history, config): tensors and plain values only.
     ``info`` (JSON values, e.g. the config and the data's fingerprint) goes into the manifest.
     """
+    from .adapters import is_peft_model, save_adapter
+
     path = checkpoint_path(output_dir, step)
     with atomic_directory(path) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        if is_peft_model(model):
+            save_adapter(model, tmp)  # the adapter alone: the base weights are frozen
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save({"step": step, **state}, tmp / "trainer_state.pt")
         _write_manifest(tmp, step, info or {})
     for stale in checkpoints(output_dir)[keep:]:
@@ -207,8 +214,18 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, device: torch.devi
     problem = verify_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
+    from .adapters import ADAPTER_WEIGHTS, is_peft_model, load_adapter_state_dict
+
+    adapter = (path / ADAPTER_WEIGHTS).is_file()
+    if adapter != is_peft_model(model):
+        held, given = ("an adapter", "a model without one") if adapter else ("a whole model", "a PEFT model")
+        raise CheckpointError(f"checkpoint {path} holds {held}, the model to load it into is {given}")
+    missing = unexpected = ()
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+        if adapter:
+            load_adapter_state_dict(model, load_file(str(path / ADAPTER_WEIGHTS), device=str(device)))
+        else:
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, pickle and torch errors alike: name the checkpoint
         raise CheckpointError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err

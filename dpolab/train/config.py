@@ -20,13 +20,14 @@ import torch
 from ..data.tokenize import TRUNCATION_MODES
 from ..losses import LISTWISE_LOSSES, LOSSES, PAIR_EXPANSIONS
 
-__all__ = ["TrainConfig", "loss_parameters", "WARMUP_COSINE"]
+__all__ = ["TrainConfig", "loss_parameters", "WARMUP_COSINE", "EVAL_STRATEGIES"]
 
 WARMUP_COSINE = "warmup_cosine"  # dpolab's schedule (the seed article's): warm-up, then cosine to min_learning_rate
 
 _PRECISIONS = ("auto", "fp32", "bf16")
 _DEVICES = ("auto", "cpu", "cuda", "mps")
 _REPORT_TO = ("none", "tensorboard")
+EVAL_STRATEGIES = (None, "no", "steps", "epoch")
 
 
 _LOG_PROB_ARGUMENTS = ("pc", "pr", "rc", "rr", "policy_logps", "ref_logps", "beta")
@@ -92,6 +93,16 @@ class TrainConfig:
         False  # TRL's flag: recompute each layer's activations in the backward (transformers'
     )
     # activation checkpointing, non-reentrant), less memory for more time, the same numbers; off by default (TRL: on)
+    # --- parameter-efficient fine-tuning (dpolab/train/adapters.py; needs dpolab[peft])
+    peft_config: dict[str, Any] | None = None  # a peft config (peft.LoraConfig(r=8, ...)) or its dict: train() wraps
+    # the model with get_peft_model, only the adapter trains, the reference is the base model (adapter disabled), as
+    # TRL's peft_config; kept as a dict of peft_type, task_type and the non-default fields
+    # --- evaluation during training (train(..., eval_data=...)): TRL's eval_ metrics in the history
+    eval_strategy: str | None = None  # TRL's: "steps" (every eval_steps), "epoch" (each epoch's end and the last
+    # step), "no"; None: "steps" when eval_steps is set, else "epoch"
+    eval_steps: int | float | None = None  # evaluate every this many optimizer steps; a float in (0, 1): that
+    # fraction of the steps, rounded up (TRL's)
+    eval_on_start: bool = False  # evaluate before the first step too (a row at step 0), as TRL's eval_on_start
     seed: int = 0  # seeds the data order and the torch/numpy/python RNGs
     disable_dropout: bool = True  # set every nn.Dropout's p to 0, as TRL does: the reference log-probs have no dropout
     # --- where it runs
@@ -190,6 +201,11 @@ class TrainConfig:
                 "report_to='tensorboard' needs the tensorboard package, which is not installed: "
                 "pip install 'dpolab[tensorboard]' (or pip install tensorboard), or report_to='none'"
             )
+        if self.peft_config is not None:
+            from .adapters import peft_config_dict
+
+            object.__setattr__(self, "peft_config", peft_config_dict(self.peft_config))
+        _check_evaluation(self.eval_strategy, self.eval_steps, self.eval_on_start)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
@@ -271,6 +287,20 @@ def _check_loss_kwargs(losses: tuple[str, ...], loss_kwargs: dict[str, Any]) -> 
             raise ValueError(
                 f"loss_kwargs: {loss}'s {name} must be a number, got {value!r} (--loss-param {name}=<number>)"
             )
+
+
+def _check_evaluation(strategy, steps, on_start: bool) -> None:
+    if strategy not in EVAL_STRATEGIES:
+        raise ValueError(f"eval_strategy must be one of {EVAL_STRATEGIES}, got {strategy!r}")
+    if steps is not None and not (isinstance(steps, float) and 0 < steps < 1):
+        _at_least("eval_steps", steps, 1)
+    if strategy == "steps" and steps is None:
+        raise ValueError("eval_strategy='steps' needs eval_steps: a number of steps, or a fraction of them in (0, 1)")
+    if strategy == "no" and (steps is not None or on_start):
+        raise ValueError(
+            "eval_strategy='no' evaluates nothing, yet eval_steps or eval_on_start is set: leave eval_strategy None "
+            "(or 'steps'), or unset them"
+        )
 
 
 def _positive(name: str, value) -> None:

@@ -9,10 +9,12 @@ Every DPOConfig field falls in one of three groups:
   (``num_train_epochs``, ``max_steps``, ``per_device_train_batch_size`` x ``gradient_accumulation_steps`` x
   processes), the data (``max_length``, ``truncation_mode``, ``pad_to_multiple_of``), ``seed``,
   ``disable_dropout``, precision (``bf16``), ``use_cpu``, the files (``output_dir``, ``save_strategy``,
-  ``save_steps``, ``save_total_limit``) and ``disable_tqdm``;
-- ignored (``NO_EFFECT``): fields that change no number dpolab computes (logging, trackers, the hub, evaluation
-  settings while ``eval_strategy`` is "no", data loader workers, memory savers such as gradient checkpointing,
-  TRL's reference log-prob precomputation, which dpolab always does);
+  ``save_steps``, ``save_total_limit``), ``disable_tqdm`` and evaluation (``eval_strategy`` "steps" or "epoch",
+  ``eval_steps``, ``eval_on_start``; TRL's default "no" leaves dpolab's, which evaluates each epoch when
+  ``train`` is given eval data);
+- ignored (``NO_EFFECT``): fields that change no number dpolab computes (logging, trackers, the hub, the eval batch
+  size, data loader workers, memory savers such as gradient checkpointing, TRL's reference log-prob precomputation,
+  which dpolab always does);
 - everything else is refused when it is not at its default, one line per field naming it and what to do.
 
 What stays different from a TRL run: the order of the pairs (dpolab's seeded per-epoch permutation, not the
@@ -30,16 +32,16 @@ from .config import loss_parameters
 
 __all__ = ["config_from_trl", "NO_EFFECT"]
 
-# Fields that change no number dpolab computes: logging and trackers, the hub, evaluation (refused below unless
-# eval_strategy is "no"), checkpoint format, data loading and memory/speed switches, distributed plumbing.
+# Fields that change no number dpolab computes: logging and trackers, the hub, how evaluation is batched and gathered,
+# checkpoint format, data loading and memory/speed switches, distributed plumbing.
 NO_EFFECT = frozenset(
     {
         *("logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter"),
         *("log_level", "log_level_replica", "log_on_each_node", "report_to", "run_name", "project"),
         *("trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "include_num_input_tokens_seen"),
         *("skip_memory_metrics", "debug", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy"),
-        *("hub_always_push", "hub_revision", "eval_steps", "eval_delay", "per_device_eval_batch_size"),
-        *("prediction_loss_only", "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object"),
+        *("hub_always_push", "hub_revision", "per_device_eval_batch_size"),
+        *("prediction_loss_only", "eval_do_concat_batches", "eval_use_gather_object"),
         *("eval_accumulation_steps", "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval"),
         *("metric_for_best_model", "greater_is_better", "do_train", "do_eval", "do_predict"),
         *("save_only_model", "save_on_each_node", "enable_jit_checkpoint", "restore_callback_states_from_checkpoint"),
@@ -79,8 +81,8 @@ _ADVICE = {
     "deepspeed": "dpolab runs on one device or under DDP (torchrun)",
     "parallelism_config": "dpolab runs on one device or under DDP (torchrun)",
     "push_to_hub": "dpolab does not push: save the model and push it yourself",
-    "eval_strategy": "dpolab.train does not evaluate during training: evaluate afterwards (dpolab.eval)",
-    "load_best_model_at_end": "dpolab.train does not evaluate during training",
+    "load_best_model_at_end": "dpolab.train keeps the last model, not the best one: pick a checkpoint yourself",
+    "eval_delay": "dpolab evaluates from the first eval step on",
 }
 _CONVERTED = frozenset(
     {
@@ -89,7 +91,7 @@ _CONVERTED = frozenset(
         *("adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "num_train_epochs", "max_steps"),
         *("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "truncation_mode"),
         *("pad_to_multiple_of", "seed", "disable_dropout", "bf16", "use_cpu", "output_dir", "save_strategy"),
-        *("save_steps", "save_total_limit", "disable_tqdm"),
+        *("save_steps", "save_total_limit", "disable_tqdm", "eval_strategy", "eval_steps", "eval_on_start"),
     }
 )
 _ADAMW = ("adamw_torch", "adamw_torch_fused")
@@ -192,6 +194,22 @@ def _files(c, refuse: list[str]) -> dict[str, Any]:
     return out
 
 
+def _evaluation(c, refuse: list[str]) -> dict[str, Any]:
+    """eval_strategy, eval_steps, eval_on_start: TRL's "no" leaves dpolab's default (evaluate each epoch, when train
+    is given eval_data: TRL would evaluate only when asked, by trainer.evaluate())."""
+    strategy = _value(c.eval_strategy)
+    out: dict[str, Any] = {"eval_on_start": bool(c.eval_on_start)}
+    if strategy == "steps":
+        steps = c.eval_steps
+        out["eval_strategy"] = "steps"
+        out["eval_steps"] = int(steps) if float(steps).is_integer() else float(steps)
+        if steps > 1 and not float(steps).is_integer():
+            refuse.append(f"eval_steps={steps}: give a whole number of steps or a fraction in (0, 1)")
+    elif strategy == "epoch":
+        out["eval_strategy"] = "epoch"
+    return out
+
+
 def config_from_trl(cls, c, *, processes: int | None = None, **overrides):
     """``cls`` (TrainConfig) from DPOConfig ``c``; ``processes`` (default: ``c.world_size``) multiplies the
     per-device batch; ``overrides`` set TrainConfig fields last. Raises ValueError listing every refused field."""
@@ -212,6 +230,7 @@ def config_from_trl(cls, c, *, processes: int | None = None, **overrides):
         **_objective(c, refuse),
         **_steps(c, processes or c.world_size, refuse),
         **_files(c, refuse),
+        **_evaluation(c, refuse),
         "beta": c.beta,
         "learning_rate": c.learning_rate,
         "lr_scheduler_type": _value(c.lr_scheduler_type),

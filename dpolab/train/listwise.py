@@ -56,22 +56,23 @@ def listwise_metrics(n_completions: int) -> tuple[str, ...]:
     )
 
 
-def training_rows(train_data, config: TrainConfig):
+def training_rows(train_data, config: TrainConfig, source: str = "train_data"):
     """The rows ``train`` tokenizes: ``train_data`` itself, or with ``config.listwise_pairs`` its rankings' pairs
     (``dpolab.data.rankings.expand_rankings``). A pairwise loss given rankings without it is an error naming both
-    fixes; ``listwise_pairs`` given pairs is an error too (there is nothing to expand)."""
+    fixes; ``listwise_pairs`` given pairs is an error too (there is nothing to expand). ``source`` names the data in
+    the errors (train_data, eval_data)."""
     rankings = is_listwise_data(train_data)
     if rankings and not config.listwise:
         if config.listwise_pairs is None:
             raise ValueError(
-                f"train_data holds rankings ('completions' rows) but loss {config.loss!r} is pairwise: pass "
+                f"{source} holds rankings ('completions' rows) but loss {config.loss!r} is pairwise: pass "
                 "--loss plackett_luce (loss='plackett_luce') to train on the rankings, or --listwise-pairs adjacent|all "
                 "(listwise_pairs=...) to train on the pairs each ranking implies"
             )
-        return expand_rankings(train_data, config.listwise_pairs, source="train_data")
+        return expand_rankings(train_data, config.listwise_pairs, source=source)
     if config.listwise_pairs is not None and not rankings:
         raise ValueError(
-            f"listwise_pairs={config.listwise_pairs!r} expands rankings into pairs, but train_data holds pairs "
+            f"listwise_pairs={config.listwise_pairs!r} expands rankings into pairs, but {source} holds pairs "
             "(chosen/rejected rows): drop listwise_pairs (--listwise-pairs)"
         )
     return train_data

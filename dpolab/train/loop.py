@@ -7,7 +7,8 @@
         losses <- sum_k w_k LOSSES[loss_k](policy logps, reference logps; beta, ...)   (eq. 4.2 for DPO)
         backward(mean of losses over the global batch), accumulated over micro-batches
         clip the gradient norm; AdamW step; learning rate <- warm-up then cosine  (or a transformers schedule)
-        metrics under TRL's names; checkpoint every save_steps
+        metrics under TRL's names; on eval_strategy's steps, TRL's eval_ metrics on eval_data
+        checkpoint every save_steps
 
 Rankings of K completions (``listwise.py``) take the same loop with a listwise loss (Plackett-Luce, eq. 5.2 of
 notebook 05) on (B, K) log-probs from one forward over packed segments prompt + y_1 + ... + y_K.
@@ -18,7 +19,7 @@ precomputed and cached on disk), log-probs are taken with the LM head on complet
 (bf16 autocast where supported), MPS and CPU (fp32) share the code path. Several GPUs: launch with ``torchrun
 --nproc_per_node N`` (or ``accelerate launch``); each process takes every N-th pair of the global batch (like
 DistributedSampler) and DDP averages the gradients, so N processes take the same steps as one process on the same
-global batch.
+global batch. LoRA: ``TrainConfig(peft_config=...)`` (``adapters.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -43,12 +44,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..data.collate import PreferenceCollator, completion_parts, n_completions
+from ..data.formats import row_format
 from ..data.packing import PackedPreferenceCollator
 from ..data.tokenize import tokenize_preferences
 from ..logprobs import concatenated_logps, packed_logps, sequence_logps
 from ..losses import LossOutput, weighted_loss
 from ..files import atomic_write_text, portable_text, remove_leftovers
 from ..schedules import warmup_cosine
+from .adapters import adapter_added
 from .checkpoint import (
     LAYOUT,
     CheckpointError,
@@ -62,7 +65,7 @@ from .checkpoint import (
 )
 from .config import WARMUP_COSINE, TrainConfig, loss_parameters
 from .listwise import ListwiseObjective, ListwisePolicy, as_rankings, training_rows
-from .reference import examples_hash, precompute_reference_list_logps
+from .reference import examples_hash, precompute_reference_list_logps, score_completions
 from .speedups import fused_adamw, native_bf16, speedups_applied
 
 __all__ = [
@@ -73,7 +76,9 @@ __all__ = [
     "epoch_order",
     "training_examples",
     "METRICS",
+    "EVAL_METRICS",
     "check_device",
+    "check_eval_data",
     "check_output_dir",
     "RUN_MARKER",
 ]
@@ -105,6 +110,9 @@ _SUMMED = (
     "logps/chosen",
     "logps/rejected",
 )
+# TRL's evaluation metrics of pairs, one row per evaluation: the step rows' metrics on eval_data, prefixed "eval_" as
+# TRL logs them (rankings: "eval_" and the listwise metrics, listwise.py).
+EVAL_METRICS = ("step", "epoch", *(f"eval_{name}" for name in _SUMMED))
 # Config fields that may change between a run and its resumption (how, not what: the numbers agree to float
 # tolerance with packing on or off).
 _RESUMABLE_CHANGES = {
@@ -124,6 +132,9 @@ _RESUMABLE_CHANGES = {
     "recompute_layer_norms",
     "gradient_checkpointing",
     "report_to",
+    "eval_strategy",  # evaluation reads the policy, never changes it
+    "eval_steps",
+    "eval_on_start",
     # truncation: its effect is in the data hash (the token ids after truncation), which must not change
     "max_length",
     "truncation_mode",
@@ -150,11 +161,12 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class TrainResult:
-    model: torch.nn.Module  # the trained policy (the object passed in, updated in place)
+    model: torch.nn.Module  # the trained policy: the object passed in, trained in place (peft_config: its PeftModel)
     history: list[dict[str, float]]  # one row of METRICS (rankings: listwise_metrics(K)) per optimizer step, from 1
     resumed_from_step: int | None = None  # the checkpoint step this run continued from, if any
     output_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # steps_per_epoch, total_steps, world_size
+    eval_history: list[dict[str, float]] = field(default_factory=list)  # one row of EVAL_METRICS per evaluation
 
 
 def learning_rate_schedule(optimizer, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -359,14 +371,17 @@ def _max_length(config: TrainConfig, model: torch.nn.Module | None) -> int | Non
     )
 
 
-def training_examples(train_data, tokenizer, config: TrainConfig, model: torch.nn.Module | None = None) -> list[dict]:
-    """The token ids ``train`` trains on: TRL's tokenization and truncation (``dpolab.data.tokenize``) with the
-    config's ``max_length`` (within the model's context, ``_max_length``), ``truncation_mode`` and
-    ``max_prompt_length``; rankings as ``listwise.training_rows`` and ``as_rankings`` take them."""
+def training_examples(
+    train_data, tokenizer, config: TrainConfig, model: torch.nn.Module | None = None, source: str = "train_data"
+) -> list[dict]:
+    """The token ids ``train`` trains on (and evaluates on, for eval_data): TRL's tokenization and truncation
+    (``dpolab.data.tokenize``) with the config's ``max_length`` (within the model's context, ``_max_length``),
+    ``truncation_mode`` and ``max_prompt_length``; rankings as ``listwise.training_rows`` and ``as_rankings`` take
+    them."""
     examples = tokenize_preferences(
-        training_rows(train_data, config),
+        training_rows(train_data, config, source),
         tokenizer,
-        source="train_data",
+        source=source,
         max_length=_max_length(config, model),
         truncation_mode=config.truncation_mode,
         max_prompt_length=config.max_prompt_length,
@@ -427,11 +442,22 @@ def _check_finite(step: int, what: str, values: torch.Tensor, rows: np.ndarray, 
         raise NonFiniteError(step, what, rows[bad.cpu().numpy()].tolist(), batch.tolist())
 
 
-def _write_history(output_dir: str, history: list[dict[str, float]]) -> None:
-    """history.json, and history.csv with the rows' columns (METRICS, or a ranking run's listwise_metrics(K))."""
-    atomic_write_text(Path(output_dir) / "history.json", json.dumps(history, indent=1))
+def _write_history(output_dir: str, history: list[dict[str, float]], eval_history: Sequence[dict] = ()) -> None:
+    """history.json: the rows in TRL's ``log_history`` layout, each step's row (METRICS, or a ranking run's
+    listwise_metrics(K)) followed, where the policy was evaluated, by its eval row (EVAL_METRICS; eval_on_start's at
+    step 0 first); without evaluation, the step rows alone. history.csv: one line per step, the step rows' columns,
+    then the eval_ columns when there are evaluations (empty cells where none ran; eval_on_start's line has only
+    step, epoch and the eval_ columns)."""
+    rows = sorted([*history, *eval_history], key=lambda row: (row["step"], "eval_loss" in row))  # stable
+    atomic_write_text(Path(output_dir) / "history.json", json.dumps(rows, indent=1))
     columns = list(history[0]) if history else list(METRICS)
-    lines = [",".join(columns)] + [",".join(repr(row[k]) for k in columns) for row in history]
+    columns += list(eval_history[0])[2:] if eval_history else []
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], {}).update(row)
+    lines = [",".join(columns)] + [
+        ",".join(repr(row[k]) if k in row else "" for k in columns) for row in by_step.values()
+    ]
     atomic_write_text(Path(output_dir) / "history.csv", "\n".join(lines) + "\n")
 
 
@@ -451,6 +477,54 @@ def check_device(config: TrainConfig) -> None:
             f"LOCAL_RANK {local_rank} has no CUDA device (this machine has {torch.cuda.device_count()}): "
             "launch at most that many processes per node"
         )
+
+
+def _first_row(rows):
+    """The first row of an indexable dataset (a datasets.Dataset, a list), else None (an iterator is not consumed)."""
+    indexable = hasattr(rows, "__getitem__") and hasattr(rows, "__len__") and not isinstance(rows, (str, bytes))
+    return rows[0] if indexable and len(rows) else None
+
+
+def check_eval_data(
+    config: TrainConfig,
+    train_data,
+    eval_data,
+    example_loss_kwargs=None,
+    names: tuple[str, str] = ("train_data", "eval_data"),
+) -> None:
+    """Refuse, before any work, an evaluation that cannot be what it says: eval settings without eval_data, eval_data
+    that ``eval_strategy='no'`` would leave unused, per-example loss parameters (the eval pairs have none), no eval
+    rows, or eval rows in another of TRL's formats than the training rows (their tokens would not be comparable).
+    ``names`` name the two data sets in the messages (``dpolab train`` passes its options)."""
+    train_name, eval_name = names
+    asked = config.eval_strategy in ("steps", "epoch") or config.eval_steps is not None or config.eval_on_start
+    if eval_data is None:
+        if asked:
+            raise ValueError(
+                "eval_strategy, eval_steps or eval_on_start asks for evaluation, but no eval data was given: pass "
+                "eval_data= (dpolab train --eval-data FILE), or unset them"
+            )
+        return
+    if config.eval_strategy == "no":
+        raise ValueError(
+            f"{eval_name} is given but eval_strategy='no' evaluates nothing: leave eval_strategy None (each epoch) or "
+            "set 'steps' with eval_steps, or do not pass it"
+        )
+    if example_loss_kwargs:
+        raise ValueError(
+            f"{eval_name} with example_loss_kwargs: the eval pairs have no per-example loss parameters "
+            f"({', '.join(example_loss_kwargs)}); train without eval data and evaluate the trained model afterwards"
+        )
+    first_eval, first_train = _first_row(eval_data), _first_row(train_data)
+    if hasattr(eval_data, "__len__") and len(eval_data) == 0:
+        raise ValueError(f"{eval_name} has no rows: give at least one preference pair, or no eval data")
+    if isinstance(first_eval, Mapping) and isinstance(first_train, Mapping):
+        if row_format(first_eval) != row_format(first_train):
+            raise ValueError(
+                f"{eval_name} is in the {row_format(first_eval)} format, {train_name} in the {row_format(first_train)} "
+                f"format: give the eval rows in the training rows' format (TRL's formats, dpolab.data.formats), so "
+                "that they are tokenized alike"
+            )
 
 
 def _writable_ancestor(folder: Path) -> None:
@@ -561,8 +635,9 @@ def _claim_output_dir(config: TrainConfig, resuming: bool) -> None:
     atomic_write_text(folder / "config.json", portable_text(json.dumps(config.to_dict(), indent=1, default=str)))
 
 
-def _resume(path: Path, skipped, model, optimizer, scheduler, rank: int, device) -> tuple[int, list]:
-    """Load checkpoint ``path`` (verified by check_output_dir) into the model, optimizer, scheduler and RNGs."""
+def _resume(path: Path, skipped, model, optimizer, scheduler, rank: int, device) -> tuple[int, list, list]:
+    """Load checkpoint ``path`` (verified by check_output_dir) into the model, optimizer, scheduler and RNGs; returns
+    (its step, its history, its eval history)."""
     if rank == 0:
         for stale, problem in skipped:
             log.warning("skipped %s: %s; resuming from %s", stale.name, problem, path.name)
@@ -571,10 +646,10 @@ def _resume(path: Path, skipped, model, optimizer, scheduler, rank: int, device)
     scheduler.load_state_dict(state["scheduler"])
     ranks = state["rng"]
     set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
-    return state["step"], state["history"]
+    return state["step"], state["history"], state.get("eval_history", [])
 
 
-def _save(config, step, model, optimizer, scheduler, history, data_hash, rank, world_size) -> None:
+def _save(config, step, model, optimizer, scheduler, history, eval_history, data_hash, rank, world_size) -> None:
     """Every process contributes its RNG state; rank 0 writes the checkpoint and the history."""
     states = [None] * world_size
     if world_size > 1:
@@ -587,37 +662,46 @@ def _save(config, step, model, optimizer, scheduler, history, data_hash, rank, w
             "scheduler": scheduler.state_dict(),
             "rng": states,
             "history": history,
+            "eval_history": eval_history,
             "config": config.to_dict(),
             "data_hash": data_hash,
         }
         info = {"config": config.to_dict(), "data_hash": data_hash}
         save_checkpoint(config.output_dir, step, model, state, keep=config.save_total_limit, info=info)
-        _write_history(config.output_dir, history)
+        _write_history(config.output_dir, history, eval_history)
     if world_size > 1:
         dist.barrier()
 
 
 class _TensorBoard:
     """``report_to="tensorboard"``: each history row as TensorBoard scalars at its step, under TRL's names as
-    transformers' TensorBoardCallback writes them (``train/loss``, ``train/rewards/chosen``, ...), through
-    ``torch.utils.tensorboard.SummaryWriter`` on ``$TENSORBOARD_LOGGING_DIR`` (transformers' variable) or
-    ``output_dir/runs``. The writer (and its event file) comes with the first row, on rank 0 only."""
+    transformers' TensorBoardCallback writes them (``train/loss``, ``train/rewards/chosen``, ...; an eval row's
+    ``eval_loss`` as ``eval/loss``, ...), through ``torch.utils.tensorboard.SummaryWriter`` on
+    ``$TENSORBOARD_LOGGING_DIR`` (transformers' variable) or ``output_dir/runs``. The writer (and its event file) comes
+    with the first row, on rank 0 only."""
 
     def __init__(self, config: TrainConfig, on_step: Callable[[dict[str, float]], None] | None):
         self.log_dir = os.path.expanduser(os.environ.get("TENSORBOARD_LOGGING_DIR") or Path(config.output_dir) / "runs")
         self.on_step, self.writer = on_step, None
 
-    def __call__(self, row: dict[str, float]) -> None:
+    def _scalars(self, row: dict[str, float], tags: dict[str, str]) -> None:
+        """Write ``row[name]`` as ``tag`` at ``row["step"]`` for each name -> tag (rank 0)."""
         if (not dist.is_initialized() or dist.get_rank() == 0) and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=self.log_dir)
         if self.writer is not None:
-            for name in list(row)[1:]:  # every column but the step
-                self.writer.add_scalar(f"train/{name}", row[name], row["step"])
+            for name, tag in tags.items():
+                self.writer.add_scalar(tag, row[name], row["step"])
             self.writer.flush()
+
+    def __call__(self, row: dict[str, float]) -> None:
+        self._scalars(row, {name: f"train/{name}" for name in list(row)[1:]})  # every column but the step
         if self.on_step is not None:
             self.on_step(row)
+
+    def evaluation(self, row: dict[str, float]) -> None:
+        self._scalars(row, {name: "eval/" + name.removeprefix("eval_") for name in list(row)[2:]})  # not step, epoch
 
     def close(self) -> None:
         if self.writer is not None:
@@ -633,6 +717,7 @@ def train(
     ref_model: torch.nn.Module | None = None,
     example_loss_kwargs=None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    eval_data=None,
 ) -> TrainResult:
     """Train ``model`` in place on preference pairs ``train_data``: rows in one of TRL's formats (standard,
     conversational, implicit prompt; ``dpolab.data.formats``), tokenized as TRL's DPOTrainer tokenizes them.
@@ -642,22 +727,43 @@ def train(
     ``example_loss_kwargs`` maps a loss parameter to one value per pair, in dataset order (e.g. ODPO's
     ``{"offset": offsets}``); each batch passes the values of its own pairs.
     ``on_step`` is called with each step's history row right after its optimizer step (logging, timing).
+    ``eval_data``: preference pairs (or rankings) in the training rows' format, scored on ``config.eval_strategy``'s
+    steps (each epoch's end by default; ``eval_steps``, ``eval_on_start``) with TRL's eval_ metrics (``EVAL_METRICS``:
+    the step rows' loss, rewards and log-probs, the means over the eval pairs, against their own reference log-probs,
+    precomputed and cached as the training pairs' are), into ``TrainResult.eval_history``, the history files, the
+    progress bar and TensorBoard. Evaluating changes nothing in the training run.
 
     The models are left as they were: the reference is only read (and put back on its device); the policy's
     dropout, speed-ups (``speedups.py``) and gradient checkpointing hold while ``train`` runs and are undone when it
     returns or raises, so only its weights (and their device) change. ``config.report_to="tensorboard"`` also writes
     each history row as TensorBoard scalars (``TrainConfig.report_to``).
 
+    LoRA: with ``config.peft_config``, the model is wrapped by peft's ``get_peft_model`` (its adapter layers put into
+    it in place and its own weights frozen, as TRL does) and ``TrainResult.model`` is that PeftModel; only the
+    adapter trains, and the reference is the base model with the adapter disabled (unless ``ref_model`` is given).
+    If ``train`` raises, the adapter is taken out again. A model that already is a PeftModel trains its adapter; its
+    reference is the model as given (``adapters.py``).
+
     Whatever can refuse the run is checked before any work: the device, the output folder and the checkpoint to
     resume (:func:`check_output_dir`), max_length against the model's context, the tokenizer against the
-    embedding, the data against the resumed run's.
+    embedding, the data against the resumed run's, the eval data (:func:`check_eval_data`), the PEFT config against
+    the model.
     """
     check_device(config)
     resume = check_output_dir(config)
     _max_length(config, model)
+    check_eval_data(config, train_data, eval_data, example_loss_kwargs)
+    base_reference = config.peft_config is not None and ref_model is None  # the reference: the adapter disabled
+    if config.peft_config is None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"no parameter of {type(model).__name__} requires a gradient: nothing would train (a PeftModel loaded "
+            "without is_trainable=True?); set requires_grad on the weights to train"
+        )
     if config.report_to == "tensorboard":
         on_step = _TensorBoard(config, on_step)
     with contextlib.ExitStack() as restore:
+        if config.peft_config is not None:  # kept when train returns: the trained adapter is in it
+            model = restore.enter_context(adapter_added(model, config.peft_config))
         restore.enter_context(_dropout_disabled(model, config.disable_dropout))
         restore.enter_context(
             speedups_applied(
@@ -672,12 +778,76 @@ def train(
             restore.callback(on_step.close)
         handed_over = [ref_model]  # this frame keeps no reference to it: _train frees it once its log-probs are in
         del ref_model
-        return _train(model, tokenizer, train_data, config, handed_over, example_loss_kwargs, on_step, resume)
+        return _train(
+            model,
+            tokenizer,
+            train_data,
+            config,
+            handed_over,
+            example_loss_kwargs,
+            on_step,
+            resume,
+            eval_data=eval_data,
+            base_reference=base_reference,
+        )
 
 
-def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list, example_loss_kwargs, on_step, resume):
+def _objective(config: TrainConfig, ref_logps: torch.Tensor, example_params: dict[str, torch.Tensor]):
+    """The loss and metrics of one micro-batch against reference log-probs ``ref_logps`` (N, K): pairs' or rankings'."""
+    if config.listwise:
+        return ListwiseObjective(config, ref_logps, _check_finite)
+    return _PairwiseObjective(config, ref_logps[:, 0], ref_logps[:, 1], example_params)
+
+
+def _evaluation_steps(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], bool]:
+    """Whether to evaluate after optimizer step s, as TRL's eval_strategy decides: "steps", every eval_steps steps
+    (a fraction: of total_steps, rounded up); "epoch", at each epoch's end and at the last step (max_steps may end an
+    epoch early). The default (None) is "steps" when eval_steps is set, else "epoch"."""
+    strategy = config.eval_strategy or ("steps" if config.eval_steps is not None else "epoch")
+    if strategy == "steps":
+        every = config.eval_steps if isinstance(config.eval_steps, int) else math.ceil(total_steps * config.eval_steps)
+        return lambda step: step % every == 0
+    if strategy == "epoch":
+        return lambda step: step % steps_per_epoch == 0 or step == total_steps
+    return lambda step: False
+
+
+def _evaluate(model, examples, objective, tokenizer, config: TrainConfig, step: int, epoch: float, **scoring):
+    """TRL's eval_ metrics after optimizer step ``step``: the step rows' loss, rewards and log-probs of the policy on
+    the eval examples (``objective``, against their reference log-probs, precomputed once), each the mean over all of
+    them. The policy is scored without gradients in eval mode (``score_completions``: no random numbers are drawn, so
+    training continues as without evaluation). TRL averages each eval batch, then the batches: the same numbers when
+    the batches are of one size. ``scoring``: score_completions' device, precision and process arguments."""
+    logps = score_completions(  # (K, N)
+        model,
+        examples,
+        tokenizer,
+        batch_size=2 * config.batch_size,
+        reduction=config.reduction,
+        packing=config.packing,
+        **scoring,
+    )
+    everything = np.arange(len(examples))
+    _, stats = objective(step, logps.t() if config.listwise else logps, everything, everything)
+    means = (stats / len(examples)).tolist()
+    return {"step": step, "epoch": epoch, **{f"eval_{name}": value for name, value in zip(objective.summed, means)}}
+
+
+def _train(
+    model,
+    tokenizer,
+    train_data,
+    config: TrainConfig,
+    handed_over: list,
+    example_loss_kwargs,
+    on_step,
+    resume,
+    eval_data=None,
+    base_reference: bool = False,
+):
     """``train`` on a policy prepared for it (dropout off, speed-ups, gradient checkpointing); ``handed_over`` holds
-    the reference model (or None), which this function takes out; ``resume`` is check_output_dir's answer."""
+    the reference model (or None), which this function takes out; ``resume`` is check_output_dir's answer;
+    ``base_reference``: the reference is the PEFT policy with its adapter disabled."""
     ref_model = handed_over.pop()
     resume_from, skipped = resume
     rank, world_size, device, owns_group = _init_distributed(config)
@@ -685,6 +855,10 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
     _seed_everything(config.seed)
     examples = training_examples(train_data, tokenizer, config, model)
     _check_vocabulary(examples, model)
+    eval_examples = None
+    if eval_data is not None:
+        eval_examples = training_examples(eval_data, tokenizer, config, model, source="eval_data")
+        _check_vocabulary(eval_examples, model)
     n = len(examples)
     pad = tokenizer.pad_token_id or 0
     chosen_only = all(name in CHOSEN_ONLY_LOSSES for name in config.losses)  # never a listwise loss
@@ -711,10 +885,10 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
         policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     ref_device = None if ref_model is None else next(ref_model.parameters()).device
     reference = model if ref_model is None else ref_model.to(device)
-    ref_logps = precompute_reference_list_logps(  # (N, K): (chosen, rejected) for pairs
+    reference_logps = functools.partial(  # (N, K): (chosen, rejected) for pairs
+        precompute_reference_list_logps,
         reference,
-        examples,
-        tokenizer,
+        tokenizer=tokenizer,
         batch_size=2 * config.batch_size,
         device=device,
         autocast_dtype=autocast_dtype,
@@ -724,17 +898,19 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
         rank=rank,
         world_size=world_size,
         packing=config.packing,
+        cache_note="adapter disabled" if base_reference else None,
     )
+    with model.disable_adapter() if base_reference else contextlib.nullcontext():  # pi_ref: the base model
+        ref_logps = reference_logps(examples)
+        eval_ref_logps = None if eval_examples is None else reference_logps(eval_examples)
     if ref_model is not None and ref_model is not model:  # the caller's reference goes back where it was
         ref_model.to(ref_device)
-    del reference, ref_model  # the reference's work is done; training never runs it
-    if config.listwise:
-        objective = ListwiseObjective(config, ref_logps.to(device), _check_finite)
-    else:
-        objective = _PairwiseObjective(config, ref_logps[:, 0].to(device), ref_logps[:, 1].to(device), example_params)
+    del reference, ref_model, reference_logps  # the reference's work is done; training never runs it
+    objective = _objective(config, ref_logps.to(device), example_params)
+    eval_objective = None if eval_examples is None else _objective(config, eval_ref_logps.to(device), {})
 
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],  # all of them, or a PEFT model's adapter
         lr=config.learning_rate,
         betas=config.adam_betas,
         eps=config.adam_epsilon,
@@ -742,9 +918,21 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
         fused=fused_adamw(model, device) if config.fused_optimizer else None,
     )
     scheduler = learning_rate_schedule(optimizer, config, total_steps)
-    start_step, history = 0, []
+    start_step, history, eval_history = 0, [], []
     if resume_from is not None:
-        start_step, history = _resume(resume_from, skipped, model, optimizer, scheduler, rank, device)
+        start_step, history, eval_history = _resume(resume_from, skipped, model, optimizer, scheduler, rank, device)
+    evaluates_at = _evaluation_steps(config, total_steps, steps_per_epoch)
+    scoring = {"device": device, "autocast_dtype": autocast_dtype, "rank": rank, "world_size": world_size}
+    shown_eval: dict[str, str] = {}  # the last evaluation's loss, on the progress bar
+
+    def evaluation(step: int) -> None:
+        row = _evaluate(
+            model, eval_examples, eval_objective, tokenizer, config, step, step / steps_per_epoch, **scoring
+        )
+        eval_history.append(row)
+        if isinstance(on_step, _TensorBoard):
+            on_step.evaluation(row)
+        shown_eval.update(eval_loss=f"{row['eval_loss']:.4f}")
 
     max_norm = config.max_grad_norm or math.inf
     bar = tqdm(
@@ -755,6 +943,8 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
         dynamic_ncols=True,
         disable=not config.progress or rank != 0,
     )
+    if eval_examples is not None and config.eval_on_start and start_step == 0:
+        evaluation(0)
     model.train()
     for step in range(start_step + 1, total_steps + 1):  # step = optimizer steps taken after this one, as TRL logs
         epoch, position = divmod(step - 1, steps_per_epoch)
@@ -792,12 +982,16 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
         history.append({k: row[k] for k in objective.columns})
         if on_step is not None:
             on_step(history[-1])
-        bar.set_postfix(loss=f"{row['loss']:.4f}", **objective.postfix(row), lr=f"{learning_rate:.2e}", refresh=False)
+        if eval_examples is not None and evaluates_at(step):
+            evaluation(step)
+        bar.set_postfix(
+            loss=f"{row['loss']:.4f}", **objective.postfix(row), lr=f"{learning_rate:.2e}", **shown_eval, refresh=False
+        )
         bar.update(1)
         if config.output_dir is not None and (
             step == total_steps or (config.save_steps and step % config.save_steps == 0)
         ):
-            _save(config, step, model, optimizer, scheduler, history, data_hash, rank, world_size)
+            _save(config, step, model, optimizer, scheduler, history, eval_history, data_hash, rank, world_size)
     bar.close()
     if world_size > 1:  # free DDP's reducer while the group is registered: a reducer holding the last reference
         del policy  # to a gloo group runs the group's destructor under the GIL and can deadlock (pytorch#56297)
@@ -815,4 +1009,5 @@ def _train(model, tokenizer, train_data, config: TrainConfig, handed_over: list,
             "world_size": world_size,
             "skipped_checkpoints": [(p.name, problem) for p, problem in skipped],
         },
+        eval_history=eval_history,
     )

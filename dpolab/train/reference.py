@@ -8,7 +8,10 @@ before training is the reference (pi_ref = pi_theta at step 0).
 
 The cache key is a hash of everything the numbers depend on: the model's weights (names, dtypes, shapes and
 bytes) and class, the tokenized data (which carries the tokenizer and the truncation), the tokenizer's name
-and size, the reduction and the precision. Change any of them and the log-probs are recomputed.
+and size, the reduction and the precision, and a note for a model scored in another state than its weights say (a
+PEFT model with its adapter disabled). Change any of them and the log-probs are recomputed.
+
+``score_completions`` is the scoring itself, without the cache: ``train`` also scores its policy on eval pairs with it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "weights_hash",
     "examples_hash",
     "reference_cache_path",
+    "score_completions",
     "precompute_reference_logps",
     "precompute_reference_list_logps",
 ]
@@ -69,11 +73,13 @@ def reference_cache_path(
     reduction: str = "sum",
     autocast_dtype: torch.dtype | None = None,
     cache_dir: str | Path | None = None,
+    note: str | None = None,
 ) -> Path:
     """The file that holds the reference log-probs of tokenized ``examples`` once :func:`precompute_reference_logps`
     has computed them with these arguments: ``<cache_dir>/<key>/logps.safetensors``, the key hashing everything the
     numbers depend on (see the module docstring); ``cache_dir`` None: $DPOLAB_CACHE/ref-logps. ``.exists()`` asks
-    whether they are cached."""
+    whether they are cached. ``note`` names a state of the model its weights do not show (e.g. "adapter
+    disabled")."""
     digest = hashlib.sha256()
     digest.update(weights_hash(model).encode())
     meta = {
@@ -82,6 +88,8 @@ def reference_cache_path(
         "reduction": reduction,
         "precision": "fp32" if autocast_dtype is None else str(autocast_dtype),
     }
+    if note is not None:  # absent otherwise: the keys of every earlier cache stay valid
+        meta["note"] = note
     digest.update(json.dumps(meta, sort_keys=True).encode())
     digest.update(examples_hash(examples).encode())
     key = digest.hexdigest()[:32]
@@ -111,6 +119,44 @@ def _compute(model, examples, collate, *, batch_size, device, autocast_dtype, re
     return out
 
 
+def score_completions(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    tokenizer,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    reduction: str = "sum",
+    rank: int = 0,
+    world_size: int = 1,
+    packing: bool = True,
+) -> torch.Tensor:
+    """(K, N) float32 log-probs on ``device`` of every completion of the tokenized ``examples`` (eq. 6.1; pairs: K = 2,
+    chosen then rejected), in batches of ``batch_size`` examples of similar length, without gradients and with
+    ``model`` in eval mode (left in the mode it was in). Under torch.distributed every process scores a share and all
+    get every row. ``packing``: shared-prefix packed batches (``dpolab.data.packing``; the model's attention must be
+    sdpa or eager), else the padded K*B-row batches; the same numbers to float tolerance."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id or 0
+    collate = PackedPreferenceCollator(pad) if packing else PreferenceCollator(pad_token_id=pad)  # prompt once
+    try:
+        return _compute(
+            model,
+            examples,
+            collate,
+            batch_size=batch_size,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            reduction=reduction,
+            rank=rank,
+            world_size=world_size,
+        )
+    finally:
+        model.train(was_training)
+
+
 def precompute_reference_logps(model: torch.nn.Module, examples: Sequence[dict[str, Any]], tokenizer, **kwargs):
     """``(ref_chosen_logps, ref_rejected_logps)``, each (N,) float32 on CPU, for the tokenized pairs ``examples``
     (:func:`precompute_reference_list_logps` for the arguments)."""
@@ -132,20 +178,26 @@ def precompute_reference_list_logps(
     rank: int = 0,
     world_size: int = 1,
     packing: bool = True,
+    cache_note: str | None = None,
 ) -> torch.Tensor:
     """log pi_ref of every completion of the tokenized ``examples``, (N, K) float32 on CPU: (chosen, rejected) of
     pairs (K = 2), a ranking's K completions in its order.
 
-    ``model`` is used in eval mode without gradients and left in the mode it was in. Under torch.distributed
-    every process computes a share and all get the full tensors; only rank 0 touches the cache.
-    ``packing``: shared-prefix packed batches (``dpolab.data.packing``; the model's attention must be sdpa or
-    eager), else the padded K*B-row batches; the same numbers to float tolerance, so the cache key ignores it.
-    The cache holds the (K, N) tensor ``logps``.
+    ``model`` is scored by :func:`score_completions` (eval mode, no gradients, left in the mode it was in). Under
+    torch.distributed every process computes a share and all get the full tensors; only rank 0 touches the cache.
+    ``packing`` changes the numbers only to float tolerance, so the cache key ignores it; ``cache_note`` enters the
+    key (``reference_cache_path``'s ``note``). The cache holds the (K, N) tensor ``logps``.
     """
     path = None
     if use_cache:
         path = reference_cache_path(
-            model, examples, tokenizer, reduction=reduction, autocast_dtype=autocast_dtype, cache_dir=cache_dir
+            model,
+            examples,
+            tokenizer,
+            reduction=reduction,
+            autocast_dtype=autocast_dtype,
+            cache_dir=cache_dir,
+            note=cache_note,
         )
     hit = torch.tensor([int(bool(path and rank == 0 and path.exists()))], device=device)
     if world_size > 1:
@@ -159,22 +211,18 @@ def precompute_reference_list_logps(
         if world_size > 1:
             dist.broadcast(logps, src=0)
     else:
-        was_training = model.training
-        model.eval()
-        pad = tokenizer.pad_token_id or 0
-        collate = PackedPreferenceCollator(pad) if packing else PreferenceCollator(pad_token_id=pad)  # prompt once
-        logps = _compute(
+        logps = score_completions(
             model,
             examples,
-            collate,
+            tokenizer,
             batch_size=batch_size,
             device=device,
             autocast_dtype=autocast_dtype,
             reduction=reduction,
             rank=rank,
             world_size=world_size,
+            packing=packing,
         )
-        model.train(was_training)
         if path is not None and rank == 0:
             with atomic_directory(path.parent, replace=False) as tmp:
                 save_file({"logps": logps.cpu().contiguous()}, str(tmp / path.name))
