@@ -25,6 +25,7 @@ global batch. LoRA: ``TrainConfig(peft_config=...)`` (``adapters.py``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import json
