@@ -36,7 +36,7 @@ _INPUT_ERRORS_OF = {"dpolab.models": "ModelNotAvailableError", "dpolab.data.io":
 # Expected failures of a run: one line, exit 1.
 _RUN_FAILURES_OF = {
     "dpolab.judge": "JudgeUnavailableError",
-    "dpolab.train.loop": "NonFiniteError",
+    "dpolab.train.objective": "NonFiniteError",
     "dpolab.train.checkpoint": "CheckpointError",
 }
 _HINTS = {  # appended to an OSError's own message, by errno

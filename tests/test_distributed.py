@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import dpolab_command, run_command
-from dpolab.train import METRICS
-from dpolab.train.loop import EVAL_METRICS
+from dpolab.train import EVAL_METRICS, METRICS
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_gpt2
 from dpolab.data.collate import PreferenceCollator, tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
-from dpolab.train import METRICS, TrainConfig, train
-from dpolab.train.loop import EVAL_METRICS
+from dpolab.train import EVAL_METRICS, METRICS, TrainConfig, train
 from helpers import perturbed_copy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
