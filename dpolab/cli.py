@@ -375,8 +375,8 @@ def _train(args: argparse.Namespace) -> None:
     from .data import count_prompts, is_listwise_data
     from .train import train
     from .train.adapters import merge_adapter
-    from .train.listwise import training_rows
     from .train.examples import check_eval_data
+    from .train.listwise import training_rows
     from .train.output import check_output_dir
     from .train.setup import check_device
 

@@ -291,7 +291,13 @@ class _LinearLogSoftmax(torch.autograd.Function):
                 sums[i, t0:t1] = z.sub_(m_i).exp_().sum(0)
         top = m.amax(0)
         lse = top + (m - top).exp_().mul_(sums).sum(0).log_()  # (6.10)
-        ctx.chunk_size, ctx.vocab_chunk, ctx.mm_dtype, ctx.scale, ctx.softcap = chunk_size, vocab_chunk, mm, scale, softcap
+        ctx.chunk_size, ctx.vocab_chunk, ctx.mm_dtype, ctx.scale, ctx.softcap = (
+            chunk_size,
+            vocab_chunk,
+            mm,
+            scale,
+            softcap,
+        )
         ctx.save_for_backward(hidden, weight, bias, labels, m, lse, picked)
         return picked - lse
 
@@ -311,7 +317,9 @@ class _LinearLogSoftmax(torch.autograd.Function):
         for t0, t1 in _spans(n, ctx.chunk_size):
             h = hidden[t0:t1].to(mm)
             h_t = h.t().contiguous() if need_w else None  # dW = d h: oneDNN takes h^T with tokens contiguous
-            coef = (m[:, t0:t1] - lse[t0:t1]).exp_().mul_(-g[t0:t1])  # -g exp(m_c - lse): p = exp(z - m_c) exp(m_c - lse)
+            coef = (
+                (m[:, t0:t1] - lse[t0:t1]).exp_().mul_(-g[t0:t1])
+            )  # -g exp(m_c - lse): p = exp(z - m_c) exp(m_c - lse)
             for i, (v0, v1) in enumerate(_spans(vocab, ctx.vocab_chunk)):
                 e = _transform_(_logits_t(weight, bias, h.t(), v0, v1, acc), scale, softcap)  # as the forward did
                 e = e.sub_(m[i, t0:t1]).exp_() if softcap is None else _capped_exp(e, m[i, t0:t1], softcap)
@@ -364,7 +372,9 @@ def linear_log_softmax(
         raise ValueError(
             f"labels out of the vocabulary [0, {weight.shape[0]}) at rows {bad[:10]}: {labels[bad[:10]].tolist()}"
         )
-    return _LinearLogSoftmax.apply(hidden, weight, bias, labels, chunk_size, vocab_chunk, transform.scale, transform.softcap)
+    return _LinearLogSoftmax.apply(
+        hidden, weight, bias, labels, chunk_size, vocab_chunk, transform.scale, transform.softcap
+    )
 
 
 # ------------------------------------------------------------------------------- shared-prefix packed batches
@@ -471,7 +481,9 @@ def _packed(model, batch, reduction, chunk_size, n_sequences: int, fused_head: b
         ).last_hidden_state  # (R, L, D)
         h = hidden.flatten(0, 1)[batch["score_index"]]  # (n, D)
         if fused_head:
-            token_logps = linear_log_softmax(h, head.weight, head.bias, batch["labels"], chunk_size, transform=head.transform)
+            token_logps = linear_log_softmax(
+                h, head.weight, head.bias, batch["labels"], chunk_size, transform=head.transform
+            )
         else:
             token_logps = chunked_token_logps(h, batch["labels"], head, chunk_size)
     totals = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device)
@@ -483,9 +495,7 @@ def _packed(model, batch, reduction, chunk_size, n_sequences: int, fused_head: b
     return totals
 
 
-def _packed_sequences(
-    model, batch, n_completions: int, reduction, chunk_size, fused_head: bool = True
-) -> torch.Tensor:
+def _packed_sequences(model, batch, n_completions: int, reduction, chunk_size, fused_head: bool = True) -> torch.Tensor:
     """(K*B,) log-probs of a packed batch of K completions per segment, sequence k*B + i = completion k of example
     i (``dpolab.data.packing``), packed where the model takes the layout exactly, else padded."""
     n_sequences = n_completions * _n_examples(batch)

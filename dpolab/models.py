@@ -46,9 +46,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
@@ -205,8 +205,7 @@ def _looks_like_a_path(name: str) -> bool:
     return (
         name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
         or name.count("/") > 1
-        or os.sep != "/"
-        and os.sep in name
+        or (os.sep != "/" and os.sep in name)
     )
 
 

@@ -18,13 +18,13 @@ import math
 import pytest
 import torch
 import transformers
+from helpers import word_tokenizer
 
 from dpolab.data.collate import PreferenceCollator, tokenize_preferences
 from dpolab.data.packing import PackedPreferenceCollator, unpack
 from dpolab.lm_head import LogitTransform, lean_head, logit_transform
 from dpolab.logprobs import concatenated_logps, linear_log_softmax, packed_logps, sequence_logps_from_logits
 from dpolab.train import TrainConfig, train
-from helpers import word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

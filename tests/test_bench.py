@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from helpers import tiny_gpt2
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpolab.bench.__main__ import check_same_start
@@ -11,7 +14,6 @@ from dpolab.bench.flops import _products, matmul_ceiling, matmul_weights, pair_f
 from dpolab.bench.lockstep import run_lockstep
 from dpolab.data.packing import PackedPreferenceCollator
 from dpolab.logprobs import packed_logps
-from helpers import tiny_gpt2
 
 TINY = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 32, "n_layer": 1, "n_head": 2}
 
@@ -96,7 +98,7 @@ def test_trl_and_dpolab_workers_start_from_the_same_weights_and_loss():
     assert len(trl["step_seconds"]) == len(ours["step_seconds"]) == 2
     # lockstep: after the warm-up step 1, no step of one process overlaps a step of the other
     steps = sorted([*trl["step_intervals"][1:4], *ours["step_intervals"][1:4]])
-    assert len(steps) == 6 and all(a[1] <= b[0] for a, b in zip(steps, steps[1:]))
+    assert len(steps) == 6 and all(a[1] <= b[0] for a, b in itertools.pairwise(steps))
     assert trl["step_seconds"] == [end - start for start, end in trl["step_intervals"][2:4]]
     assert trl["peak_rss_bytes"] > 0 and ours["peak_rss_bytes"] > 0
     with pytest.raises(AssertionError, match="step 1"):
@@ -145,4 +147,6 @@ def test_against_a_ref_that_is_not_a_commit_is_one_line(tmp_path):
 
     with pytest.raises(ValueError, match=r"^--against no-such-ref-x: not a commit of the git checkout at .*git log"):
         export_ref("no-such-ref-x", tmp_path)
-    assert "\n" not in str(pytest.raises(ValueError, export_ref, "no-such-ref-x", tmp_path).value)
+    with pytest.raises(ValueError) as refused:
+        export_ref("no-such-ref-x", tmp_path)
+    assert "\n" not in str(refused.value)

@@ -11,10 +11,10 @@ import dataclasses
 import pytest
 
 pytest.importorskip("trl", reason="trl is part of the [trl] extra that `make test` installs")
-from trl import DPOConfig  # noqa: E402
+from trl import DPOConfig
 
-from dpolab.train import Speedups, TrainConfig  # noqa: E402
-from dpolab.train.from_trl import _ADVICE, _CONVERTED, NO_EFFECT  # noqa: E402
+from dpolab.train import Speedups, TrainConfig
+from dpolab.train.from_trl import _ADVICE, _CONVERTED, NO_EFFECT
 
 pytestmark = pytest.mark.trl
 

@@ -11,13 +11,13 @@ import sys
 import pytest
 import torch
 import transformers
-
 from conftest import make_tiny_gpt2
+from helpers import word_tokenizer
+
 from dpolab.data.collate import PreferenceCollator, tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
 from dpolab.train import METRICS, TrainConfig, train
 from dpolab.train.adapters import merge_adapter, peft_config_dict, peft_config_object
-from helpers import word_tokenizer
 
 peft = pytest.importorskip("peft", reason="peft is the [peft] extra that `make test` installs")
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-import dpolab.matmul
 from dpolab.matmul import matmul, uses_onednn
 
 ONEDNN_HERE = torch.backends.mkldnn.is_available()

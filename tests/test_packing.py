@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_gpt2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpolab.data.collate import PreferenceCollator
@@ -16,7 +17,6 @@ from dpolab.logprobs import (
     sequence_logps_from_logits,
     shared_prefix_mask,
 )
-from helpers import tiny_gpt2
 
 VOCAB = 211
 
@@ -127,7 +127,7 @@ def test_mask_equals_a_loop_over_tokens():
                 if owner[q] is None or owner[k] is None:
                     expected = q == k
                 else:
-                    (iq, pq, jq, lens), (ik, pk, jk, _) = owner[q], owner[k]
+                    (iq, pq, jq, _), (ik, pk, jk, _) = owner[q], owner[k]
                     if iq != ik:
                         expected = False
                     elif pk == 0:

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 import torch
+from helpers import tiny_gpt2
 from transformers.activations import GELUTanh, NewGELUActivation
 
 from dpolab.train.speedups import fuse_activations
-from helpers import tiny_gpt2
 
 
 def test_fused_gelu_is_transformers_gelu_new():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
-from dataclasses import replace
 import math
 import os
 import random
@@ -18,14 +18,15 @@ import subprocess
 import sys
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import dpolab_command, make_tiny_gpt2, run_command, subprocess_env
 from helpers import tiny_gpt2
+
 from dpolab.data.collate import tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
 from dpolab.losses import LOSSES, preference_loss
@@ -204,7 +205,7 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum(small_tokenizer, rows
     cosine = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * k / 6)) / 2 for k in range(7)]  # from the peak at step 2
     assert lrs[1:] == pytest.approx(cosine)
     assert lrs[4] == pytest.approx((1e-3 + 1e-5) / 2)  # half-way down at the middle of the decay
-    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[1:]))
 
 
 def test_a_transformers_schedule_is_transformers_own(small_tokenizer, rows):
@@ -305,7 +306,14 @@ def test_a_separate_reference_is_not_kept_during_training(small_tokenizer, rows)
 
     model = make_tiny_gpt2(small_tokenizer)
     seen = []  # after each step: the reference is gone
-    train(model, small_tokenizer, rows, config(max_steps=2), ref_model=make_reference(), on_step=lambda row: seen.append(alive[0]() is None))
+    train(
+        model,
+        small_tokenizer,
+        rows,
+        config(max_steps=2),
+        ref_model=make_reference(),
+        on_step=lambda row: seen.append(alive[0]() is None),
+    )
     assert seen == [True, True]
 
 
@@ -319,7 +327,10 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
     for accum in (1, 2):
         model = make_tiny_gpt2(small_tokenizer)
         history = train(
-            model, small_tokenizer, rows, config(batch_size=16, grad_accum_steps=accum, epochs=2, speedups=Speedups(packing=False))
+            model,
+            small_tokenizer,
+            rows,
+            config(batch_size=16, grad_accum_steps=accum, epochs=2, speedups=Speedups(packing=False)),
         ).history
         runs.append((params(model), history))
     (p1, h1), (p2, h2) = runs
@@ -333,9 +344,7 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
 SWITCHES = [f.name for f in dataclasses.fields(Speedups) if f.type == "bool"]  # every speed-up of TrainConfig
 
 
-@pytest.mark.parametrize(
-    "loss, off", [*(("dpo", switch) for switch in SWITCHES), ("ipo", "packing"), ("dpo", "all")]
-)
+@pytest.mark.parametrize("loss, off", [*(("dpo", switch) for switch in SWITCHES), ("ipo", "packing"), ("dpo", "all")])
 def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off):
     """Each speed-up (``Speedups``: packing, eq. 6.9; the fused LM head, eq. 6.8; the fused GELU; the tied
     embedding's in-place gradient; the layer norms computed by the linear after them; fused AdamW), and all of them
@@ -349,7 +358,10 @@ def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off):
         model = make_tiny_gpt2(small_tokenizer)
         reduction = "mean" if loss == "ipo" else "sum"
         history = train(
-            model, small_tokenizer, rows, config(batch_size=8, epochs=2, loss=loss, reduction=reduction, speedups=setting)
+            model,
+            small_tokenizer,
+            rows,
+            config(batch_size=8, epochs=2, loss=loss, reduction=reduction, speedups=setting),
         ).history
         runs.append((params(model), history))
     (p1, h1), (p2, h2) = runs
@@ -606,7 +618,9 @@ def test_checkpoint_holds_everything_and_loads_with_weights_only(small_tokenizer
             config(epochs=1, output_dir=str(tmp_path), resume=True, beta=0.1),
         )
     # how a step is computed may change between a run and its resumption
-    assert check_output_dir(config(epochs=1, output_dir=str(tmp_path), resume=True, speedups=Speedups.none()))[0] == last
+    assert (
+        check_output_dir(config(epochs=1, output_dir=str(tmp_path), resume=True, speedups=Speedups.none()))[0] == last
+    )
 
 
 def _train_command(out: Path, model_dir: Path, data: Path, cache: Path, *extra: str) -> list[str]:
@@ -707,7 +721,7 @@ def test_sigkill_during_the_final_model_save_loses_nothing(tiny_model_dir, full_
     shutil.copytree(full / "model", final)
     expected = _tree(final)
     rng = random.Random(0)
-    for attempt in range(10):
+    for _ in range(10):
         with open(tmp_path / "save-loop.log", "w") as log:  # a file: a full pipe would stall the loop
             proc = subprocess.Popen(
                 [sys.executable, "-c", SAVE_LOOP, str(out), str(final)],

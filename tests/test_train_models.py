@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import make_tiny_gpt2
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_gpt2
 from dpolab.data.collate import PreferenceCollator, tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
 from dpolab.train import METRICS, TrainConfig, train
@@ -64,7 +64,9 @@ def test_train_leaves_the_callers_models_as_they_were(small_tokenizer, rows, tmp
 
     def look(row):
         block = policy.transformer.h[0]
-        during.append((type(block.mlp.c_proj), type(block.attn.c_attn), type(policy.transformer.wte), policy.transformer.drop.p))
+        during.append(
+            (type(block.mlp.c_proj), type(block.attn.c_attn), type(policy.transformer.wte), policy.transformer.drop.p)
+        )
 
     train(policy, small_tokenizer, rows, config(max_steps=2), ref_model=reference, on_step=look)
     # the speed-ups and dropout 0 held while training
@@ -103,14 +105,14 @@ def test_gradient_checkpointing_gives_the_same_run_and_is_switched_off_after(sma
         before = snapshot(model)
         calls = []
         mlp = model.transformer.h[0].mlp  # inside the checkpointed block (transformers checkpoints its forward)
-        mlp.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+        mlp.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(torch.is_grad_enabled()))
         marks = []  # the MLP's calls with gradients so far, at the end of each step
         history = train(
             model,
             small_tokenizer,
             rows,
             config(loss=loss, max_steps=3, gradient_checkpointing=checkpointing),
-            on_step=lambda row: marks.append(calls.count(True)),
+            on_step=lambda row, marks=marks, calls=calls: marks.append(calls.count(True)),
         ).history
         mlp._forward_pre_hooks.clear()
         assert snapshot(model) == before

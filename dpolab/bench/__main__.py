@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from .against import export_ref
 from .lockstep import run_lockstep, worker_argv, worker_env
 

@@ -12,8 +12,9 @@ import importlib.util
 import inspect
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -317,9 +318,9 @@ def _check_scheduler(name: str) -> None:
 def _check_loss_kwargs(losses: tuple[str, ...], loss_kwargs: dict[str, Any]) -> None:
     """A loss parameter whose default (or annotation) is a number must be given a number, not text."""
     for loss, name, parameter in (
-        (loss, name, parameter)
-        for loss in losses
-        for name, parameter in inspect.signature(_loss_function(loss)).parameters.items()
+        (one, name, parameter)
+        for one in losses
+        for name, parameter in inspect.signature(_loss_function(one)).parameters.items()
     ):
         if name not in loss_kwargs:
             continue

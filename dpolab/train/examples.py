@@ -11,8 +11,8 @@ not fit the data, eval data that would not be what it says.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -189,9 +189,7 @@ class TrainData:
     data_hash: str  # the fingerprint a checkpoint is resumed on (``fingerprint``)
 
 
-def training_data(
-    model, tokenizer, train_data, config: TrainConfig, example_losses=None, eval_data=None
-) -> TrainData:
+def training_data(model, tokenizer, train_data, config: TrainConfig, example_losses=None, eval_data=None) -> TrainData:
     """The training (and eval) rows tokenized (:func:`training_examples`) and checked against the model's vocabulary,
     and the per-example loss parameters checked against them: everything about the data that can refuse a run."""
     examples = training_examples(train_data, tokenizer, config, model)

@@ -20,7 +20,8 @@ a tie in the rewards counting as neither. Every metric is a mean over the step's
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

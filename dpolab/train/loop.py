@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,8 +94,21 @@ def run_steps(s: TrainState, config: TrainConfig, report: Reports) -> None:
         if s.evaluation is not None and s.evaluation.due(step):
             _evaluation(s, config, report, step)
         report.progress(row)
-        if config.output_dir is not None and (step == s.total_steps or (config.save_steps and step % config.save_steps == 0)):
-            save(config, step, s.model, s.optimizer, s.scheduler, s.history, s.eval_history, s.data_hash, s.rank, s.world_size)
+        if config.output_dir is not None and (
+            step == s.total_steps or (config.save_steps and step % config.save_steps == 0)
+        ):
+            save(
+                config,
+                step,
+                s.model,
+                s.optimizer,
+                s.scheduler,
+                s.history,
+                s.eval_history,
+                s.data_hash,
+                s.rank,
+                s.world_size,
+            )
 
 
 def _evaluation(s: TrainState, config: TrainConfig, report: Reports, step: int) -> None:
@@ -168,8 +182,9 @@ def train(
     del ref_model
     with prepared(model, config) as model:
         s = setup(model, tokenizer, data, config, handed_over, resume_from, base_reference)
-        report = Reports(config, on_step, s.total_steps, s.start_step, config.progress and s.rank == 0,
-                         s.objective.postfix)
+        report = Reports(
+            config, on_step, s.total_steps, s.start_step, config.progress and s.rank == 0, s.objective.postfix
+        )
         try:
             if s.evaluation is not None and config.eval_on_start and s.start_step == 0:
                 _evaluation(s, config, report, 0)
@@ -178,7 +193,9 @@ def train(
         finally:
             report.close()
         if s.world_size > 1:  # free DDP's reducer while the group is registered: a reducer holding the last reference
-            s.policy = None  # to a gloo group runs the group's destructor under the GIL and can deadlock (pytorch#56297)
+            s.policy = (
+                None  # to a gloo group runs the group's destructor under the GIL and can deadlock (pytorch#56297)
+            )
             gc.collect()
         if s.owns_group:
             dist.destroy_process_group()

@@ -11,7 +11,7 @@ Rankings of K completions take the listwise counterparts (``listwise.py``).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from ..data.collate import PreferenceCollator, completion_parts, n_completions
 from ..data.packing import PackedPreferenceCollator
-from ..logprobs import listwise_logps
 from ..files import atomic_directory, cache_root
+from ..logprobs import listwise_logps
 from .config import TrainConfig, autocast_dtype
 
 __all__ = [

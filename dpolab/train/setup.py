@@ -1,10 +1,10 @@
 """Everything the step loop (``loop.py``) needs, made once before the first step: a :class:`TrainState`.
 
-    the device (a process of a torchrun launch: its GPU), autocast, the seeds
-    the examples, tokenized; the collator (packed: eq. 6.9 of notebook 06); the steps
-    log pi_ref of every completion, once, cached on disk (reference.py); the reference model is then let go
-    the policy module (one forward per batch), the objective (eq. 4.2 of notebook 04 against those log-probs)
-    AdamW and its learning-rate schedule; a checkpoint's state when resuming
+the device (a process of a torchrun launch: its GPU), autocast, the seeds
+the examples, tokenized; the collator (packed: eq. 6.9 of notebook 06); the steps
+log pi_ref of every completion, once, cached on disk (reference.py); the reference model is then let go
+the policy module (one forward per batch), the objective (eq. 4.2 of notebook 04 against those log-probs)
+AdamW and its learning-rate schedule; a checkpoint's state when resuming
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import contextlib
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,7 +157,9 @@ def _collator(config: TrainConfig, pad: int):
     chosen_only = all(name in CHOSEN_ONLY_LOSSES for name in config.losses)
     s = config.speedups
     if s.packing and not chosen_only:
-        return PackedPreferenceCollator(pad, row_tokens=s.packed_row_tokens, pad_to_multiple_of=config.pad_to_multiple_of)
+        return PackedPreferenceCollator(
+            pad, row_tokens=s.packed_row_tokens, pad_to_multiple_of=config.pad_to_multiple_of
+        )
     return PreferenceCollator(pad_token_id=pad, pad_to_multiple_of=config.pad_to_multiple_of)
 
 
@@ -169,8 +172,9 @@ def _reference_logps(model, ref_model, examples, eval_examples, tokenizer, confi
     note = "adapter disabled" if base else None
 
     def logps(examples):
-        return reference_logps(reference, examples, tokenizer, config, device, rank=rank, world_size=world_size,
-                               cache_note=note)
+        return reference_logps(
+            reference, examples, tokenizer, config, device, rank=rank, world_size=world_size, cache_note=note
+        )
 
     with model.disable_adapter() if base else contextlib.nullcontext():  # pi_ref: the base model
         ref_logps = logps(examples)

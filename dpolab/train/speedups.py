@@ -158,8 +158,6 @@ def fuse_activations(model: torch.nn.Module) -> int:
     return replaced
 
 
-
-
 # ------------------------------------------------------------------------------- the recomputed layer norms
 
 
@@ -188,8 +186,10 @@ class _NormThenLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, norm_weight, norm_bias, weight = ctx.saved_tensors
         device_type, dtype, enabled = ctx.autocast
-        norm_inputs = [t.detach().requires_grad_(need) if t is not None else None
-                       for t, need in zip((x, norm_weight, norm_bias), ctx.needs_input_grad[:3])]
+        norm_inputs = [
+            t.detach().requires_grad_(need) if t is not None else None
+            for t, need in zip((x, norm_weight, norm_bias), ctx.needs_input_grad[:3])
+        ]
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
             y = F.layer_norm(norm_inputs[0], ctx.norm_shape, norm_inputs[1], norm_inputs[2], ctx.eps)
         dout = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.mm_dtype)

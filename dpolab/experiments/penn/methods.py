@@ -21,13 +21,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ...train import TrainConfig, train
 from ...files import atomic_write_text, cache_root
+from ...train import TrainConfig, train
 from .config import Experiment
 
 __all__ = [
