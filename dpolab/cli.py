@@ -201,7 +201,14 @@ def _add_train(commands) -> None:
         "--precision",
         default=d.precision,
         choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 autocast on CUDA when supported, else fp32",
+        help="auto: bf16 autocast on a CUDA device that supports it, else fp32; bf16 on a CPU: slow unless it has "
+        "native bf16 (AVX512-BF16, AMX)",
+    )
+    p.add_argument(
+        "--no-speedups",
+        action="store_true",
+        help="train with every speed-up off (TrainConfig.speedups = Speedups.none()): padded batches, the chunked LM "
+        "head, the model's own modules, torch's default AdamW; the same numbers to float rounding, slower",
     )
     p.add_argument(
         "--output-dir",
@@ -286,7 +293,7 @@ def lora_config(args: argparse.Namespace) -> dict | None:
 
 def train_config(args: argparse.Namespace):
     """The TrainConfig of parsed ``dpolab train`` arguments."""
-    from .train import TrainConfig
+    from .train import Speedups, TrainConfig
 
     loss_kwargs = dict(args.loss_param)
     if args.loss == "dpop":
@@ -311,6 +318,7 @@ def train_config(args: argparse.Namespace):
         max_prompt_length=args.max_prompt_length,
         disable_dropout=not args.keep_dropout,
         gradient_checkpointing=args.gradient_checkpointing,
+        speedups=Speedups.none() if args.no_speedups else Speedups(),
         seed=args.seed,
         device=args.device,
         precision=args.precision,
@@ -367,8 +375,10 @@ def _train(args: argparse.Namespace) -> None:
     from .data import count_prompts, is_listwise_data
     from .train import train
     from .train.adapters import merge_adapter
+    from .train.examples import check_eval_data
     from .train.listwise import training_rows
-    from .train.loop import check_device, check_eval_data, check_output_dir
+    from .train.output import check_output_dir
+    from .train.setup import check_device
 
     config = train_config(args)
     check_device(config)  # every check that can refuse the run, before the data and the model load

@@ -17,7 +17,7 @@ import errno
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["InputError", "EXIT_FAILED", "EXIT_INPUT", "exit_status", "one_line", "debug_requested", "run_command"]
 
@@ -36,7 +36,7 @@ _INPUT_ERRORS_OF = {"dpolab.models": "ModelNotAvailableError", "dpolab.data.io":
 # Expected failures of a run: one line, exit 1.
 _RUN_FAILURES_OF = {
     "dpolab.judge": "JudgeUnavailableError",
-    "dpolab.train.loop": "NonFiniteError",
+    "dpolab.train.objective": "NonFiniteError",
     "dpolab.train.checkpoint": "CheckpointError",
 }
 _HINTS = {  # appended to an OSError's own message, by errno
@@ -92,7 +92,7 @@ def run_command(body: Callable[[], int | None], prog: str, debug: bool = False) 
         return int(body() or 0)
     except SystemExit:
         raise
-    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - this is the boundary: everything ends here
+    except (Exception, KeyboardInterrupt) as err:
         if debug_requested(debug):
             traceback.print_exc()
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)

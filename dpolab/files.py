@@ -20,8 +20,8 @@ import re
 import shutil
 import urllib.parse
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = [
     "cache_root",

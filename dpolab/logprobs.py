@@ -17,11 +17,10 @@ materialising log-softmax over the vocabulary.
 
 Speed (the training path, ``packed_logps``): each pair is one shared-prefix segment (``dpolab.data.packing``,
 eq. 6.9), so the prompt runs once and no row is padded, and the LM head is ``linear_log_softmax``: one fused
-autograd function with the gradient of eq. (6.8) written out, three matrix products per scored token in all
-(no recomputation), its softmax kept for the backward only while that fits ``keep_softmax_bytes``. Its logits are
-computed transposed, vocabulary x token, a few thousand vocabulary rows per product: each product writes one
-contiguous block that is exponentiated while still in cache, where one (n x V) product would write n rows of V
-floats and read them back.
+autograd function with the gradient of eq. (6.8) written out, nothing of size V kept for the backward (four matrix
+products per scored token: the logits are recomputed there). Its logits are computed transposed, vocabulary x token,
+a few thousand vocabulary rows per product: each product writes one contiguous block that is exponentiated while
+still in cache, where one (n x V) product would write n rows of V floats and read them back.
 
 Rankings of K completions (``listwise_logps``) go through the same paths, K branches per packed segment.
 
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .lm_head import LogitTransform, attention_implementation, close, lean_head, probing, say_once
+from .lm_head import LeanHead, LogitTransform, attention_implementation, close, lean_head, probing, say_once
 from .matmul import matmul, uses_onednn
 
 __all__ = [
@@ -49,6 +48,7 @@ __all__ = [
     "token_logps_from_logits",
     "sequence_logps_from_logits",
     "sequence_logps",
+    "chunked_token_logps",
     "concatenated_logps",
     "check_completion_mask",
     "linear_log_softmax",
@@ -123,6 +123,20 @@ def _chunk_token_logps(
     return selective_log_softmax(logits, labels)
 
 
+def chunked_token_logps(h: torch.Tensor, labels: torch.Tensor, head: LeanHead, chunk_size: int) -> torch.Tensor:
+    """log pi(label_i | h_i) for every row, the LM head (and its post-head transform) applied ``chunk_size`` rows at
+    a time, each chunk's logits freed at once and recomputed in the backward. Shapes: h (n, D), labels (n,) -> (n,)."""
+    weight, bias, transform = head.weight, head.bias, head.transform
+    pieces = []
+    for start in range(0, h.shape[0], chunk_size):
+        hs, ls = h[start : start + chunk_size], labels[start : start + chunk_size]
+        if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
+            pieces.append(checkpoint(_chunk_token_logps, hs, weight, bias, ls, transform, use_reentrant=False))
+        else:
+            pieces.append(_chunk_token_logps(hs, weight, bias, ls, transform))
+    return torch.cat(pieces) if pieces else h.new_zeros(0)
+
+
 def _own_logits(model: torch.nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """The model's own forward logits, (R, L, V): the fallback where the lean head is not the model's
     (``dpolab.lm_head``)."""
@@ -162,15 +176,7 @@ def sequence_logps(
     rows, cols = scored.nonzero(as_tuple=True)  # (n,) each
     h = hidden[:, :-1][rows, cols]  # (n, D)
     labels = input_ids[:, 1:][rows, cols]  # (n,)
-    weight, bias, transform = head.weight, head.bias, head.transform
-    pieces = []
-    for start in range(0, h.shape[0], chunk_size):
-        hs, ls = h[start : start + chunk_size], labels[start : start + chunk_size]
-        if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
-            pieces.append(checkpoint(_chunk_token_logps, hs, weight, bias, ls, transform, use_reentrant=False))
-        else:
-            pieces.append(_chunk_token_logps(hs, weight, bias, ls, transform))
-    token_logps = torch.cat(pieces) if pieces else h.new_zeros(0)
+    token_logps = chunked_token_logps(h, labels, head, chunk_size)
     totals = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     totals = totals.index_add(0, rows, token_logps)  # sum per row, eq. (6.1)
     if reduction == "sum":
@@ -207,7 +213,6 @@ def concatenated_logps(
 
 # ------------------------------------------------------------------------------------------ the fused LM head
 
-KEEP_SOFTMAX_BYTES = 512 * 2**20  # keep the (V, n) softmax for the backward up to this size; recompute beyond
 VOCAB_CHUNK = 4096  # rows of the LM head per matrix product (a (4096, n) block of logits stays in cache)
 
 
@@ -259,52 +264,47 @@ class _LinearLogSoftmax(torch.autograd.Function):
     so with g_t the incoming gradient, dlogits = g (onehot - p), dh = dlogits W, dW = dlogits^T h, db = sum dlogits.
     T is the model's post-head transform (``dpolab.lm_head.LogitTransform``): the identity, a scale z' = s z, or a
     soft-cap z' = c tanh(s z / c), whose derivative s (1 - (z'/c)^2) multiplies dlogits element by element.
-    The logits are computed transposed, vocabulary x token, ``vocab_chunk`` vocabulary rows c per product: each
-    chunk's max m_c, exp(z - m_c) and its sums are taken while the chunk is in cache, and log-sum-exp combines the
-    chunks (6.10): lse = M + log sum_c exp(m_c - M) sum_{v in c} exp(z_v - m_c), M = max_c m_c. With ``keep`` (one
-    block of all n tokens) the chunks' exp(z - m_c) (with a soft-cap: z itself) are kept for the backward, where
-    p = exp(z - m_c) exp(m_c - lse): three products per token in all. Without, tokens go in blocks of ``chunk_size``
-    and each block's chunks are recomputed in the backward (four products; one (vocab_chunk x chunk_size) chunk
-    alive at a time). The one-hot term of (6.8) is a gather and an index_add, outside the loops.
+    Tokens go in blocks of ``chunk_size``; each block's logits are computed transposed, vocabulary x token,
+    ``vocab_chunk`` vocabulary rows c per product: each chunk's max m_c, exp(z - m_c) and its sums are taken while the
+    chunk is in cache, and log-sum-exp combines the chunks (6.10): lse = M + log sum_c exp(m_c - M) sum_{v in c}
+    exp(z_v - m_c), M = max_c m_c. The backward recomputes each chunk, where p = exp(z - m_c) exp(m_c - lse): four
+    products per token in all, one (vocab_chunk x chunk_size) chunk alive at a time. The one-hot term of (6.8) is a
+    gather and an index_add, outside the loops.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, keep: bool, vocab_chunk: int, scale, softcap):
-        (n, _), vocab = hidden.shape, weight.shape[0]
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, vocab_chunk: int, scale, softcap):
+        n = hidden.shape[0]
         mm, acc = _mm_dtype(hidden), torch.promote_types(hidden.dtype, torch.float32)  # products; softmax, gradients
-        chunks = _spans(vocab, vocab_chunk)
+        chunks = _spans(weight.shape[0], vocab_chunk)
         m = hidden.new_empty((len(chunks), n), dtype=acc)  # each chunk's max, per token
         sums = torch.empty_like(m)
         picked = hidden.new_empty(n, dtype=acc)  # z[label]
         label_chunk = torch.div(labels, vocab_chunk, rounding_mode="floor")
-        # with keep: each chunk's exp(z - m_c) (or z), (c, n), in one (V, n) buffer (one allocation, released whole)
-        kept = hidden.new_empty((vocab, n), dtype=acc) if keep else None
-        for t0, t1 in _spans(n, n if keep else chunk_size):
+        for t0, t1 in _spans(n, chunk_size):
             h_t = hidden[t0:t1].t().to(mm)
             for i, (v0, v1) in enumerate(chunks):
                 z = _transform_(_logits_t(weight, bias, h_t, v0, v1, acc), scale, softcap)  # (c, tokens)
                 cols = (label_chunk[t0:t1] == i).nonzero().flatten()
                 picked[t0 + cols] = z[labels[t0 + cols] - v0, cols]
                 m_i = torch.amax(z, 0, out=m[i, t0:t1])
-                if keep and softcap is not None:  # the backward needs z for the cap's derivative
-                    kept[v0:v1] = z
                 sums[i, t0:t1] = z.sub_(m_i).exp_().sum(0)
-                if keep and softcap is None:
-                    kept[v0:v1] = z
         top = m.amax(0)
         lse = top + (m - top).exp_().mul_(sums).sum(0).log_()  # (6.10)
-        ctx.chunk_size, ctx.keep, ctx.vocab_chunk, ctx.mm_dtype, ctx.used = chunk_size, keep, vocab_chunk, mm, False
-        ctx.scale, ctx.softcap = scale, softcap
-        ctx.save_for_backward(hidden, weight, bias, labels, m, lse, picked, *([kept] if keep else []))
+        ctx.chunk_size, ctx.vocab_chunk, ctx.mm_dtype, ctx.scale, ctx.softcap = (
+            chunk_size,
+            vocab_chunk,
+            mm,
+            scale,
+            softcap,
+        )
+        ctx.save_for_backward(hidden, weight, bias, labels, m, lse, picked)
         return picked - lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        if ctx.used and ctx.keep:
-            raise RuntimeError("linear_log_softmax's backward overwrites its saved softmax: it runs once per forward")
-        ctx.used = True
-        hidden, weight, bias, labels, m, lse, picked, *kept = ctx.saved_tensors
+        hidden, weight, bias, labels, m, lse, picked = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         mm, acc, scale, softcap = ctx.mm_dtype, m.dtype, ctx.scale, ctx.softcap
         (n, width), vocab = hidden.shape, weight.shape[0]
@@ -314,20 +314,15 @@ class _LinearLogSoftmax(torch.autograd.Function):
         grad_h = hidden.new_empty((n, width), dtype=acc) if need_h else None
         grad_w = weight.new_empty(weight.shape, dtype=acc) if need_w else None
         grad_b = weight.new_zeros(vocab, dtype=acc) if need_b else None
-        for t0, t1 in _spans(n, n if ctx.keep else ctx.chunk_size):
+        for t0, t1 in _spans(n, ctx.chunk_size):
             h = hidden[t0:t1].to(mm)
             h_t = h.t().contiguous() if need_w else None  # dW = d h: oneDNN takes h^T with tokens contiguous
             coef = (
                 (m[:, t0:t1] - lse[t0:t1]).exp_().mul_(-g[t0:t1])
             )  # -g exp(m_c - lse): p = exp(z - m_c) exp(m_c - lse)
             for i, (v0, v1) in enumerate(_spans(vocab, ctx.vocab_chunk)):
-                if ctx.keep:  # exp(z - m_c) (or z, with a cap), overwritten in place
-                    e = kept[0][v0:v1]
-                else:  # recomputed exactly as the forward computed it
-                    e = _transform_(_logits_t(weight, bias, h.t(), v0, v1, acc), scale, softcap)
-                    e = e.sub_(m[i, t0:t1]).exp_() if softcap is None else e
-                if softcap is not None:
-                    e = _capped_exp(e, m[i, t0:t1], softcap)
+                e = _transform_(_logits_t(weight, bias, h.t(), v0, v1, acc), scale, softcap)  # as the forward did
+                e = e.sub_(m[i, t0:t1]).exp_() if softcap is None else _capped_exp(e, m[i, t0:t1], softcap)
                 d = e.mul_(coef[i]).to(mm)  # (c, tokens): -g p, the softmax term of (6.8), transposed
                 if need_w:
                     _mm_into(grad_w[v0:v1], d, h_t.t(), first=t0 == 0)
@@ -347,7 +342,7 @@ class _LinearLogSoftmax(torch.autograd.Function):
         grad_h = grad_h.to(hidden.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def linear_log_softmax(
@@ -356,7 +351,6 @@ def linear_log_softmax(
     bias: torch.Tensor | None,
     labels: torch.Tensor,
     chunk_size: int = 1024,
-    keep_softmax_bytes: int | None = None,
     vocab_chunk: int | None = None,
     transform: LogitTransform = LogitTransform(),
 ) -> torch.Tensor:
@@ -364,10 +358,8 @@ def linear_log_softmax(
 
     Naive equivalent: ``torch.log_softmax(T(F.linear(hidden, weight, bias)), -1).gather(-1, labels[:, None])[:, 0]``
     with T the model's post-head ``transform`` (the identity by default; a scale, a soft-cap: ``dpolab.lm_head``).
-    The fused function of eq. (6.8) (``_LinearLogSoftmax``), ``vocab_chunk`` (default ``VOCAB_CHUNK``) vocabulary
-    rows per product. With gradients, its softmax (n x V floats) is kept when it fits in ``keep_softmax_bytes``
-    (default: ``KEEP_SOFTMAX_BYTES``; three products per token), else recomputed for ``chunk_size`` tokens at a time
-    (four products, little memory). Without gradients, ``chunk_size`` tokens at a time, nothing kept.
+    The fused function of eq. (6.8) (``_LinearLogSoftmax``): ``chunk_size`` tokens at a time, ``vocab_chunk`` (default
+    ``VOCAB_CHUNK``) vocabulary rows per product, each chunk recomputed in the backward (four products per token).
     Shapes: hidden (n, D), weight (V, D), bias (V,) or None, labels (n,) -> (n,), in fp32 (fp64 for fp64 inputs).
     """
     vocab_chunk = VOCAB_CHUNK if vocab_chunk is None else vocab_chunk
@@ -380,11 +372,8 @@ def linear_log_softmax(
         raise ValueError(
             f"labels out of the vocabulary [0, {weight.shape[0]}) at rows {bad[:10]}: {labels[bad[:10]].tolist()}"
         )
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    budget = KEEP_SOFTMAX_BYTES if keep_softmax_bytes is None else keep_softmax_bytes
-    keep = grad and hidden.shape[0] * weight.shape[0] * 4 <= budget  # without gradients: nothing kept, no graph
     return _LinearLogSoftmax.apply(
-        hidden, weight, bias, labels, chunk_size, keep, vocab_chunk, transform.scale, transform.softcap
+        hidden, weight, bias, labels, chunk_size, vocab_chunk, transform.scale, transform.softcap
     )
 
 
@@ -446,7 +435,7 @@ def _probe_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> str | Non
     with probing(model):
         theirs = torch.cat(concatenated_logps(model, {k: v.to(device) for k, v in padded.items()}))
         try:
-            ours = _packed(model, {k: v.to(device) for k, v in packed.items()}, "sum", 1024, None, 4)
+            ours = _packed(model, {k: v.to(device) for k, v in packed.items()}, "sum", 1024, 4)
         except Exception as error:
             return f"its forward fails on a packed batch ({type(error).__name__}: {error})"
     if not close(ours, theirs, _dtype(model)):
@@ -476,9 +465,9 @@ def _n_examples(batch: dict[str, torch.Tensor]) -> int:
     return batch["index"].shape[0] if "index" in batch else int(batch["segment_ids"].max()) + 1
 
 
-def _packed(model, batch, reduction, chunk_size, keep_softmax_bytes, n_sequences: int) -> torch.Tensor:
+def _packed(model, batch, reduction, chunk_size, n_sequences: int, fused_head: bool = True) -> torch.Tensor:
     """The log-probs of the ``n_sequences`` sequences of a packed batch, (n_sequences,), once the packed layout is
-    known to be exact for ``model``."""
+    known to be exact for ``model``; the LM head ``linear_log_softmax`` (``fused_head``), else in recomputed chunks."""
     sequence = batch["score_sequence"]
     counts = torch.bincount(sequence, minlength=n_sequences)
     head = lean_head(model, batch["input_ids"])
@@ -491,9 +480,12 @@ def _packed(model, batch, reduction, chunk_size, keep_softmax_bytes, n_sequences
             input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
         ).last_hidden_state  # (R, L, D)
         h = hidden.flatten(0, 1)[batch["score_index"]]  # (n, D)
-        token_logps = linear_log_softmax(
-            h, head.weight, head.bias, batch["labels"], chunk_size, keep_softmax_bytes, transform=head.transform
-        )
+        if fused_head:
+            token_logps = linear_log_softmax(
+                h, head.weight, head.bias, batch["labels"], chunk_size, transform=head.transform
+            )
+        else:
+            token_logps = chunked_token_logps(h, batch["labels"], head, chunk_size)
     totals = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device)
     totals = totals.index_add(0, sequence, token_logps)  # eq. (6.1) per sequence
     if reduction == "mean":
@@ -503,7 +495,7 @@ def _packed(model, batch, reduction, chunk_size, keep_softmax_bytes, n_sequences
     return totals
 
 
-def _packed_sequences(model, batch, n_completions: int, reduction, chunk_size, keep_softmax_bytes) -> torch.Tensor:
+def _packed_sequences(model, batch, n_completions: int, reduction, chunk_size, fused_head: bool = True) -> torch.Tensor:
     """(K*B,) log-probs of a packed batch of K completions per segment, sequence k*B + i = completion k of example
     i (``dpolab.data.packing``), packed where the model takes the layout exactly, else padded."""
     n_sequences = n_completions * _n_examples(batch)
@@ -525,7 +517,7 @@ def _packed_sequences(model, batch, n_completions: int, reduction, chunk_size, k
         padded = PreferenceCollator(pad_token_id=0)(unpack(batch, n_completions))
         padded = {k: v.to(batch["input_ids"].device) for k, v in padded.items() if k != "index"}
         return sequence_logps(model, **padded, reduction=reduction, chunk_size=chunk_size)
-    return _packed(model, batch, reduction, chunk_size, keep_softmax_bytes, n_sequences)
+    return _packed(model, batch, reduction, chunk_size, n_sequences, fused_head)
 
 
 def packed_logps(
@@ -533,7 +525,7 @@ def packed_logps(
     batch: dict[str, torch.Tensor],
     reduction: Reduction = "sum",
     chunk_size: int = 1024,
-    keep_softmax_bytes: int | None = None,
+    fused_head: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen_logps, rejected_logps)``, each (B,), from one forward over a shared-prefix packed batch.
 
@@ -542,9 +534,10 @@ def packed_logps(
     sums the scored tokens of each sequence. Where the model cannot take the packed layout exactly (an attention
     without 4D masks, a sliding window the batch reaches, a probe of its forward on two packed pairs that
     disagrees with their padded layout, once per model), the batch is unpacked and scored padded, and that is
-    said once. Shapes: see ``dpolab.data.packing``.
+    said once. The LM head is ``linear_log_softmax`` (``fused_head``), else applied in chunks recomputed in the
+    backward, as by ``sequence_logps``. Shapes: see ``dpolab.data.packing``.
     """
-    return _packed_sequences(model, batch, 2, reduction, chunk_size, keep_softmax_bytes).chunk(2)
+    return _packed_sequences(model, batch, 2, reduction, chunk_size, fused_head).chunk(2)
 
 
 def listwise_logps(
@@ -553,7 +546,7 @@ def listwise_logps(
     n_completions: int,
     reduction: Reduction = "sum",
     chunk_size: int = 1024,
-    keep_softmax_bytes: int | None = None,
+    fused_head: bool = True,
 ) -> torch.Tensor:
     """log pi(y_k|x) of every completion of a batch of rankings, (B, K), best first (the layout of
     ``dpolab.losses.plackett_luce_loss``), from one forward.
@@ -564,7 +557,7 @@ def listwise_logps(
     :func:`packed_logps`'s (chosen, rejected) of the same batch.
     """
     if "score_index" in batch:
-        totals = _packed_sequences(model, batch, n_completions, reduction, chunk_size, keep_softmax_bytes)
+        totals = _packed_sequences(model, batch, n_completions, reduction, chunk_size, fused_head)
     else:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
         totals = sequence_logps(model, **inputs, reduction=reduction, chunk_size=chunk_size)

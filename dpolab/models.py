@@ -46,9 +46,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
@@ -61,6 +61,7 @@ __all__ = [
     "MODEL_NAMES",
     "load_model",
     "prepare_tokenizer",
+    "context_length",
     "gpt2_tokenizer",
     "fetch_gpt2_tokenizer_files",
     "smollm2_gguf_path",
@@ -120,6 +121,13 @@ def prepare_tokenizer(tokenizer, padding_side: str = "right"):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The positions a model can attend over, as its transformers config names them (``n_positions``: GPT-2;
+    ``max_position_embeddings``: most others), or None where its config names none."""
+    config = getattr(model, "config", None)
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def _count_params(model: torch.nn.Module) -> int:
@@ -197,8 +205,7 @@ def _looks_like_a_path(name: str) -> bool:
     return (
         name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
         or name.count("/") > 1
-        or os.sep != "/"
-        and os.sep in name
+        or (os.sep != "/" and os.sep in name)
     )
 
 

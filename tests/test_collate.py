@@ -3,14 +3,12 @@ with TRL itself, row for row, is in test_data_trl.py)."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from conftest import make_tiny_gpt2
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_gpt2
 from dpolab.data import PreferenceDataError
 from dpolab.data.collate import (
     PreferenceCollator,

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from dpolab.data import (
     DroppedRowsWarning,
-    count_prompts,
-    extract_prompt,
     HubUnreachableError,
     PreferenceDataError,
+    count_prompts,
+    extract_prompt,
     is_near_duplicate,
     load_preference_data,
     normalize_prompt,
@@ -126,9 +126,9 @@ def test_a_file_that_is_not_text_is_named(tmp_path):
 
 
 def test_a_missing_file_is_not_looked_up_on_the_hub(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pairs.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"pairs\.jsonl"):
         load_preference_data(tmp_path / "pairs.jsonl")
-    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.json"):
         load_preference_data("nowhere.json")
 
 
@@ -443,7 +443,7 @@ def test_a_file_of_another_shape_says_what_it_holds_and_what_is_expected(tmp_pat
 def test_a_missing_csv_file_is_reported_missing_not_as_an_unreachable_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"preference data file not found: {tmp_path / 'pairs.csv'}"):
         load_preference_data(tmp_path / "pairs.csv")
-    with pytest.raises(FileNotFoundError, match="not found: pairs.csv"):
+    with pytest.raises(FileNotFoundError, match=r"not found: pairs\.csv"):
         load_preference_data("pairs.csv")
 
 

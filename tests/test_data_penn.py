@@ -15,8 +15,7 @@ import pytest
 from datasets import Dataset
 from scipy import stats
 
-from dpolab.data import PreferenceDataError, load_penn, mentions_penn
-from dpolab.data import build_penn
+from dpolab.data import PreferenceDataError, build_penn, load_penn, mentions_penn
 from dpolab.data.datasheet import DATASHEET, regenerate
 from dpolab.data.penn import PENN_FILES
 

@@ -17,14 +17,14 @@ import pytest
 import torch
 
 pytest.importorskip("trl", reason="trl is part of the [trl] extra that `make test` installs")
-from datasets import Dataset  # noqa: E402
-from trl import DPOConfig, DPOTrainer  # noqa: E402
-from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from dpolab.data import PreferenceDataError, load_penn, tokenize_pair, tokenize_preferences  # noqa: E402
-from dpolab.data.collate import PreferenceCollator  # noqa: E402
-from dpolab.data.packing import PackedPreferenceCollator  # noqa: E402
-from dpolab.logprobs import concatenated_logps, packed_logps  # noqa: E402
+from dpolab.data import PreferenceDataError, load_penn, tokenize_pair, tokenize_preferences
+from dpolab.data.collate import PreferenceCollator
+from dpolab.data.packing import PackedPreferenceCollator
+from dpolab.logprobs import concatenated_logps, packed_logps
 
 pytestmark = [pytest.mark.trl, pytest.mark.usefixtures("single_thread")]
 

@@ -198,7 +198,7 @@ def test_reward_from_policy_matches_theory_numerically():
 def test_bradley_terry_identities():
     assert d.bradley_terry_is_sigmoid()
     assert d.partition_cancels_in_bradley_terry()
-    p, (u_w, u_l, z) = d.bradley_terry_after_substitution()
+    p, (_, _, z) = d.bradley_terry_after_substitution()
     assert z not in p.free_symbols
     r1, r2 = sp.symbols("r_1 r_2", real=True)
     assert not d.is_zero(d.bradley_terry(r1, r2) - d.sigmoid(r2 - r1))  # the sign matters
@@ -442,7 +442,7 @@ def test_rewards_with_the_same_optimal_policy_differ_by_a_constant(n):
 @pytest.mark.parametrize("graph", [d.chain_graph, d.star_graph])
 def test_connected_comparisons_force_one_shared_constant(n, graph):
     s = d.response_set(n)
-    solution, free = d.solve_pairwise_optimality(s, graph(n))
+    _, free = d.solve_pairwise_optimality(s, graph(n))
     assert len(free) == 1
     assert len(d.shared_constants(s, graph(n))) == 1
     assert d.pairwise_optimum_is_optimal_policy(s, graph(n))

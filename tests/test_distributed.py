@@ -8,11 +8,10 @@ import subprocess
 
 import pytest
 import torch
+from conftest import dpolab_command, run_command
 from safetensors.torch import load_file
 
-from conftest import dpolab_command, run_command
-from dpolab.train import METRICS
-from dpolab.train.loop import EVAL_METRICS
+from dpolab.train import EVAL_METRICS, METRICS
 
 pytestmark = pytest.mark.slow
 

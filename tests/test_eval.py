@@ -10,7 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+from helpers import perturbed_copy, tiny_gpt2, word_tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tokenizer_models
 from transformers import PreTrainedTokenizerFast
 
 from dpolab.eval import (
@@ -28,7 +30,6 @@ from dpolab.eval import (
     repeated_ngram_rate,
     words,
 )
-from helpers import perturbed_copy, tiny_gpt2, word_tokenizer
 
 # ------------------------------------------------------------------------------------------- repetition
 

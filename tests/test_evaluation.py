@@ -12,13 +12,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_tiny_gpt2
+from helpers import perturbed_copy
+
 from dpolab.data.collate import PreferenceCollator, tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
-from dpolab.train import METRICS, TrainConfig, train
-from dpolab.train.loop import EVAL_METRICS
-from helpers import perturbed_copy
+from dpolab.train import EVAL_METRICS, METRICS, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 EVAL_NAMES = EVAL_METRICS[2:]
@@ -184,9 +183,8 @@ def test_eval_metrics_equal_trls_evaluate(tmp_path):
     before the first step."""
     pytest.importorskip("trl", reason="trl is part of the [trl] extra that `make test` installs")
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
     from helpers import tiny_gpt2, word_tokenizer
+    from trl import DPOConfig, DPOTrainer
 
     tokenizer = word_tokenizer()
     data = [

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, subprocess_env
+
 from dpolab.errors import InputError, exit_status, one_line
 from dpolab.files import (
     atomic_directory,

@@ -11,10 +11,10 @@ import dataclasses
 import pytest
 
 pytest.importorskip("trl", reason="trl is part of the [trl] extra that `make test` installs")
-from trl import DPOConfig  # noqa: E402
+from trl import DPOConfig
 
-from dpolab.train import TrainConfig  # noqa: E402
-from dpolab.train.from_trl import _ADVICE, _CONVERTED, NO_EFFECT  # noqa: E402
+from dpolab.train import Speedups, TrainConfig
+from dpolab.train.from_trl import _ADVICE, _CONVERTED, NO_EFFECT
 
 pytestmark = pytest.mark.trl
 
@@ -201,7 +201,7 @@ def test_mixing_summed_and_length_normalised_losses_is_refused(dpo_config):
 
 
 def test_overrides_set_dpolab_fields(dpo_config):
-    c = TrainConfig.from_trl(dpo_config(), output_dir=None, min_learning_rate=0.0, packing=False)
-    assert (c.output_dir, c.save_steps, c.packing) == (None, None, False)  # no folder: nothing saved
+    c = TrainConfig.from_trl(dpo_config(), output_dir=None, min_learning_rate=0.0, speedups=Speedups(packing=False))
+    assert (c.output_dir, c.save_steps, c.speedups.packing) == (None, None, False)  # no folder: nothing saved
     with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['bogus'\]"):
         TrainConfig.from_trl(dpo_config(), bogus=1)

@@ -4,7 +4,6 @@ world, and the saved-tensor bytes of a pairwise step."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -14,9 +13,10 @@ import pytest
 import scipy.stats
 import torch
 import transformers
+from conftest import make_tiny_gpt2
+from helpers import perturbed_copy, tiny_gpt2
 
 import dpolab.lm_head
-from conftest import make_tiny_gpt2
 from dpolab import theory, toy
 from dpolab.data import PreferenceDataError, expand_rankings, load_preference_data, penn_rankings, tokenize_preferences
 from dpolab.data.collate import PreferenceCollator
@@ -26,7 +26,6 @@ from dpolab.losses import LISTWISE_LOSSES, listwise_loss, preference_loss, ranki
 from dpolab.train import TrainConfig, train
 from dpolab.train.listwise import listwise_metrics
 from dpolab.train.reference import precompute_reference_list_logps
-from helpers import perturbed_copy, tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

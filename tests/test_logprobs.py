@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_gpt2
 
 from dpolab.logprobs import (
     concatenated_logps,
@@ -11,7 +12,6 @@ from dpolab.logprobs import (
     sequence_logps,
     sequence_logps_from_logits,
 )
-from helpers import tiny_gpt2
 
 
 @pytest.fixture(scope="module")

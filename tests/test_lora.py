@@ -11,13 +11,13 @@ import sys
 import pytest
 import torch
 import transformers
-
 from conftest import make_tiny_gpt2
+from helpers import word_tokenizer
+
 from dpolab.data.collate import PreferenceCollator, tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
 from dpolab.train import METRICS, TrainConfig, train
 from dpolab.train.adapters import merge_adapter, peft_config_dict, peft_config_object
-from helpers import word_tokenizer
 
 peft = pytest.importorskip("peft", reason="peft is the [peft] extra that `make test` installs")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -199,12 +199,13 @@ def test_gpt2_speedups_stay_exact_with_an_adapter(small_tokenizer, penn, targets
     folded into its projection and the layer norm before c_fc recomputed; with LoRA on every projection, only the
     GELU module is swapped. Either way three steps equal those with every speed-up off, and gradient checkpointing
     changes nothing either; afterwards every module has its class back."""
-    from dpolab.train.speedups import GELUProjection, NormInputConv1D
+    from dpolab.train import Speedups
+    from dpolab.train.speedups import GELUProjection, NormThenConv1D
 
     rows = penn["train"].select(range(8))
     runs, seen = [], []
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=True)
-    off = dict(fuse_activations=False, inplace_tied_embedding_grad=False, recompute_layer_norms=False)
+    off = {"speedups": Speedups(fuse_activations=False, inplace_tied_embedding_grad=False, recompute_layer_norms=False)}
     for settings in ({}, off, {"gradient_checkpointing": True}):
         model = make_tiny_gpt2(small_tokenizer)
         classes = [(name, type(m)) for name, m in model.named_modules()]
@@ -217,8 +218,8 @@ def test_gpt2_speedups_stay_exact_with_an_adapter(small_tokenizer, penn, targets
         runs.append((result.history, adapter(result.model)))
         base_classes = [(name.removeprefix("base_model.model."), type(m)) for name, m in result.model.named_modules()]
         assert [c for c in base_classes if c in classes] == [c for c in classes if c in base_classes]
-        assert not any(t in (GELUProjection, NormInputConv1D) for _, t in base_classes)
-    fused = GELUProjection in seen[0] and NormInputConv1D in seen[0]
+        assert not any(t in (GELUProjection, NormThenConv1D) for _, t in base_classes)
+    fused = GELUProjection in seen[0] and NormThenConv1D in seen[0]
     assert fused == (targets == ["c_attn"])
     (h0, a0), *others = runs
     for history, weights_ in others:

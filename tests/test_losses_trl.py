@@ -11,13 +11,13 @@ import pytest
 import torch
 
 pytest.importorskip("trl", reason="trl is part of the [trl] extra that `make test` installs")
-from datasets import Dataset  # noqa: E402
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+from datasets import Dataset
+from helpers import perturbed_copy, tiny_gpt2, word_tokenizer
+from trl import DPOConfig, DPOTrainer
 
-from dpolab.logprobs import concatenated_logps  # noqa: E402
-from dpolab.losses import TRL_LOSS_TYPES, preference_loss, weighted_loss  # noqa: E402
-from dpolab.train import TrainConfig  # noqa: E402
-from helpers import perturbed_copy, tiny_gpt2, word_tokenizer  # noqa: E402
+from dpolab.logprobs import concatenated_logps
+from dpolab.losses import TRL_LOSS_TYPES, preference_loss, weighted_loss
+from dpolab.train import TrainConfig
 
 pytestmark = pytest.mark.trl
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -10,7 +11,6 @@ import sys
 import pytest
 import torch
 
-import dpolab.matmul
 from dpolab.matmul import matmul, uses_onednn
 
 ONEDNN_HERE = torch.backends.mkldnn.is_available()
@@ -52,9 +52,39 @@ def test_where_onednn_does_not_apply_torch_multiplies(monkeypatch):
     with torch.no_grad():
         assert uses_onednn(leaf, b) == ONEDNN_HERE
     assert not uses_onednn(a[:0], b)  # empty
-    monkeypatch.setattr(dpolab.matmul, "ONEDNN", False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # torch's public switch
     assert not uses_onednn(a, b)
     torch.testing.assert_close(matmul(a, b, bias), torch.addmm(bias, a, b))
+
+
+def _missing():
+    raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_linear_pointwise'")
+
+
+def _changed():
+    return lambda a, w, bias, *args: a @ w.t()  # an operator that no longer adds the bias
+
+
+@pytest.mark.parametrize("operator", [_missing, _changed], ids=["missing", "changed"])
+def test_without_a_working_onednn_operator_torch_multiplies_and_says_so_once(operator, monkeypatch, caplog):
+    """oneDNN's operator is not public torch API: where this torch has none, or it no longer computes a @ b + bias,
+    the check refuses it once (said once), and every product is torch's addmm, with the same numbers."""
+    import dpolab.lm_head
+
+    a, b, bias = (t.float() for t in _operands())
+    expected = matmul(a, b, bias)  # this torch's own path, whichever it is
+    monkeypatch.setattr(dpolab.matmul, "_operator", operator)
+    monkeypatch.setattr(dpolab.lm_head, "_said", set())
+    dpolab.matmul.onednn_linear.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="dpolab"):
+            assert not uses_onednn(a, b, bias)
+            torch.testing.assert_close(matmul(a, b, bias), expected, rtol=1e-6, atol=1e-6)
+            assert dpolab.matmul.onednn_linear() is None
+        said = [r.message for r in caplog.records if "oneDNN's linear operator" in r.message]
+        assert len(said) == 1 and "dpolab's products go through torch.addmm" in said[0]
+    finally:
+        dpolab.matmul.onednn_linear.cache_clear()  # the next caller checks this torch's own operator again
 
 
 def _onednn_kernel_creations(env: dict[str, str]) -> list[str]:
@@ -63,8 +93,9 @@ def _onednn_kernel_creations(env: dict[str, str]) -> list[str]:
     "cache_miss" (built) or "cache_hit" (taken from its cache)."""
     code = (
         "import torch\n"
-        "from dpolab.matmul import matmul\n"
+        "from dpolab.matmul import matmul, onednn_linear\n"
         "a, b = torch.randn(9, 6), torch.randn(6, 4)\n"
+        "onednn_linear()\n"  # its one-time check, outside the log
         "with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):\n"
         "    for _ in range(3):\n"
         "        matmul(a, b)\n"

@@ -7,10 +7,10 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import yaml
 from packaging.requirements import Requirement

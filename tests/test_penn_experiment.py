@@ -48,7 +48,7 @@ def quick_run(tmp_path_factory):
     """The --quick pipeline, once: (run folder, argv, seconds)."""
     root = tmp_path_factory.mktemp("penn")
     # fp32: the step-1 identities below (log-ratios 0, loss log 2) hold to 1e-4 only without bf16 rounding, which
-    # --precision auto would use on a CPU with native bf16
+    # --precision auto would use on a CUDA device
     argv = [
         "--quick",
         "--precision",
@@ -137,7 +137,7 @@ def test_odpo_trains_with_the_documented_offsets(quick_run):
     batch's pairs, each with its own offset (not their mean)."""
     from dpolab.data import load_penn
     from dpolab.experiments.penn.methods import odpo_offsets
-    from dpolab.train.loop import epoch_order
+    from dpolab.train.examples import epoch_order
 
     run, _, _ = quick_run
     offsets = odpo_offsets(load_penn("train"), alpha=5.0)

@@ -65,7 +65,7 @@ def test_a_rerun_recognises_every_unit_of_the_committed_penn_run(penn, smollm2_t
     from dpolab.experiments.penn.methods import settings_hash, unit_settings
     from dpolab.experiments.penn.pipeline import plan_units, read_done
     from dpolab.train import TrainConfig
-    from dpolab.train.loop import training_examples
+    from dpolab.train.examples import training_examples
 
     run = Path(__file__).resolve().parents[1] / "results" / "penn-smollm2-135m"
     fp = json.loads((run / "config.json").read_text())["fingerprint"]

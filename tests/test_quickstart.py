@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 pytest.importorskip("peft", reason="peft is the [peft] extra that `make test` installs")

@@ -58,3 +58,23 @@ def test_the_committed_penn_report_renders_from_its_run_folder_byte_for_byte():
 
     run = RESULTS / "penn-smollm2-135m"
     assert render_report(run) == (run / "report.md").read_text()
+
+
+def test_the_committed_penn_histories_are_what_the_one_history_writer_writes(tmp_path):
+    """The experiment writes each unit's history with dpolab.train's writer (history.py); from a committed unit's
+    history.json it writes the committed history.json again, and a history.csv of the same cells (the committed ones
+    were written by the experiment's former csv writer, with CRLF line ends, which csv readers read alike)."""
+    import csv
+    import json
+
+    from dpolab.train.history import write_history
+
+    units = sorted((RESULTS / "penn-smollm2-135m" / "units").glob("*/seed-*/history.json"))
+    assert len(units) == 13  # every trained unit of the committed run
+    for committed in units:
+        out = tmp_path / committed.parent.parent.name
+        out.mkdir()
+        write_history(out, json.loads(committed.read_text()))
+        assert (out / "history.json").read_text() == committed.read_text()
+        with open(out / "history.csv", newline="") as ours, open(committed.with_suffix(".csv"), newline="") as theirs:
+            assert list(csv.reader(ours)) == list(csv.reader(theirs)), committed.parent

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
+from helpers import tiny_gpt2
 from transformers.activations import GELUTanh, NewGELUActivation
 
-from dpolab.train.speedups import fuse_activations, native_bf16
-from helpers import tiny_gpt2
+from dpolab.train.speedups import fuse_activations
 
 
 def test_fused_gelu_is_transformers_gelu_new():
@@ -32,13 +35,6 @@ def test_fuse_activations_keeps_the_model_function():
     for a, b in zip(torch.autograd.grad(after.square().mean(), list(model.parameters())), grads_before):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert fuse_activations(model) == 0  # idempotent
-
-
-def test_native_bf16_is_false_for_a_device_that_is_neither_cuda_nor_cpu():
-    """Only a CUDA GPU or a CPU with bf16 kernels multiplies bf16 natively; any other device kind is answered no,
-    without touching a device (none of these exists here)."""
-    for kind in ("meta", "mps", "xla"):
-        assert native_bf16(torch.device(kind)) is False, kind
 
 
 def test_gelu_projection_is_gelu_then_conv1d_in_values_and_gradients():
@@ -190,10 +186,10 @@ def test_inplace_tied_embedding_grad_allocates_no_second_vocabulary_sized_gradie
         assert vocabulary_sized == []  # no copy of the weight or of its gradient
 
 
-# --- the layer norm's output recomputed by the linear after it ---------------------------------------------------
+# --- the layer norm computed by the linear after it -------------------------------------------------------------
 
 
-def _norm_then_conv(dtype=torch.float64, seed=0):
+def _norm_and_conv(dtype=torch.float64, seed=0):
     from transformers.pytorch_utils import Conv1D
 
     g = torch.Generator().manual_seed(seed)
@@ -201,56 +197,35 @@ def _norm_then_conv(dtype=torch.float64, seed=0):
     for p in (norm.weight, norm.bias, conv.weight, conv.bias):
         torch.nn.init.normal_(p, generator=g)
     x = torch.randn(2, 6, 7, dtype=dtype, generator=g, requires_grad=True)
-    return torch.nn.Sequential(norm, conv), x
+    return norm, conv, x
 
 
-def test_recomputed_norm_is_layer_norm_then_conv1d_in_values_and_gradients():
-    """A SourcedLayerNorm feeding a NormInputConv1D against nn.LayerNorm then transformers' Conv1D: finite
-    differences (gradcheck, float64) and the plain graph's gradients for x and all four parameters."""
-    from dpolab.train.speedups import NormInputConv1D, SourcedLayerNorm
+def test_norm_then_conv1d_is_layer_norm_then_conv1d_in_values_and_gradients():
+    """The fused function against nn.LayerNorm then transformers' Conv1D: finite differences (gradcheck, float64) and
+    the plain graph's gradients for x and all four parameters."""
+    from dpolab.train.speedups import norm_then_conv1d
 
-    pair, x = _norm_then_conv()
-    inputs = (x, *pair.parameters())
-    plain = pair(x)
+    norm, conv, x = _norm_and_conv()
+    inputs = (x, norm.weight, norm.bias, conv.weight, conv.bias)
+    plain = conv(norm(x))
     plain_grads = torch.autograd.grad(plain.square().sum(), inputs)
-    pair[0].__class__, pair[1].__class__ = SourcedLayerNorm, NormInputConv1D
-    names = [n for n, _ in pair.named_parameters()]
 
-    def fused(x, *params):
-        return torch.func.functional_call(pair, dict(zip(names, params)), (x,))
+    def fused(x, norm_weight, norm_bias, weight, bias):
+        return norm_then_conv1d(x, (7,), norm_weight, norm_bias, norm.eps, weight, bias)
 
     assert torch.autograd.gradcheck(fused, inputs)
-    out = pair(x)
-    assert "NormInputLinear" in type(out.grad_fn).__name__  # the recomputing path, not the plain Conv1D
+    out = fused(*inputs)
+    assert "NormThenLinear" in type(out.grad_fn).__name__  # the recomputing function, not a plain graph
     torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(out.square().sum(), inputs), plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_a_norm_output_changed_in_place_or_transformed_is_not_recomputed():
-    """The linear recomputes the norm only from the norm's untouched output: after an in-place change, or fed another
-    tensor, it is a plain Conv1D, and the gradients are autograd's."""
-    from transformers.pytorch_utils import Conv1D
-
-    from dpolab.train.speedups import NormInputConv1D, SourcedLayerNorm
-
-    pair, x = _norm_then_conv()
-    norm, conv = pair
-    for change in (lambda y: y.mul_(3.0), lambda y: y * 3.0):
-        reference = conv(norm(x).mul(3.0))
-        grads = torch.autograd.grad(reference.square().sum(), (x, *pair.parameters()))
-        norm.__class__, conv.__class__ = SourcedLayerNorm, NormInputConv1D
-        out = conv(change(norm(x)))
-        assert "NormInputLinear" not in type(out.grad_fn).__name__
-        for a, b in zip(torch.autograd.grad(out.square().sum(), (x, *pair.parameters())), grads):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-        norm.__class__, conv.__class__ = torch.nn.LayerNorm, Conv1D
-
-
-def test_recompute_layer_norms_keeps_the_model_function_and_saves_one_tensor_per_norm_less():
-    """What it is for: per block, the graph no longer keeps the outputs of ln_1 and ln_2 (two tokens x D tensors),
-    while the model's logits and every parameter's gradient stay the same."""
-    from dpolab.train.speedups import recompute_layer_norms
+def test_recompute_layer_norms_keeps_the_model_function_and_what_autograd_keeps_shrinks():
+    """What it is for: per norm, the graph no longer keeps the norm's output and its statistics (the linear keeps the
+    norm's input, which the norm kept before), while the model's logits and every parameter's gradient stay the
+    same; the norms' parameters keep their state-dict keys."""
+    from dpolab.train.speedups import NormPassThrough, NormThenConv1D, recompute_layer_norms
 
     model = tiny_gpt2(97, seed=0, n_layer=3)
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -268,8 +243,11 @@ def test_recompute_layer_norms_keeps_the_model_function_and_saves_one_tensor_per
 
     before, grads_before, bytes_before = run()
     assert recompute_layer_norms(model) == 6  # ln_1 -> c_attn and ln_2 -> c_fc in each of 3 blocks
+    block = model.transformer.h[0]
+    assert (type(block.ln_1), type(block.attn.c_attn)) == (NormPassThrough, NormThenConv1D)
     after, grads_after, bytes_after = run()
-    assert bytes_before - bytes_after == 6 * ids.numel() * model.config.n_embd * 4
+    # per norm: its (tokens x D) output, and its mean and 1/std per token
+    assert bytes_before - bytes_after == 6 * ids.numel() * (model.config.n_embd + 2) * 4
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_after, grads_before):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
@@ -277,45 +255,74 @@ def test_recompute_layer_norms_keeps_the_model_function_and_saves_one_tensor_per
     assert sorted(model.state_dict()) == sorted(tiny_gpt2(97, seed=0, n_layer=3).state_dict())
 
 
-def test_recomputed_norm_under_bf16_autocast_matches_the_plain_one():
-    from dpolab.train.speedups import NormInputConv1D, SourcedLayerNorm
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_op_between_a_norm_and_its_linear_undoes_the_conversion(in_place, caplog, monkeypatch):
+    """The linear computes the norm from the norm's input, so an op between them (here one that triples the
+    attention's input, in place or not) would see that input instead of the norm's output: the conversion check sees
+    other outputs, undoes every change and says so once; the model computes what it computed before."""
+    from transformers.pytorch_utils import Conv1D
+
+    import dpolab.lm_head
+    from dpolab.train.speedups import recompute_layer_norms
+
+    monkeypatch.setattr(dpolab.lm_head, "_said", set())  # said once per process: here, once per case
+    model = tiny_gpt2(97, seed=0, n_layer=2)
+    attention = model.transformer.h[1].attn
+    forward = attention.forward
+
+    def tripled(hidden_states, *args, **kwargs):
+        return forward(hidden_states.mul_(3.0) if in_place else hidden_states * 3.0, *args, **kwargs)
+
+    attention.forward = tripled
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    expected = model(ids).logits
+    with caplog.at_level(logging.WARNING, logger="dpolab"):
+        assert recompute_layer_norms(model) == 0
+    assert "recompute_layer_norms" in caplog.text and "its layer norms are kept as they are" in caplog.text
+    assert all(type(b.ln_1) is torch.nn.LayerNorm and type(b.attn.c_attn) is Conv1D for b in model.transformer.h)
+    assert not any("norm" in vars(b.attn.c_attn) or "norm" in vars(b.mlp.c_fc) for b in model.transformer.h)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_norm_then_conv1d_under_bf16_autocast_matches_the_plain_modules():
+    """Under CPU autocast the product runs in bf16: the output is the plain modules' under the same autocast, exactly,
+    and the gradients theirs to bf16 rounding, in the parameters' fp32."""
+    from dpolab.train.speedups import norm_then_conv1d
 
     results = []
     for fused in (False, True):
-        pair, x = _norm_then_conv(torch.float32)
-        if fused:
-            pair[0].__class__, pair[1].__class__ = SourcedLayerNorm, NormInputConv1D
+        norm, conv, x = _norm_and_conv(torch.float32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = pair(x)
-        grads = torch.autograd.grad(y.float().square().sum(), (x, *pair.parameters()))
+            if fused:
+                y = norm_then_conv1d(x, (7,), norm.weight, norm.bias, norm.eps, conv.weight, conv.bias)
+            else:
+                y = conv(norm(x))
+        grads = torch.autograd.grad(y.float().square().sum(), (x, *norm.parameters(), *conv.parameters()))
         assert all(g.dtype == torch.float32 for g in grads)
-        results.append((y.float(), grads))
+        results.append((y, grads))
     (y0, g0), (y1, g1) = results
     assert y1.dtype == y0.dtype
-    torch.testing.assert_close(y1, y0, rtol=1e-2, atol=1e-2)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):  # the linear's bias gradient is summed in fp32 here, in bf16 by autocast's addmm
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
-def test_recomputed_norm_follows_the_norms_own_dtype(monkeypatch):
-    """CUDA's autocast runs layer_norm in fp32 even for a bf16 input: the backward recomputes the norm in fp32 too, so
-    the weight gradient is the one of the fp32 output the forward used, exactly (with torch's own products on both
-    sides: oneDNN's differ from them by rounding)."""
-    import dpolab.matmul
-    from dpolab.train.speedups import _NormInputLinear
-
-    monkeypatch.setattr(dpolab.matmul, "ONEDNN", False)
+def test_norm_then_conv1d_recomputes_the_norm_in_the_dtype_the_forward_used():
+    """A bf16 input under CPU autocast: the weight's gradient is the one of the norm output the forward multiplied,
+    exactly (the plain modules under the same autocast)."""
+    from dpolab.train.speedups import norm_then_conv1d
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 6, 8, generator=g).bfloat16().requires_grad_()
+    x = torch.randn(4, 6, 8, generator=g).bfloat16()
     w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
     weight, bias = torch.randn(8, 5, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)
-    y = torch.nn.functional.layer_norm(x.float(), (8,), w, b, 1e-5)  # fp32, from a bf16 input
-    out = _NormInputLinear.apply(y, weight, bias, x, w, b, (8,), 1e-5)
-    plain = torch.addmm(bias, y.detach().reshape(-1, 8), weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm_then_conv1d(x, (8,), w, b, 1e-5, weight, bias)
+        y = torch.nn.functional.layer_norm(x, (8,), w, b, 1e-5)
+        plain = torch.addmm(bias, y.reshape(-1, 8), weight)
     torch.testing.assert_close(
-        torch.autograd.grad(out.square().sum(), weight)[0],
-        torch.autograd.grad(plain.square().sum(), weight)[0],
+        torch.autograd.grad(out.float().square().sum(), weight)[0],
+        torch.autograd.grad(plain.float().square().sum(), weight)[0],
         rtol=0,
         atol=0,
     )

@@ -121,7 +121,7 @@ def test_the_models_and_the_tiny_world_do_not_import_the_trainer():
     code = (
         "import sys, dpolab.models, dpolab.tiny\n"
         "print(sorted(m for m in sys.modules if m.startswith('dpolab.train')))\n"
-        "from dpolab.train.loop import warmup_cosine\n"
+        "from dpolab.train.setup import warmup_cosine\n"
         "print(warmup_cosine is dpolab.tiny.warmup_cosine)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

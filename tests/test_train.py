@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
-from dataclasses import replace
 import math
 import os
 import random
@@ -18,19 +18,19 @@ import subprocess
 import sys
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import dpolab.matmul
 from conftest import dpolab_command, make_tiny_gpt2, run_command, subprocess_env
 from helpers import tiny_gpt2
+
 from dpolab.data.collate import tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
 from dpolab.losses import LOSSES, preference_loss
-from dpolab.train import METRICS, NonFiniteError, TrainConfig, train
+from dpolab.train import METRICS, NonFiniteError, Speedups, TrainConfig, train
 from dpolab.train.checkpoint import (
     CheckpointError,
     checkpoints,
@@ -39,6 +39,7 @@ from dpolab.train.checkpoint import (
     read_manifest,
     verify_checkpoint,
 )
+from dpolab.train.output import check_output_dir
 from dpolab.train.reference import precompute_reference_logps, reference_cache_path
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -204,7 +205,7 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum(small_tokenizer, rows
     cosine = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * k / 6)) / 2 for k in range(7)]  # from the peak at step 2
     assert lrs[1:] == pytest.approx(cosine)
     assert lrs[4] == pytest.approx((1e-3 + 1e-5) / 2)  # half-way down at the middle of the decay
-    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[1:]))
 
 
 def test_a_transformers_schedule_is_transformers_own(small_tokenizer, rows):
@@ -287,11 +288,12 @@ def test_no_reference_forward_during_training(small_tokenizer, rows, loss, no_gr
     """The reference runs once over the data (two batches of 16 pairs), never per step.
 
     SFT's rejected half runs without gradient, for the metrics only. Once per model, dpolab.lm_head's probe runs the
-    body twice (the model's own forward, the lean path) and the packing probe twice (packed, padded)."""
+    body twice (the model's own forward, the lean path) and the packing probe twice (packed, padded); once per run,
+    recompute_layer_norms' check runs it twice with gradients (before and after the conversion)."""
     model = make_tiny_gpt2(small_tokenizer)
     counts = _count_forwards(model)
     train(model, small_tokenizer, rows, config(loss=loss, epochs=2))
-    assert counts == {"grad": 8, "no_grad": 2 + 4 + 8 * no_grad_per_step}
+    assert counts == {"grad": 2 + 8, "no_grad": 2 + 4 + 8 * no_grad_per_step}
 
 
 def test_a_separate_reference_is_not_kept_during_training(small_tokenizer, rows):
@@ -303,11 +305,15 @@ def test_a_separate_reference_is_not_kept_during_training(small_tokenizer, rows)
         return reference
 
     model = make_tiny_gpt2(small_tokenizer)
-    seen = []
-    model.transformer.register_forward_pre_hook(
-        lambda m, a: seen.append(alive[0]() is None) if torch.is_grad_enabled() else None
+    seen = []  # after each step: the reference is gone
+    train(
+        model,
+        small_tokenizer,
+        rows,
+        config(max_steps=2),
+        ref_model=make_reference(),
+        on_step=lambda row: seen.append(alive[0]() is None),
     )
-    train(model, small_tokenizer, rows, config(max_steps=2), ref_model=make_reference())
     assert seen == [True, True]
 
 
@@ -321,7 +327,10 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
     for accum in (1, 2):
         model = make_tiny_gpt2(small_tokenizer)
         history = train(
-            model, small_tokenizer, rows, config(batch_size=16, grad_accum_steps=accum, epochs=2, packing=False)
+            model,
+            small_tokenizer,
+            rows,
+            config(batch_size=16, grad_accum_steps=accum, epochs=2, speedups=Speedups(packing=False)),
         ).history
         runs.append((params(model), history))
     (p1, h1), (p2, h2) = runs
@@ -332,51 +341,27 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
             assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-5), key
 
 
-SPEEDUPS_OFF = {
-    "padded": {"packing": False},
-    "python-gelu": {"fuse_activations": False},
-    "foreach-adamw": {"fused_optimizer": False},
-    "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
-    "saved-layer-norms": {"recompute_layer_norms": False},
-    "mkl-products": {},
-    "all-off": {
-        "packing": False,
-        "fuse_activations": False,
-        "fused_optimizer": False,
-        "inplace_tied_embedding_grad": False,
-        "recompute_layer_norms": False,
-    },
-}
-MODULE_OFF = {"mkl-products", "all-off"}  # dpolab.matmul.ONEDNN = False: a module setting, not a config field
+SWITCHES = [f.name for f in dataclasses.fields(Speedups) if f.type == "bool"]  # every speed-up of TrainConfig
 
 
-@pytest.mark.parametrize(
-    "loss, off",
-    [
-        ("dpo", "padded"),
-        ("ipo", "padded"),
-        ("dpo", "python-gelu"),
-        ("dpo", "foreach-adamw"),
-        ("dpo", "dense-embedding-grad"),
-        ("dpo", "saved-layer-norms"),
-        ("dpo", "mkl-products"),
-        ("dpo", "all-off"),
-    ],
-)
-def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off, monkeypatch):
-    """Each speed-up (packing, eq. 6.9; the fused GELU; fused AdamW; the tied embedding's in-place gradient; the layer
-    norms recomputed in the backward; oneDNN's products) changes how the step is computed, not what: the same history
-    and weights as
-    with it switched off, to float tolerance, over 8 steps of AdamW (sum log-probs, and mean for IPO). Not DPOP: at
-    step 1 its penalty max(0, log pi_ref(y_w) - log pi(y_w)) sits exactly at its kink, where float rounding alone
-    decides whether its gradient is on."""
+@pytest.mark.parametrize("loss, off", [*(("dpo", switch) for switch in SWITCHES), ("ipo", "packing"), ("dpo", "all")])
+def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off):
+    """Each speed-up (``Speedups``: packing, eq. 6.9; the fused LM head, eq. 6.8; the fused GELU; the tied
+    embedding's in-place gradient; the layer norms computed by the linear after them; fused AdamW), and all of them
+    (``Speedups.none()``), changes how the step is computed, not what: the same history and weights as with it
+    switched off, to float tolerance, over 8 steps of AdamW (sum log-probs, and mean for IPO). Not DPOP: at step 1 its
+    penalty max(0, log pi_ref(y_w) - log pi(y_w)) sits exactly at its kink, where float rounding alone decides
+    whether its gradient is on."""
+    speedups = Speedups.none() if off == "all" else Speedups(**{off: False})
     runs = []
-    for overrides, onednn in ((SPEEDUPS_OFF[off], off not in MODULE_OFF), ({}, True)):
-        monkeypatch.setattr(dpolab.matmul, "ONEDNN", onednn)
+    for setting in (speedups, Speedups()):
         model = make_tiny_gpt2(small_tokenizer)
         reduction = "mean" if loss == "ipo" else "sum"
         history = train(
-            model, small_tokenizer, rows, config(batch_size=8, epochs=2, loss=loss, reduction=reduction, **overrides)
+            model,
+            small_tokenizer,
+            rows,
+            config(batch_size=8, epochs=2, loss=loss, reduction=reduction, speedups=setting),
         ).history
         runs.append((params(model), history))
     (p1, h1), (p2, h2) = runs
@@ -473,7 +458,7 @@ def test_non_finite_loss_names_step_and_example_and_keeps_the_last_checkpoint(sm
     data = rows.select(range(8))
     model = make_tiny_gpt2(small_tokenizer)
     state = _poison(model, tokenize_preferences(data, small_tokenizer), victim=5, after_forwards=2)
-    cfg = config(batch_size=4, epochs=2, output_dir=str(tmp_path), save_steps=1, packing=False)
+    cfg = config(batch_size=4, epochs=2, output_dir=str(tmp_path), save_steps=1, speedups=Speedups(packing=False))
     with pytest.raises(NonFiniteError) as info:
         train(model, small_tokenizer, data, cfg)
     step = state["poisoned_at"]  # one training forward per step
@@ -526,11 +511,21 @@ def test_non_finite_gradient_names_step_and_batch(small_tokenizer, rows):
         ({"truncation_mode": "keep_middle"}, "truncation_mode must be one of"),
         ({"lr_scheduler_type": "triangle"}, "lr_scheduler_type must be one of warmup_cosine, linear, cosine"),
         ({"warmup_steps": 1.5}, "warmup_steps must be an int >= 0"),
+        ({"speedups": {"packing": False, "bogus": True}}, r"speedups: unknown switches \['bogus'\]"),
+        ({"speedups": {"packing": "no"}}, "speedups.packing must be True or False"),
+        ({"speedups": {"packed_row_tokens": 0}}, "speedups.packed_row_tokens must be an int >= 1"),
+        ({"speedups": "none"}, "speedups must be a dpolab.train.Speedups"),
     ],
 )
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_config_with_speedups_survives_its_json():
+    """config.json and a checkpoint's manifest hold to_dict()'s JSON; TrainConfig(**it) is the config again."""
+    c = TrainConfig(speedups=Speedups(packing=False, packed_row_tokens=64), loss=("dpo", "hinge"))
+    assert TrainConfig(**json.loads(json.dumps(c.to_dict()))) == c
 
 
 DEFAULTS = ("learning_rate", "min_learning_rate", "batch_size", "epochs", "max_steps", "beta")
@@ -622,6 +617,10 @@ def test_checkpoint_holds_everything_and_loads_with_weights_only(small_tokenizer
             rows,
             config(epochs=1, output_dir=str(tmp_path), resume=True, beta=0.1),
         )
+    # how a step is computed may change between a run and its resumption
+    assert (
+        check_output_dir(config(epochs=1, output_dir=str(tmp_path), resume=True, speedups=Speedups.none()))[0] == last
+    )
 
 
 def _train_command(out: Path, model_dir: Path, data: Path, cache: Path, *extra: str) -> list[str]:
@@ -722,7 +721,7 @@ def test_sigkill_during_the_final_model_save_loses_nothing(tiny_model_dir, full_
     shutil.copytree(full / "model", final)
     expected = _tree(final)
     rng = random.Random(0)
-    for attempt in range(10):
+    for _ in range(10):
         with open(tmp_path / "save-loop.log", "w") as log:  # a file: a full pipe would stall the loop
             proc = subprocess.Popen(
                 [sys.executable, "-c", SAVE_LOOP, str(out), str(final)],
@@ -850,7 +849,7 @@ def test_a_damaged_checkpoint_is_skipped_for_the_newest_intact_one(small_tokeniz
         load_checkpoint(four, make_tiny_gpt2(small_tokenizer))  # named, not a raw SafetensorError
 
     model = make_tiny_gpt2(small_tokenizer)
-    with caplog.at_level(logging.WARNING, logger="dpolab.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="dpolab.train"):
         resumed = train(model, small_tokenizer, rows, dataclasses.replace(cfg, resume=True))
     assert resumed.resumed_from_step == 2
     assert resumed.extra["skipped_checkpoints"] == [

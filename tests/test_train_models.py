@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
+from conftest import make_tiny_gpt2
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_gpt2
 from dpolab.data.collate import PreferenceCollator, tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
 from dpolab.train import METRICS, TrainConfig, train
-from dpolab.train.speedups import GELUProjection, NormInputConv1D, RowGradEmbedding
+from dpolab.train.speedups import GELUProjection, NormThenConv1D, RowGradEmbedding
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -63,13 +63,15 @@ def test_train_leaves_the_callers_models_as_they_were(small_tokenizer, rows, tmp
     during = []
 
     def look(row):
+        block = policy.transformer.h[0]
         during.append(
-            (type(policy.transformer.h[0].mlp.c_proj), type(policy.transformer.wte), policy.transformer.drop.p)
+            (type(block.mlp.c_proj), type(block.attn.c_attn), type(policy.transformer.wte), policy.transformer.drop.p)
         )
 
     train(policy, small_tokenizer, rows, config(max_steps=2), ref_model=reference, on_step=look)
-    assert during[0] == (GELUProjection, RowGradEmbedding, 0.0)  # the speed-ups and dropout 0 held while training
-    assert type(policy.transformer.h[0].attn.c_attn) is not NormInputConv1D
+    # the speed-ups and dropout 0 held while training
+    assert during[0] == (GELUProjection, NormThenConv1D, RowGradEmbedding, 0.0)
+    assert "norm" not in vars(policy.transformer.h[0].attn.c_attn)  # NormThenConv1D's reference to its norm is gone
     assert snapshot(policy) == before["policy"] and snapshot(reference) == before["reference"]
     assert all(torch.equal(v, ref_weights[k]) for k, v in reference.state_dict().items())
     assert not all(torch.equal(v, initial[k]) for k, v in policy.state_dict().items())
@@ -94,23 +96,29 @@ def test_train_undoes_its_changes_when_it_raises(small_tokenizer, rows):
 @pytest.mark.parametrize("loss", ["dpo", "sft"])
 def test_gradient_checkpointing_gives_the_same_run_and_is_switched_off_after(small_tokenizer, rows, loss):
     """Three steps with and without checkpointing (every speed-up on): the same history and weights; with it, a
-    block's MLP runs twice per step (the forward, then its recomputation in the backward); after, it is off again and
-    transformers' input-embedding hook is gone."""
+    block's MLP runs twice per step (the forward, then its recomputation in the backward; counted over steps 2 and 3,
+    after the one-time checks of the speed-ups); after, it is off again and transformers' input-embedding hook is
+    gone."""
     runs = []
     for checkpointing in (False, True):
         model = make_tiny_gpt2(small_tokenizer)
         before = snapshot(model)
         calls = []
         mlp = model.transformer.h[0].mlp  # inside the checkpointed block (transformers checkpoints its forward)
-        mlp.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+        mlp.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(torch.is_grad_enabled()))
+        marks = []  # the MLP's calls with gradients so far, at the end of each step
         history = train(
-            model, small_tokenizer, rows, config(loss=loss, max_steps=3, gradient_checkpointing=checkpointing)
+            model,
+            small_tokenizer,
+            rows,
+            config(loss=loss, max_steps=3, gradient_checkpointing=checkpointing),
+            on_step=lambda row, marks=marks, calls=calls: marks.append(calls.count(True)),
         ).history
         mlp._forward_pre_hooks.clear()
         assert snapshot(model) == before
-        runs.append((history, weights(model), calls.count(True)))
+        runs.append((history, weights(model), marks[-1] - marks[0]))
     (h0, w0, calls0), (h1, w1, calls1) = runs
-    assert (calls0, calls1) == (3, 6)
+    assert (calls0, calls1) == (2, 4)  # steps 2 and 3
     for r0, r1 in zip(h0, h1, strict=True):
         for key in METRICS:
             assert r1[key] == pytest.approx(r0[key], rel=1e-6, abs=1e-7), key

@@ -29,9 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from ..train.speedups import native_bf16
 from .against import export_ref
 from .lockstep import run_lockstep, worker_argv, worker_env
 
@@ -41,12 +38,13 @@ GPT2_124M = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer":
 QUICK_MODEL = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 256, "n_layer": 4, "n_head": 4}
 ABLATIONS = {  # variant (workers.ABLATIONS) -> what it switches off
     "padded": "shared-prefix packing: the padded 2B-row batch, each prompt computed twice",
+    "chunked-head": "the fused LM head: the head in chunks, each recomputed in the backward",
     "python-gelu": "the fused GELU: transformers' seven-operation gelu_new, apart from the projection after it",
-    "recompute-head": "the kept softmax: the LM head's logits recomputed in the backward",
     "foreach-adamw": "fused AdamW: torch's default foreach AdamW",
     "dense-embedding-grad": "the tied embedding's in-place gradient: autograd's dense lookup gradient, summed",
     "saved-layer-norms": "the recomputed layer norms: each norm's output kept for the linear after it",
-    "mkl-products": "oneDNN's products: torch's own mm/addmm (MKL's sgemm on x86) in dpolab's autograd functions",
+    "mkl-products": "oneDNN's products: torch's own mm/addmm (MKL's sgemm on x86) in dpolab's autograd functions "
+    "(torch.backends.mkldnn.enabled = False)",
 }
 LOSS_RTOL = 1e-4  # the first two steps' losses of dpolab and TRL must agree to this relative tolerance
 
@@ -263,9 +261,19 @@ def _training_runs(args: argparse.Namespace, spec: dict, repeats: int, against: 
         runs["extra"]["same"] = paired("dpolab")  # dpolab beside itself: how far one run's two sides land by chance
         for variant in ABLATIONS:
             runs["extra"][variant] = paired(variant)
-    if not args.quick and native_bf16(torch.device("cpu")):  # mixed precision, apart from the fp32 comparison
+    if not args.quick and _cpu_has_native_bf16():  # mixed precision, apart from the fp32 comparison
         runs["extra"]["bf16"] = paired("bf16")
     return runs
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (the avx512_bf16 or amx_bf16 flag in Linux's /proc/cpuinfo): where
+    it does not, a bf16 run would measure emulation."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 _HEADLINE = (
@@ -409,7 +417,7 @@ def _markdown(result: dict, text: str, lines: list[str]) -> str:
             "defaults except `bf16=False` (fp32 like ours), `gradient_checkpointing=False` (its default recomputes "
             "activations: slower here), an explicit `ref_model` and a sequential sampler; it runs the reference model in "
             "every step unless `precompute_ref_log_probs` (its own row). dpolab.train runs with its defaults: shared-prefix "
-            "packing, the fused LM head with its softmax kept, the fused GELU folded into the MLP's projection, the tied "
+            "packing, the fused LM head, the fused GELU folded into the MLP's projection, the tied "
             "embedding's gradient added in place, the layer norms' outputs recomputed in the backward, the products of "
             "its autograd functions through oneDNN, fused AdamW, reference log-probs precomputed (before the timed "
             "steps).",

@@ -47,12 +47,15 @@ def pair_flops(model: torch.nn.Module, prompt: int, chosen: int, rejected: int) 
 
 def _products(m: int, k: int, n: int) -> dict:
     """The fp32 products of an (m, k) and a (k, n) matrix this machine offers, each in its best layout: torch's ``mm``
-    (MKL's sgemm on x86) and, where torch has it, oneDNN's (``dpolab.matmul``; its second operand stored (n, k))."""
+    (MKL's sgemm on x86) and, where dpolab takes it, oneDNN's (``dpolab.matmul``; its second operand stored (n, k))."""
+    from ..matmul import onednn_linear
+
     a, b = torch.randn(m, k), torch.randn(k, n)
-    out, w = torch.empty(m, n), b.t().contiguous()
+    out, b_t = torch.empty(m, n), b.t().contiguous().t()  # b stored (n, k), as oneDNN is fastest with it
     products = {"torch.mm": lambda: torch.mm(a, b, out=out)}
-    if torch.backends.mkldnn.is_available():
-        products["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+    onednn = onednn_linear() if torch.backends.mkldnn.is_available() else None
+    if onednn is not None:
+        products["oneDNN"] = lambda: onednn(a, b_t, None)
     return products
 
 

@@ -108,7 +108,7 @@ def run_lockstep(jobs: list[tuple[str, dict]], steps: int, timeout: float) -> li
                 os.close(done_w)
                 pipes.append((go_w, done_r, out_path, err_path))
             start = time.perf_counter()
-            for (go_w, done_r, _, err_path), proc, label in zip(pipes, procs, labels):  # step 1, all at once
+            for (_, done_r, _, err_path), proc, label in zip(pipes, procs, labels):  # step 1, all at once
                 _await(proc, done_r, timeout, err_path, label)
             for step in range(2, steps + 1):
                 order = range(len(jobs)) if step % 2 == 0 else reversed(range(len(jobs)))

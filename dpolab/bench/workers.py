@@ -32,7 +32,7 @@ def random_gpt2(spec: dict, seed: int):
 def timed_rows(spec: dict):
     """The Penn pairs of the timed steps, in the order dpolab.train visits them (epoch 0 of seed 0)."""
     from ..data import load_penn
-    from ..train.loop import epoch_order
+    from ..train.examples import epoch_order
 
     n = spec["batch_size"] * (spec["warmup_steps"] + spec["timed_steps"])
     rows = load_penn()["train"].select(range(n))
@@ -59,31 +59,25 @@ def _timings(gate, spec: dict) -> dict:
     return {"step_seconds": gate.step_seconds(spec["warmup_steps"]), "step_intervals": gate.intervals()}
 
 
-# dpolab.train with one speed-up switched off: variant -> TrainConfig fields ("recompute-head" and "mkl-products"
-# are module settings)
+# dpolab.train with one speed-up switched off: variant -> the Speedups switch it turns off (dpolab.train.Speedups)
 ABLATIONS = {
-    "padded": {"packing": False},
-    "python-gelu": {"fuse_activations": False},
-    "foreach-adamw": {"fused_optimizer": False},
-    "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
-    "saved-layer-norms": {"recompute_layer_norms": False},
-    "recompute-head": {},
-    "mkl-products": {},
-    "bf16": {"precision": "bf16"},
-}  # bf16: reported apart
+    "padded": "packing",
+    "chunked-head": "fused_lm_head",
+    "python-gelu": "fuse_activations",
+    "foreach-adamw": "fused_optimizer",
+    "dense-embedding-grad": "inplace_tied_embedding_grad",
+    "saved-layer-norms": "recompute_layer_norms",
+    "mkl-products": "onednn_products",
+}
 
 
 def train_dpolab(spec: dict) -> dict:
-    """dpolab.train on the spec's pairs; ``spec["variant"]`` switches one optimisation off (an ablation)."""
-    from .. import logprobs, matmul
+    """dpolab.train on the spec's pairs; ``spec["variant"]``: one speed-up off (``ABLATIONS``), or "bf16" autocast."""
     from ..models import gpt2_tokenizer
-    from ..train import TrainConfig, train
+    from ..train import Speedups, TrainConfig, train
 
     variant = spec.get("variant", "dpolab")
-    if variant == "recompute-head":
-        logprobs.KEEP_SOFTMAX_BYTES = 0  # the LM head's chunks recomputed in the backward (4 products, not 3)
-    if variant == "mkl-products":
-        matmul.ONEDNN = False  # torch's own products in dpolab's autograd functions
+    off = {ABLATIONS[variant]: False} if variant in ABLATIONS else {}
     tokenizer = gpt2_tokenizer()
     rows, _ = timed_rows(spec)
     policy = random_gpt2(spec, seed=0)
@@ -100,7 +94,8 @@ def train_dpolab(spec: dict) -> dict:
         seed=0,
         use_ref_cache=False,
         progress=False,
-        **ABLATIONS.get(variant, {}),
+        speedups=Speedups(**off),
+        precision="bf16" if variant == "bf16" else "auto",
     )
     gate, losses = _gate(spec), []
 

@@ -13,8 +13,9 @@ training pair's prompt gets (``dpolab.data.tokenize``), so the model continues a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationConfig

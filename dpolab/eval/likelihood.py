@@ -17,7 +17,7 @@ plots, but not exactly KL(pi || pi_ref). Single terms can be negative; only the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

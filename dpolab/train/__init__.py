@@ -8,12 +8,13 @@ result.history[-1]["ranking/kendall_tau"]                                   # co
 """
 
 from .adapters import merge_adapter
-from .config import TrainConfig
+from .config import Speedups, TrainConfig
 from .listwise import listwise_metrics
 from .loop import EVAL_METRICS, METRICS, NonFiniteError, TrainResult, train
 
 __all__ = [
     "TrainConfig",
+    "Speedups",
     "train",
     "TrainResult",
     "NonFiniteError",

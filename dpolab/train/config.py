@@ -12,7 +12,8 @@ import importlib.util
 import inspect
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from ..data.tokenize import TRUNCATION_MODES
 from ..losses import LISTWISE_LOSSES, LOSSES, PAIR_EXPANSIONS
 
-__all__ = ["TrainConfig", "loss_parameters", "WARMUP_COSINE", "EVAL_STRATEGIES"]
+__all__ = ["TrainConfig", "Speedups", "autocast_dtype", "loss_parameters", "WARMUP_COSINE", "EVAL_STRATEGIES"]
 
 WARMUP_COSINE = "warmup_cosine"  # dpolab's schedule (the seed article's): warm-up, then cosine to min_learning_rate
 
@@ -43,6 +44,40 @@ def loss_parameters(loss: str | tuple[str, ...]) -> list[str]:
     names = (loss,) if isinstance(loss, str) else loss
     params = (p for name in names for p in inspect.signature(_loss_function(name)).parameters)
     return list(dict.fromkeys(p for p in params if p not in _LOG_PROB_ARGUMENTS))
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """How a training step is computed, never what: each switch changes no number beyond float rounding
+    (``tests/test_train.py`` trains with each off; ``make bench`` measures what each buys). ``Speedups.none()``
+    switches every one off: the plain computation. A speed-up a model cannot take exactly is not applied, and that is
+    said once (``speedups.py``, ``dpolab.lm_head``)."""
+
+    packing: bool = True  # pairwise losses: each pair one prompt + chosen + rejected segment in packed rows, the prompt
+    # computed once (eq. 6.9 of notebook 06; a ranking: prompt + K completions); off: the padded 2B-row batch
+    packed_row_tokens: int = 256  # with packing: target tokens per packed row (dpolab.data.packing)
+    fused_lm_head: bool = True  # with packing: the LM head and log-softmax as one function, its backward written out
+    # (eq. 6.8, dpolab.logprobs.linear_log_softmax); off: the head in chunks recomputed in the backward
+    fuse_activations: bool = True  # GPT-2's Python GELU -> torch's fused tanh GELU, folded into the MLP's projection
+    inplace_tied_embedding_grad: bool = True  # a tied input embedding adds its rows into weight.grad (one process only)
+    recompute_layer_norms: bool = True  # GPT-2: the linear after a layer norm computes the norm itself, keeping only
+    # the norm's input for the backward
+    fused_optimizer: bool = True  # AdamW's fused kernel where torch has it (CPU, CUDA)
+    onednn_products: bool = True  # on a CPU, the fp32 products inside dpolab's own autograd functions through
+    # oneDNN's kernels (dpolab.matmul); off: torch.backends.mkldnn.enabled = False while train runs
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"speedups.{f.name} must be True or False, got {value!r}")
+        _at_least("speedups.packed_row_tokens", self.packed_row_tokens, 1)
+
+    @classmethod
+    def none(cls) -> Speedups:
+        """Every speed-up off: padded batches, the chunked LM head, the model's own modules, torch's default AdamW and
+        torch's own products."""
+        return cls(**{f.name: False for f in fields(cls) if f.type == "bool"})
 
 
 @dataclass(frozen=True)
@@ -80,19 +115,12 @@ class TrainConfig:
     pad_to_multiple_of: int | None = None  # pad each batch's length to a multiple of this
     listwise_pairs: str | None = None  # rankings with a pairwise loss: train on each ranking's "adjacent" (K-1) or
     # "all" (K(K-1)/2) pairs (dpolab.losses.ranking_pairs); None: a pairwise loss refuses rankings
-    packing: bool = True  # pairwise losses: each pair one prompt+chosen+rejected segment, packed rows (eq. 6.9); a
-    # ranking: one prompt + K completions segment
-    packed_row_tokens: int = 256  # with packing: target tokens per packed row (dpolab.data.packing)
-    # --- speed-ups that change no number beyond float rounding (dpolab/train/speedups.py; `make bench` measures them)
-    fuse_activations: bool = True  # GPT-2's Python GELU -> torch's fused tanh GELU, folded into the MLP's projection
-    inplace_tied_embedding_grad: bool = True  # a tied input embedding adds its rows into weight.grad (one process only)
-    recompute_layer_norms: bool = True  # GPT-2: the linear after a layer norm keeps the norm's input, not its output
-    fused_optimizer: bool = True  # AdamW's fused kernel where torch has it (CPU, CUDA)
+    # --- speed-ups that change no number beyond float rounding (Speedups above; `make bench` measures them)
+    speedups: Speedups = field(default_factory=Speedups)  # Speedups.none(): every one off (--no-speedups)
     # --- memory
-    gradient_checkpointing: bool = (
-        False  # TRL's flag: recompute each layer's activations in the backward (transformers'
-    )
-    # activation checkpointing, non-reentrant), less memory for more time, the same numbers; off by default (TRL: on)
+    gradient_checkpointing: bool = False  # TRL's flag: recompute each layer's activations in the backward
+    # (transformers' activation checkpointing, non-reentrant), less memory for more time, the same numbers; off by
+    # default (TRL: on)
     # --- parameter-efficient fine-tuning (dpolab/train/adapters.py; needs dpolab[peft])
     peft_config: dict[str, Any] | None = None  # a peft config (peft.LoraConfig(r=8, ...)) or its dict: train() wraps
     # the model with get_peft_model, only the adapter trains, the reference is the base model (adapter disabled), as
@@ -107,8 +135,8 @@ class TrainConfig:
     disable_dropout: bool = True  # set every nn.Dropout's p to 0, as TRL does: the reference log-probs have no dropout
     # --- where it runs
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, mps; under torchrun, cuda:LOCAL_RANK
-    precision: str = "auto"  # auto: bf16 autocast on CUDA when supported, else fp32; fp32; bf16 (autocast, also on a
-    # CPU with native bf16: AVX512-BF16 or AMX)
+    precision: str = "auto"  # auto: bf16 autocast on a CUDA device that supports it, else fp32; fp32; bf16 (autocast;
+    # on a CPU too, slow where it has no native bf16: AVX512-BF16 or AMX)
     # --- files
     output_dir: str | None = None  # checkpoints, history.json, history.csv, config.json; None: write nothing
     save_steps: int | None = None  # write a checkpoint every this many steps (and at the end); None: only at the end
@@ -163,7 +191,15 @@ class TrainConfig:
         _positive("adam_epsilon", self.adam_epsilon)
         if self.max_grad_norm is not None:
             _positive("max_grad_norm", self.max_grad_norm)
-        for name in ("epochs", "batch_size", "grad_accum_steps", "save_total_limit", "packed_row_tokens"):
+        if isinstance(self.speedups, Mapping):  # as to_dict() writes it
+            known = [f.name for f in fields(Speedups)]
+            unknown = sorted(set(self.speedups) - set(known))
+            if unknown:
+                raise ValueError(f"speedups: unknown switches {unknown}; the switches are {known}")
+            object.__setattr__(self, "speedups", Speedups(**self.speedups))
+        if not isinstance(self.speedups, Speedups):
+            raise ValueError(f"speedups must be a dpolab.train.Speedups, got {self.speedups!r}")
+        for name in ("epochs", "batch_size", "grad_accum_steps", "save_total_limit"):
             _at_least(name, getattr(self, name), 1)
         if not (isinstance(self.warmup_steps, float) and 0 <= self.warmup_steps < 1):
             _at_least("warmup_steps", self.warmup_steps, 0)
@@ -241,6 +277,15 @@ class TrainConfig:
         return out
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for ``precision`` "bf16" (a CPU too: autocast, slow on one without native bf16, AVX512-BF16 or AMX) and
+    for "auto" on a CUDA device that supports it; else None (the weights' own precision, fp32)."""
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not (device.type == "cpu" or cuda_bf16):
+        raise ValueError(f"precision='bf16': {device} has no bf16 support; pass precision='fp32' (--precision fp32)")
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and cuda_bf16) else None
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -273,9 +318,9 @@ def _check_scheduler(name: str) -> None:
 def _check_loss_kwargs(losses: tuple[str, ...], loss_kwargs: dict[str, Any]) -> None:
     """A loss parameter whose default (or annotation) is a number must be given a number, not text."""
     for loss, name, parameter in (
-        (loss, name, parameter)
-        for loss in losses
-        for name, parameter in inspect.signature(_loss_function(loss)).parameters.items()
+        (one, name, parameter)
+        for one in losses
+        for name, parameter in inspect.signature(_loss_function(one)).parameters.items()
     ):
         if name not in loss_kwargs:
             continue

@@ -20,7 +20,8 @@ a tie in the rewards counting as neither. Every metric is a mean over the step's
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,12 +107,14 @@ def ranking_metrics(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ListwisePolicy(torch.nn.Module):
     """batch -> log pi_theta(y_k|x), (B, K): the module DDP wraps for rankings (``dpolab.logprobs.listwise_logps``)."""
 
-    def __init__(self, model: torch.nn.Module, reduction: str, n_completions: int):
+    def __init__(self, model: torch.nn.Module, reduction: str, n_completions: int, fused_head: bool = True):
         super().__init__()
-        self.model, self.reduction, self.n_completions = model, reduction, n_completions
+        self.model, self.reduction, self.n_completions, self.fused_head = model, reduction, n_completions, fused_head
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return listwise_logps(self.model, batch, self.n_completions, reduction=self.reduction)
+        return listwise_logps(
+            self.model, batch, self.n_completions, reduction=self.reduction, fused_head=self.fused_head
+        )
 
 
 class ListwiseObjective:

@@ -12,14 +12,17 @@ and size, the reduction and the precision, and a note for a model scored in anot
 PEFT model with its adapter disabled). Change any of them and the log-probs are recomputed.
 
 ``score_completions`` is the scoring itself, without the cache: ``train`` also scores its policy on eval pairs with it.
+``reference_logps`` is what ``train`` computes with its config, and what the Penn experiment computes ahead of it
+(``reference_cached``: whether that is on disk already).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,8 +30,9 @@ from safetensors.torch import load_file, save_file
 
 from ..data.collate import PreferenceCollator, completion_parts, n_completions
 from ..data.packing import PackedPreferenceCollator
-from ..logprobs import listwise_logps
 from ..files import atomic_directory, cache_root
+from ..logprobs import listwise_logps
+from .config import TrainConfig, autocast_dtype
 
 __all__ = [
     "weights_hash",
@@ -37,6 +41,8 @@ __all__ = [
     "score_completions",
     "precompute_reference_logps",
     "precompute_reference_list_logps",
+    "reference_logps",
+    "reference_cached",
 ]
 
 
@@ -227,3 +233,63 @@ def precompute_reference_list_logps(
             with atomic_directory(path.parent, replace=False) as tmp:
                 save_file({"logps": logps.cpu().contiguous()}, str(tmp / path.name))
     return logps.cpu().t()
+
+
+def _arguments(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """precompute_reference_list_logps' arguments as ``train`` passes them for ``config`` on ``device``."""
+    return {
+        "batch_size": 2 * config.batch_size,
+        "device": device,
+        "autocast_dtype": autocast_dtype(config.precision, device),
+        "reduction": config.reduction,
+        "cache_dir": config.ref_cache_dir,
+        "use_cache": config.use_ref_cache,
+        "packing": config.speedups.packing,
+    }
+
+
+def reference_logps(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    tokenizer,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    cache_note: str | None = None,
+) -> torch.Tensor:
+    """log pi_ref of every completion of ``examples`` as ``train`` computes them for ``config``, once, before its first
+    step: :func:`precompute_reference_list_logps` with the config's batch size (2 x batch_size), reduction,
+    precision, cache and packing. (N, K) float32 on CPU."""
+    return precompute_reference_list_logps(
+        model,
+        examples,
+        tokenizer,
+        **_arguments(config, device),
+        rank=rank,
+        world_size=world_size,
+        cache_note=cache_note,
+    )
+
+
+def reference_cached(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    tokenizer,
+    config: TrainConfig,
+    device: torch.device,
+    cache_note: str | None = None,
+) -> bool:
+    """Whether :func:`reference_logps` with these arguments reads its numbers from the disk cache."""
+    args = _arguments(config, device)
+    path = reference_cache_path(
+        model,
+        examples,
+        tokenizer,
+        reduction=args["reduction"],
+        autocast_dtype=args["autocast_dtype"],
+        cache_dir=args["cache_dir"],
+        note=cache_note,
+    )
+    return args["use_cache"] and path.exists()

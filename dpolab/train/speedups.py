@@ -1,4 +1,5 @@
-"""How a training step is made fast without changing what it computes (``make bench`` switches each off alone).
+"""How a training step is made fast without changing what it computes (``TrainConfig.speedups``; ``make bench``
+switches each off alone).
 
 - ``fuse_activations``: transformers' GPT-2 GELU (``gelu_new``) is seven Python-level elementwise operations, each
   a pass over the (tokens x 3072) MLP activations, four of them saved for the backward; torch's
@@ -13,11 +14,14 @@
   already held, one more (V x D) tensor. Here the lookup's rows are added in place into ``weight.grad`` instead.
 - ``recompute_layer_norms``: in GPT-2's blocks, the linear after each layer norm (``ln_1`` -> ``attn.c_attn``,
   ``ln_2`` -> ``mlp.c_fc``) keeps its input, the norm's output, for its weight's gradient, while the norm keeps its
-  own input for its backward: two (tokens x 768) tensors per norm. Here the linear keeps the norm's input alone and
-  recomputes the norm's output in the backward (one cheap normalisation per norm).
+  own input for its backward: two (tokens x 768) tensors per norm. Here the linear computes the norm itself from the
+  norm's input (the norm passes its input on), keeps that input alone, and recomputes the norm's output in the
+  backward (one cheap normalisation per norm). An op between the two modules would see the norm's input instead of
+  its output, so the conversion checks the model's outputs and gradients on a few tokens against the unconverted
+  model's and is undone, and said once, where they differ.
 - ``fused_adamw``: AdamW's fused kernel updates each tensor in one pass, without foreach temporaries.
 - The products inside these autograd functions go through ``dpolab.matmul``: oneDNN's fp32 kernels on a CPU,
-  torch's own elsewhere.
+  torch's own elsewhere (``onednn_products``).
 
 ``speedups_applied`` applies the first three to a model for the duration of a block (``dpolab.train`` wraps its run in
 it) and undoes them afterwards, also when the block raises: the caller's model comes back with its own classes and
@@ -34,31 +38,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+from ..lm_head import close, say_once
 from ..matmul import matmul
+from .config import Speedups
 
 __all__ = [
     "speedups_applied",
     "fuse_activations",
     "fused_adamw",
-    "native_bf16",
     "gelu_projection",
     "GELUProjection",
     "inplace_tied_embedding_grad",
     "RowGradEmbedding",
     "recompute_layer_norms",
-    "SourcedLayerNorm",
-    "NormInputConv1D",
+    "norm_then_conv1d",
+    "NormPassThrough",
+    "NormThenConv1D",
 ]
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices natively: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16
-    kernels (AVX512-BF16 or AMX). There bf16 autocast is fast; elsewhere it is emulated and slow."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 def _conv1d(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -67,16 +63,20 @@ def _conv1d(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return out.view(*inp.shape[:-1], weight.shape[1])
 
 
-def _conv1d_param_grads(ctx, recompute_input, dout: torch.Tensor, weight: torch.Tensor):
-    """(dW, db) = (inp^T dout, sum dout) for a Conv1D product inside an autograd Function whose inputs 1 and 2 are
-    weight and bias, and whose ctx holds ``mm_dtype`` (the products' dtype) and ``bias_dtype``. ``recompute_input()``
-    gives the (tokens, n) input the forward did not keep; it runs only if dW is needed."""
+def _conv1d_param_grads(ctx, recompute_input, dout: torch.Tensor, weight: torch.Tensor, bias_index: int):
+    """(dW, db) = (inp^T dout, sum dout) for a Conv1D product inside an autograd Function whose inputs
+    ``bias_index - 1`` and ``bias_index`` are weight and bias, and whose ctx holds ``mm_dtype`` (the products' dtype)
+    and ``bias_dtype``. ``recompute_input()`` gives the (tokens, n) input the forward did not keep; it runs only if
+    dW is needed."""
     grad_w = grad_b = None
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[bias_index - 1]:
         grad_w = matmul(recompute_input().to(ctx.mm_dtype).t(), dout).to(weight.dtype)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[bias_index]:
         grad_b = dout.sum(0, dtype=torch.promote_types(ctx.mm_dtype, torch.float32)).to(ctx.bias_dtype)
     return grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------------------- the fused GELU
 
 
 def _gelu_then_project(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -102,12 +102,15 @@ class _GELUProjection(torch.autograd.Function):
         a, weight = ctx.saved_tensors
         mm = ctx.mm_dtype
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(mm)
-        a2 = a.reshape(-1, a.shape[-1])
+        a2 = a.detach().reshape(-1, a.shape[-1]).requires_grad_(ctx.needs_input_grad[0])
+        with torch.enable_grad():
+            g = F.gelu(a2, approximate="tanh")  # recomputed: for dW, and (its graph) for da
+        grad_w, grad_b = _conv1d_param_grads(ctx, g.detach, dy, weight, bias_index=2)
         grad_a = None
         if ctx.needs_input_grad[0]:
-            grad_g = matmul(dy, weight.to(mm).t())
-            grad_a = torch.ops.aten.gelu_backward(grad_g.to(a.dtype), a2, approximate="tanh").view(a.shape)
-        grad_w, grad_b = _conv1d_param_grads(ctx, lambda: F.gelu(a2, approximate="tanh"), dy, weight)
+            grad_g = matmul(dy, weight.to(mm).t()).to(g.dtype)
+            (grad_a,) = torch.autograd.grad(g, a2, grad_g)
+            grad_a = grad_a.view(a.shape)
         return grad_a, grad_w, grad_b
 
 
@@ -155,85 +158,171 @@ def fuse_activations(model: torch.nn.Module) -> int:
     return replaced
 
 
-_NORM_SOURCE = "_dpolab_norm_source"  # a SourcedLayerNorm's output carries (its version, x, the norm's arguments)
+# ------------------------------------------------------------------------------- the recomputed layer norms
 
 
-class SourcedLayerNorm(torch.nn.LayerNorm):
-    """An ``nn.LayerNorm`` whose output remembers its input and the norm's arguments (as the attribute
-    ``_NORM_SOURCE``), so that the ``NormInputConv1D`` it feeds can recompute it in the backward instead of keeping
-    it. The norm's own function, gradients and saved tensors are ``nn.LayerNorm``'s."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        if torch.is_grad_enabled() and y.requires_grad:
-            setattr(y, _NORM_SOURCE, (y._version, x, self.weight, self.bias, tuple(self.normalized_shape), self.eps))
-        return y
+def _autocast_state(device_type: str) -> tuple[str, torch.dtype, bool]:
+    return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
 
 
-class _NormInputLinear(torch.autograd.Function):
-    """out = y W + b with y = layer_norm(x) (GPT-2's Conv1D layout: W is (in, out)), keeping x, not y:
-    dy = dout W^T, dW = y^T dout with y recomputed from x, db = sum dout. x is the norm's input, which the norm's
-    own backward keeps anyway; it is an input here only to be saved, and gets no gradient from this function."""
+class _NormThenLinear(torch.autograd.Function):
+    """out = y W + b with y = layer_norm(x) (GPT-2's Conv1D layout: W is (in, out)), keeping x, not y. The backward
+    recomputes y from x (under the forward's autocast, so in its dtype), then dW = y^T dout, db = sum dout, and
+    dx, d(norm weight), d(norm bias) as layer_norm's own backward of dy = dout W^T."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, x, norm_weight, norm_bias, norm_shape, eps):
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias, norm_shape, eps):
+        y = F.layer_norm(x, norm_shape, norm_weight, norm_bias, eps)
         out = _conv1d(y, weight, bias)
-        ctx.mm_dtype, ctx.y_dtype = out.dtype, y.dtype  # the product's dtype (bf16 under autocast)
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.mm_dtype = out.dtype  # the product's dtype (bf16 under autocast)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.norm_shape, ctx.eps = norm_shape, eps
-        ctx.save_for_backward(weight, x, norm_weight, norm_bias)
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        weight, x, norm_weight, norm_bias = ctx.saved_tensors
-        mm = ctx.mm_dtype
-        dout = grad_out.reshape(-1, grad_out.shape[-1]).to(mm)
-        grad_y = None
-        if ctx.needs_input_grad[0]:
-            grad_y = matmul(dout, weight.to(mm).t()).to(ctx.y_dtype).view(*x.shape[:-1], weight.shape[0])
-
-        def norm_output():  # in the wider dtype, as autocast ran the norm (fp32 from bf16 under CUDA's)
-            wide = torch.promote_types(x.dtype, ctx.y_dtype)
-            y = F.layer_norm(
-                x.to(wide),
-                ctx.norm_shape,
-                None if norm_weight is None else norm_weight.to(wide),
-                None if norm_bias is None else norm_bias.to(wide),
-                ctx.eps,
-            ).to(ctx.y_dtype)
-            return y.reshape(-1, y.shape[-1])
-
-        grad_w, grad_b = _conv1d_param_grads(ctx, norm_output, dout, weight)
-        return grad_y, grad_w, grad_b, None, None, None, None, None
+        x, norm_weight, norm_bias, weight = ctx.saved_tensors
+        device_type, dtype, enabled = ctx.autocast
+        norm_inputs = [
+            t.detach().requires_grad_(need) if t is not None else None
+            for t, need in zip((x, norm_weight, norm_bias), ctx.needs_input_grad[:3])
+        ]
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            y = F.layer_norm(norm_inputs[0], ctx.norm_shape, norm_inputs[1], norm_inputs[2], ctx.eps)
+        dout = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.mm_dtype)
+        grad_w, grad_b = _conv1d_param_grads(ctx, lambda: y.detach().reshape(-1, y.shape[-1]), dout, weight, 4)
+        grads = [None, None, None]
+        wanted = [i for i in range(3) if ctx.needs_input_grad[i] and norm_inputs[i] is not None]
+        if wanted:
+            grad_y = matmul(dout, weight.to(ctx.mm_dtype).t()).to(y.dtype).view(y.shape)
+            found = torch.autograd.grad(y, [norm_inputs[i] for i in wanted], grad_y)
+            for i, g in zip(wanted, found):
+                grads[i] = g
+        return *grads, grad_w, grad_b, None, None
 
 
-class NormInputConv1D(Conv1D):
-    """A GPT-2 ``Conv1D`` that, fed the untouched output of a ``SourcedLayerNorm``, keeps the norm's input instead
-    of its own (``_NormInputLinear``); fed anything else, it is a plain Conv1D. ``recompute_layer_norms`` turns a
-    Conv1D into one by changing its class: the same module, parameters, state-dict keys and hooks."""
+def norm_then_conv1d(
+    x: torch.Tensor,
+    norm_shape: tuple[int, ...],
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``F.layer_norm(x, norm_shape, norm_weight, norm_bias, eps) @ weight + bias``, keeping x alone for the backward
+    (``_NormThenLinear``). Shapes: x (..., n), weight (n, m), bias (m,) -> (..., m)."""
+    tensors = (x, norm_weight, norm_bias, weight, bias)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return _conv1d(F.layer_norm(x, norm_shape, norm_weight, norm_bias, eps), weight, bias)
+    return _NormThenLinear.apply(x, norm_weight, norm_bias, weight, bias, tuple(norm_shape), eps)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        source = getattr(y, _NORM_SOURCE, None)
-        if source is None or source[0] != y._version or not torch.is_grad_enabled():  # changed in place: plain
-            return super().forward(y)
-        return _NormInputLinear.apply(y, self.weight, self.bias, *source[1:])
+
+class NormPassThrough(torch.nn.LayerNorm):
+    """A LayerNorm whose normalisation the linear it feeds computes (``NormThenConv1D``): its forward returns its
+    input as it is. Its parameters stay where they were (the same state-dict keys, the same optimizer entries)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
-def recompute_layer_norms(model: torch.nn.Module) -> int:
-    """In place: in every GPT-2 block, make ``ln_1`` and ``ln_2`` ``SourcedLayerNorm`` and the linears they feed
-    (``attn.c_attn``, ``mlp.c_fc``) ``NormInputConv1D``, by a change of class; returns how many norm-linear pairs it
-    converted. The model computes the same function with the same gradients, to float rounding; only what autograd
-    keeps for the backward changes."""
-    pairs = 0
+class NormThenConv1D(Conv1D):
+    """A GPT-2 ``Conv1D`` that normalises its input with the layer norm before it (``self.norm``, a
+    ``NormPassThrough``, referenced, not a child module) and keeps only that input for the backward
+    (``norm_then_conv1d``). ``recompute_layer_norms`` turns a Conv1D into one by changing its class: the same module,
+    parameters, state-dict keys and hooks."""
+
+    norm: torch.nn.LayerNorm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        return norm_then_conv1d(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps, self.weight, self.bias)
+
+
+_PROBE_TOKENS = 8  # tokens of the conversion check's input
+
+
+def _norm_linear_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.LayerNorm, Conv1D]]:
+    """(ln_1, attn.c_attn) and (ln_2, mlp.c_fc) of every GPT-2 block, where both are the plain modules."""
+    pairs = []
     for block in model.modules():
         for norm_name, owner_name, linear_name in (("ln_1", "attn", "c_attn"), ("ln_2", "mlp", "c_fc")):
             norm, linear = getattr(block, norm_name, None), getattr(getattr(block, owner_name, None), linear_name, None)
             if type(norm) is torch.nn.LayerNorm and type(linear) is Conv1D:
-                norm.__class__, linear.__class__ = SourcedLayerNorm, NormInputConv1D
-                pairs += 1
+                pairs.append((norm, linear))
     return pairs
+
+
+@contextlib.contextmanager
+def _fixed_random_numbers(device: torch.device):
+    """Inside the block, the same random numbers (dropout's) on every entry; the RNG states restored on leaving."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.random.default_generator.manual_seed(0)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(0)
+        yield
+
+
+def _probe(model: torch.nn.Module, norms: list[torch.nn.LayerNorm]) -> list[torch.Tensor]:
+    """The model's output on ``_PROBE_TOKENS`` tokens and the gradients of a fixed random projection of it with
+    respect to the input embeddings and the norms' parameters; the same random numbers on every call (dropout)."""
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device
+    ids = torch.arange(_PROBE_TOKENS, device=device)[None] % embedding.num_embeddings
+    inputs = F.embedding(ids, embedding.weight).detach().requires_grad_()  # not the module: its hooks stay quiet
+    params = [p for norm in norms for p in (norm.weight, norm.bias) if p is not None and p.requires_grad]
+    with _fixed_random_numbers(device), torch.enable_grad():
+        out = model(inputs_embeds=inputs, use_cache=False)[0].float()
+        direction = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        grads = torch.autograd.grad((out * direction).sum(), [inputs, *params])
+    return [out.detach(), *grads]
+
+
+def recompute_layer_norms(model: torch.nn.Module) -> int:
+    """In place: in every GPT-2 block, make ``ln_1`` and ``ln_2`` ``NormPassThrough`` and the linears they feed
+    (``attn.c_attn``, ``mlp.c_fc``) ``NormThenConv1D``, by a change of class; returns how many norm-linear pairs it
+    converted. The model computes the same function with the same gradients, to float rounding; only what autograd
+    keeps for the backward changes. That is checked once, on a few tokens (the outputs and the gradients of the input
+    embeddings and the norms' parameters, against the unconverted model's): where they differ (an op between a norm
+    and its linear) or the check cannot run, the conversion is undone, said once, and 0 returned."""
+    pairs = _norm_linear_pairs(model)
+    if not pairs:
+        return 0
+    norms = [norm for norm, _ in pairs]
+    try:
+        before = _probe(model, norms)
+    except Exception as error:  # a model the check cannot run on is left as it is
+        say_once(f"dpolab: {type(model).__name__}: its layer norms are kept (the conversion check fails: {error})")
+        return 0
+    for norm, linear in pairs:
+        norm.__class__, linear.__class__ = NormPassThrough, NormThenConv1D
+        object.__setattr__(linear, "norm", norm)  # a reference, not a child: the norm stays the block's own
+    try:
+        after = _probe(model, norms)
+        dtype = model.get_input_embeddings().weight.dtype  # the rounding the model computes with
+        same = all(close(a, b, dtype) for a, b in zip(after, before))
+        why = "changes its outputs or gradients (an op between a layer norm and the linear after it?)"
+    except Exception as error:
+        same, why = False, f"fails its forward or backward ({type(error).__name__}: {error})"
+    if not same:
+        _unconvert(pairs)
+        say_once(f"dpolab: {type(model).__name__}: recompute_layer_norms {why}; its layer norms are kept as they are")
+        return 0
+    return len(pairs)
+
+
+def _unconvert(pairs) -> None:
+    for norm, linear in pairs:
+        norm.__class__, linear.__class__ = torch.nn.LayerNorm, Conv1D
+        linear.__dict__.pop("norm", None)
+
+
+# ------------------------------------------------------------------------- the tied embedding's gradient
 
 
 class _RowsIntoGrad(torch.autograd.Function):
@@ -309,21 +398,33 @@ def fused_adamw(model: torch.nn.Module, device: torch.device) -> bool | None:
     )
 
 
+@contextlib.contextmanager
+def _onednn_enabled(enabled: bool):
+    """torch's public switch ``torch.backends.mkldnn.enabled`` off inside the block unless ``enabled`` (as it was
+    otherwise), and back as it was afterwards."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = was and enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
 def _undo(changed_classes, replaced_children) -> None:
     for parent, name, child in replaced_children:
         setattr(parent, name, child)
     for module, cls in changed_classes:
         module.__class__ = cls
+        if isinstance(module, Conv1D):
+            module.__dict__.pop("norm", None)  # NormThenConv1D's reference to its norm
 
 
 @contextlib.contextmanager
-def speedups_applied(
-    model: torch.nn.Module, *, activations: bool = True, tied_embedding_grad: bool = True, layer_norms: bool = True
-):
-    """``fuse_activations``, ``inplace_tied_embedding_grad`` and ``recompute_layer_norms`` (each where asked) on
-    ``model`` inside the block; on leaving it, normally or by an exception, every module whose class they changed
-    gets its class back and every child module they replaced is put back (the same objects, so parameters, hooks and
-    state-dict keys are the caller's)."""
+def speedups_applied(model: torch.nn.Module, speedups: Speedups = Speedups()):
+    """``recompute_layer_norms``, ``fuse_activations`` and ``inplace_tied_embedding_grad`` (each where ``speedups``
+    asks) on ``model`` inside the block, and oneDNN off unless ``speedups.onednn_products``; on leaving it, normally
+    or by an exception, every module whose class they changed gets its class back and every child module they
+    replaced is put back (the same objects, so parameters, hooks and state-dict keys are the caller's)."""
     classes = {module: type(module) for module in model.modules()}
     children = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
 
@@ -334,17 +435,18 @@ def speedups_applied(
         ]
 
     try:
-        if activations:
-            fuse_activations(model)
-        if tied_embedding_grad:
-            inplace_tied_embedding_grad(model)
-        if layer_norms:
+        if speedups.recompute_layer_norms:  # first: its check takes gradients, which RowGradEmbedding writes in place
             recompute_layer_norms(model)
+        if speedups.fuse_activations:
+            fuse_activations(model)
+        if speedups.inplace_tied_embedding_grad:
+            inplace_tied_embedding_grad(model)
     except BaseException:
         _undo(*changes())
         raise
     made = changes()
     try:
-        yield
+        with _onednn_enabled(speedups.onednn_products):
+            yield
     finally:
         _undo(*made)

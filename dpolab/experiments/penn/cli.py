@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         default=H.precision,
         choices=["auto", "fp32", "bf16"],
-        help="every trainer, TRL's too: auto = bf16 autocast where the hardware has native bf16 (CUDA, or a "
-        "CPU with AVX512-BF16/AMX), else fp32",
+        help="every trainer, TRL's too: auto = bf16 autocast on a CUDA device that supports it, else fp32; bf16 on "
+        "a CPU is slow unless it has native bf16 (AVX512-BF16, AMX)",
     )
     g.add_argument(
         "--save-steps",

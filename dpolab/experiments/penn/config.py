@@ -66,8 +66,8 @@ class Hyper:
     ipo_reduction: str = "mean"  # IPO's log-probs: per-token mean (TRL, the IPO authors) or sum
     odpo_alpha: float = 5.0  # ODPO's offset scale (module docstring)
     save_steps: int = 25  # checkpoint every this many steps, so an interrupted training resumes
-    precision: str = "auto"  # every trainer, TRL's too: auto = bf16 autocast where the hardware has native bf16
-    # (dpolab.train.speedups.native_bf16: a CUDA GPU, a CPU with AVX512-BF16 or AMX), else fp32; or fp32, bf16
+    precision: str = "auto"  # every trainer, TRL's too: auto = bf16 autocast on a CUDA device that supports it, else
+    # fp32 (as dpolab.train resolves it); or fp32, bf16 (on a CPU too: slow where it has no native bf16)
 
     def __post_init__(self):
         _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -160,14 +160,8 @@ QUICK = {"model": "tiny", "max_steps": 30, "seeds": 1, "betas": (0.1, 0.5)}
 
 
 def resolve_precision(precision: str, device) -> str:
-    """ "fp32" or "bf16" for the experiment's --precision on ``device`` (see ``Hyper.precision``)."""
-    from ...train.speedups import native_bf16
+    """ "fp32" or "bf16" for the experiment's --precision on ``device``, as dpolab.train resolves it (``Hyper.precision``;
+    bf16 on a device without bf16 support is an error)."""
+    from ...train.config import autocast_dtype
 
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    if precision == "bf16" and not native_bf16(device):
-        raise ValueError(
-            f"--precision bf16: {device} has no native bf16 (needs a CUDA GPU with bf16, or a CPU with "
-            "AVX512-BF16 or AMX); use --precision fp32"
-        )
-    return precision
+    return "fp32" if autocast_dtype(precision, device) is None else "bf16"

@@ -17,11 +17,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from ...files import atomic_path  # noqa: E402
-from .methods import METHODS, REFERENCE  # noqa: E402
+from ...files import atomic_path
+from .methods import METHODS, REFERENCE
 
 __all__ = ["make_figures", "FIGURES", "label"]
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ...train import TrainConfig, train
 from ...files import atomic_write_text, cache_root
+from ...train import TrainConfig, train
 from .config import Experiment
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "odpo_note",
     "unit_settings",
     "train_dpolab",
+    "dpolab_config",
     "TrainingInputs",
 ]
 
@@ -210,15 +212,11 @@ class TrainingInputs:
     notes: list[str] = field(default_factory=list)  # things the report must say (e.g. ODPO's offsets)
 
 
-def train_dpolab(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
-    """Train a copy of the initial model with dpolab.train; returns (policy, history rows with TRL's names).
-
-    Checkpoints every ``save_steps`` in ``work``; a rerun resumes from the latest one.
-    """
+def dpolab_config(unit: Unit, exp: Experiment, work: str | None = None, progress: bool = False) -> TrainConfig:
+    """The TrainConfig of a dpolab method's unit; ``work``: its checkpoint folder (resumed from, if it holds one)."""
     spec = METHODS[unit.method]
-    per_example = {"offset": inputs.odpo_offsets} if unit.method == "odpo" else None  # ODPO's Delta_i
     h = exp.hyper
-    config = TrainConfig(
+    return TrainConfig(
         loss=spec.loss,
         beta=unit_beta(unit, exp),
         loss_kwargs=spec.params(exp),
@@ -230,11 +228,20 @@ def train_dpolab(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str)
         batch_size=h.batch_size,
         seed=unit.seed,
         output_dir=work,
-        save_steps=h.save_steps,
-        resume=True,
-        progress=inputs.progress,
+        save_steps=h.save_steps if work else None,
+        resume=work is not None,
+        progress=progress,
         precision=h.precision,
     )
+
+
+def train_dpolab(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
+    """Train a copy of the initial model with dpolab.train; returns (policy, history rows with TRL's names).
+
+    Checkpoints every ``save_steps`` in ``work``; a rerun resumes from the latest one.
+    """
+    config = dpolab_config(unit, exp, work, inputs.progress)
+    per_example = {"offset": inputs.odpo_offsets} if unit.method == "odpo" else None  # ODPO's Delta_i
     policy = copy.deepcopy(inputs.model)  # same initial weights for every method
     result = train(
         policy, inputs.tokenizer, inputs.train_data, config, ref_model=inputs.model, example_loss_kwargs=per_example

@@ -40,6 +40,7 @@ import torch
 
 from ...errors import InputError
 from ...files import atomic_write_text, cache_root, portable_text, read_jsonl, save_pretrained_atomically
+from ...train.history import write_history
 from .config import Experiment, resolve_precision
 from .evaluate import SUMMARIES, evaluate_policy, pool_seeds, summarize
 from .methods import (
@@ -47,6 +48,7 @@ from .methods import (
     REFERENCE,
     TrainingInputs,
     Unit,
+    dpolab_config,
     odpo_note,
     odpo_offsets,
     settings_hash,
@@ -184,7 +186,7 @@ def train_examples(model, tokenizer, train_rows) -> list[dict]:
     """The training pairs' token ids, as dpolab.train (with the experiment's TrainConfig defaults for max_length and
     truncation) and TRL's DPOTrainer (the baseline's max_length) tokenize them."""
     from ...train import TrainConfig
-    from ...train.loop import training_examples
+    from ...train.examples import training_examples
 
     return training_examples(train_rows, tokenizer, TrainConfig(), model)
 
@@ -225,17 +227,6 @@ def read_done(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def write_history(folder: Path, history: list[dict]) -> None:
-    from ...train import METRICS
-
-    atomic_write_text(folder / "history.json", json.dumps(history, indent=1))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(METRICS))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(folder / "history.csv", buffer.getvalue())
-
-
 def run_unit(
     unit: Unit, exp: Experiment, inputs: TrainingInputs, prompts: list[str], out: Path, work: Path, settings: dict
 ) -> dict:
@@ -248,7 +239,7 @@ def run_unit(
         say(f"train {unit.name} seed {unit.seed} (beta {unit_beta(unit, exp):g})")
         with timer("training"):
             policy, history = TRAINERS[METHODS[unit.method].trainer](unit, exp, inputs, str(scratch))
-        write_history(folder, history)
+        write_history(folder, history)  # dpolab.train's own history files
     say(f"evaluate {unit.name} seed {unit.seed} on {len(prompts)} test prompts")
     rows = evaluate_policy(
         policy,
@@ -291,28 +282,23 @@ def run_unit(
     return metrics
 
 
-def warm_reference_cache(inputs: TrainingInputs, exp: Experiment, reductions: set[str], timer: Timer) -> None:
-    """Compute the reference log-probs of the training pairs once per reduction, as dpolab.train computes them (so
-    training finds them cached), timed as the phase "reference log-probs" when not already on disk."""
-    from ...train.reference import precompute_reference_logps, reference_cache_path
+def warm_reference_cache(inputs: TrainingInputs, exp: Experiment, units: list[Unit], timer: Timer) -> None:
+    """Compute the reference log-probs of the training pairs that dpolab.train will need for ``units`` (once per
+    reduction), as it computes them (``reference.reference_logps`` with the unit's TrainConfig), so that training finds
+    them cached; timed as the phase "reference log-probs" when not already on disk."""
+    from ...train.reference import reference_cached, reference_logps
 
     model = inputs.model
     examples = train_examples(model, inputs.tokenizer, inputs.train_data)
     device = next(model.parameters()).device
-    autocast = torch.bfloat16 if exp.hyper.precision == "bf16" else None  # resolved in run(): what train will use
-    for reduction in sorted(reductions):
-        path = reference_cache_path(model, examples, inputs.tokenizer, reduction=reduction, autocast_dtype=autocast)
-        cached = path.exists()
+    configs = {}  # reduction -> a unit's config: the log-probs depend on nothing else that differs between units
+    for unit in units:
+        config = dpolab_config(unit, exp)
+        configs.setdefault(config.reduction, config)
+    for reduction, config in sorted(configs.items()):
+        cached = reference_cached(model, examples, inputs.tokenizer, config, device)
         with contextlib.nullcontext() if cached else timer("reference log-probs"):
-            precompute_reference_logps(
-                model,
-                examples,
-                inputs.tokenizer,
-                batch_size=2 * exp.hyper.batch_size,
-                device=device,
-                autocast_dtype=autocast,
-                reduction=reduction,
-            )
+            reference_logps(model, examples, inputs.tokenizer, config, device)
         if cached:
             say(f"reference log-probs ({reduction}) found in the disk cache")
 
@@ -445,10 +431,9 @@ def run(exp: Experiment) -> Path:
     }
     atomic_write_text(out / "config.json", portable_text(json.dumps(config, indent=1, default=str)))
     inputs = TrainingInputs(model, tokenizer, train_rows, progress=exp.run.progress)
-    trained = [u for u in todo if u.method != REFERENCE]
-    reductions = {METHODS[u.method].reduction(exp) for u in trained if METHODS[u.method].trainer == "dpolab"}
-    if reductions:
-        warm_reference_cache(inputs, exp, reductions, timer)
+    dpolab_units = [u for u in todo if u.method != REFERENCE and METHODS[u.method].trainer == "dpolab"]
+    if dpolab_units:
+        warm_reference_cache(inputs, exp, dpolab_units, timer)
     if any(u.method == "odpo" for u in units):  # timed only when ODPO trains (otherwise read from the cache)
         with timer("odpo offsets") if any(u.method == "odpo" for u in todo) else contextlib.nullcontext():
             inputs.odpo_offsets = odpo_offsets(train_rows, exp.hyper.odpo_alpha)

@@ -85,7 +85,7 @@ def versus_reference(pooled: dict, methods: list[str], key: str, what: str, fmt=
 
 def h_precision(exp: dict) -> str:
     p = exp["hyper"].get("precision", "fp32")
-    return "bf16 autocast (the hardware has native bf16)" if p == "bf16" else "fp32"
+    return "bf16 autocast" if p == "bf16" else "fp32"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

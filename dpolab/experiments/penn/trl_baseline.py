@@ -2,7 +2,7 @@
 
 What we set and why (ENVIRONMENT.md, "TRL DPOTrainer offline"):
 - ``bf16``: the experiment's precision (``Hyper.precision``), the same as dpolab's methods: DPOConfig's default
-  bf16=True only where the hardware has native bf16 (a CPU without it runs bf16 slowly or not at all), else fp32.
+  bf16=True where the experiment trains in bf16 (auto: on a CUDA device that supports it), else fp32.
 - ``ref_model``: an explicit frozen copy of the initial weights (with ``None`` TRL reloads the model by name from
   the hub, which is unreachable here).
 - ``report_to="none"``: no experiment trackers.
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ...models import context_length
 from ...train import METRICS
 from .config import Experiment
 from .methods import TrainingInputs, Unit
@@ -105,8 +106,7 @@ def train_trl(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
     s = exp.trl
     rows = inputs.train_data
     data = Dataset.from_dict({key: list(rows[key]) for key in ("prompt", "chosen", "rejected")})
-    config = inputs.model.config
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+    context = context_length(inputs.model) or 1024
     args = DPOConfig(
         output_dir=work,
         beta=unit.beta or s.beta,
