@@ -1,4 +1,4 @@
-"""Per-sequence log-probabilities of completions under a causal language model (notebook 06).
+"""Per-sequence log-probabilities of completions under a causal language model (notebook 06; the fast paths: appendix 12).
 
 For a sequence s = (x_1..x_P, y_1..y_T) of prompt and completion tokens,
 

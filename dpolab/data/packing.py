@@ -13,7 +13,7 @@ and a token at (position q, branch b) attends to a token of the same segment at 
     k <= q  and  (b' = 0  or  b' = b)                                                                   (6.9)
 
 so y_l sees the prompt and its own past, never y_w: each continuation's hidden states, hence its log-probs, are
-exactly those of the separate sequence x + y (notebook 06 shows it). When ``keep_end`` truncation kept different
+exactly those of the separate sequence x + y (appendix notebook 12 shows it). When ``keep_end`` truncation kept different
 ends of a long prompt for y_w and y_l (``dpolab.data.tokenize``), x is only what the two kept sequences share at
 their start (often nothing) and each branch begins with its own kept prompt tokens, which are attended to but not
 scored: the branch is then exactly the kept sequence TRL's collator builds. Segments are packed into rows of about

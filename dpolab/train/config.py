@@ -54,7 +54,7 @@ class Speedups:
     said once (``speedups.py``, ``dpolab.lm_head``)."""
 
     packing: bool = True  # pairwise losses: each pair one prompt + chosen + rejected segment in packed rows, the prompt
-    # computed once (eq. 6.9 of notebook 06; a ranking: prompt + K completions); off: the padded 2B-row batch
+    # computed once (eq. 6.9 of appendix notebook 12; a ranking: prompt + K completions); off: the padded 2B-row batch
     packed_row_tokens: int = 256  # with packing: target tokens per packed row (dpolab.data.packing)
     fused_lm_head: bool = True  # with packing: the LM head and log-softmax as one function, its backward written out
     # (eq. 6.8, dpolab.logprobs.linear_log_softmax); off: the head in chunks recomputed in the backward

@@ -1,7 +1,7 @@
 """Everything the step loop (``loop.py``) needs, made once before the first step: a :class:`TrainState`.
 
 the device (a process of a torchrun launch: its GPU), autocast, the seeds
-the examples, tokenized; the collator (packed: eq. 6.9 of notebook 06); the steps
+the examples, tokenized; the collator (packed: eq. 6.9 of appendix notebook 12); the steps
 log pi_ref of every completion, once, cached on disk (reference.py); the reference model is then let go
 the policy module (one forward per batch), the objective (eq. 4.2 of notebook 04 against those log-probs)
 AdamW and its learning-rate schedule; a checkpoint's state when resuming
