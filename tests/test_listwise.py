@@ -23,6 +23,7 @@ from dpolab.data.collate import PreferenceCollator
 from dpolab.data.packing import PackedPreferenceCollator
 from dpolab.logprobs import listwise_logps, packed_logps, sequence_logps_from_logits
 from dpolab.losses import LISTWISE_LOSSES, listwise_loss, preference_loss, ranking_pairs
+from dpolab.memory import saved_tensor_bytes
 from dpolab.train import TrainConfig, train
 from dpolab.train.listwise import listwise_metrics
 from dpolab.train.reference import precompute_reference_list_logps
@@ -540,23 +541,6 @@ def test_listwise_dpo_on_plackett_luce_rankings_finds_pi_star(record_property):
 # --- memory: the prompt is computed once --------------------------------------------------------------------------
 
 
-def saved_tensor_bytes(model, step) -> int:
-    """Bytes of the activations autograd saves for the backward of ``step()``: every saved tensor's storage once,
-    the parameters left out (torch.autograd.graph.saved_tensors_hooks)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("P,C,K", [(24, 8, 4), (32, 8, 3)])
 def test_a_listwise_step_holds_activations_in_the_ratio_of_its_tokens(P, C, K):
     """Two prompts of P tokens, K completions of C tokens each, one packed segment per row: a listwise step saves
@@ -576,11 +560,13 @@ def test_a_listwise_step_holds_activations_in_the_ratio_of_its_tokens(P, C, K):
     ]
     collate = PackedPreferenceCollator(pad_token_id=1, row_tokens=1)  # a row per segment
     ranked, paired, ref = collate(lists), collate(pairs), torch.zeros(2, K)
-    listwise = saved_tensor_bytes(
-        model, lambda: listwise_loss("plackett_luce", listwise_logps(model, ranked, K), ref, beta=0.1).losses.sum()
+    _, listwise = saved_tensor_bytes(
+        lambda: listwise_loss("plackett_luce", listwise_logps(model, ranked, K), ref, beta=0.1).losses.sum(),
+        exclude=model.parameters(),
     )
-    pairwise = saved_tensor_bytes(
-        model, lambda: preference_loss("dpo", *packed_logps(model, paired), ref[:, 0], ref[:, 1], beta=0.1).sum()
+    _, pairwise = saved_tensor_bytes(
+        lambda: preference_loss("dpo", *packed_logps(model, paired), ref[:, 0], ref[:, 1], beta=0.1).sum(),
+        exclude=model.parameters(),
     )
     expected = (P + K * C) / (P + 2 * C)
     print(
