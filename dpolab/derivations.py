@@ -766,3 +766,44 @@ def star_forces_shared_constant_any_n(s: IndexedResponseSet) -> bool:
     k = sp.Symbol("k", integer=True, positive=True)
     (u_k,) = sp.solve(sp.Eq(s.beta * (u[k] - u[1]), s.r[k] - s.r[1]), u[k])
     return is_zero((s.beta * u_k - s.r[k]) - (s.beta * u[1] - s.r[1]))
+
+
+# --- notebook 08: what DPO's gradient cannot see -------------------------------------------------------------------
+# a = log pi_theta(y_w|x), b = log pi_theta(y_l|x), a0 and b0 the reference's; u_w = a - a0, h = (a - a0) - (b - b0).
+
+
+def dpo_pair_loss(a, b, a0, b0, bb=beta) -> sp.Expr:
+    """(8.1): DPO's loss of one pair as a function of the four log-probs, -log sigma(beta [(a - a0) - (b - b0)])."""
+    return dpo_loss(a - a0, b - b0, bb)
+
+
+def dpop_pair_loss_below_reference(a, b, a0, b0, lam, bb=beta) -> sp.Expr:
+    """(8.5) where the chosen log-prob is below the reference's (a < a0), so max(0, a0 - a) = a0 - a:
+    -log sigma(beta [h - lambda (a0 - a)])."""
+    return -sp.log(sigmoid(bb * ((a - a0) - (b - b0) - lam * (a0 - a))))
+
+
+def gradient_in_margin_coordinates(loss) -> tuple[tuple[sp.Expr, sp.Expr], tuple[sp.Symbol, sp.Symbol]]:
+    """(dl/da, dl/db) of ``loss(a, b, a0, b0)``, rewritten in the coordinates (u_w, h): a = a0 + u_w and
+    b = b0 + u_w - h. Returns the two derivatives and the symbols (u_w, h)."""
+    a, b, a0, b0 = sp.symbols("a b a_0 b_0", real=True)
+    u_w, h = sp.symbols("u_w h", real=True)
+    expr = loss(a, b, a0, b0)
+    point = {a: a0 + u_w, b: b0 + u_w - h}
+    return (sp.diff(expr, a).subs(point), sp.diff(expr, b).subs(point)), (u_w, h)
+
+
+def gradient_depends_on_margin_only(loss) -> bool:
+    """(8.4) for symbolic u_w: True when both derivatives of ``loss(a, b, a0, b0)`` in the log-probs, at fixed margin h,
+    do not change with the chosen log-ratio u_w, so a pair with u_w > 0 and one with u_w < 0 are pushed alike.
+    (DPO: True. DPOP below the reference: False, its extra lambda term on a grows with the distance a0 - a.)"""
+    (d_a, d_b), (u_w, _) = gradient_in_margin_coordinates(loss)
+    return is_zero(sp.diff(d_a, u_w)) and is_zero(sp.diff(d_b, u_w))
+
+
+__all__ += [
+    "dpo_pair_loss",
+    "dpop_pair_loss_below_reference",
+    "gradient_in_margin_coordinates",
+    "gradient_depends_on_margin_only",
+]

@@ -11,7 +11,7 @@ KL estimator: log pi and log pi_ref are the models' full distributions at temper
 over the sampled tokens, EOS included. The average is an unbiased estimate of KL(pi || pi_ref) when the y_i
 were sampled from pi itself (top_k=0, temperature 1). With the article's top-k 30 sampling the y_i come
 from a truncated distribution q != pi, and the average estimates E_q[log pi - log pi_ref]: the log-ratio of
-the two *models* on the samples that were actually evaluated, which is what the reward-vs-KL frontier
+the two *models* on the samples that were actually evaluated, which is what the alignment-vs-KL frontier
 plots, but not exactly KL(pi || pi_ref). Single terms can be negative; only the mean is an estimate.
 """
 

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dpolab.experiments.penn",
         description="The GPT-2 Penn experiment: TRL's DPOTrainer, DPO, DPOP, SFT, KL-SFT, IPO and ODPO on the Penn "
-        "preference set, evaluated on every test prompt, judged pairwise, with a reward-vs-KL frontier and "
+        "preference set, evaluated on every test prompt, judged pairwise, with an alignment-vs-KL frontier and "
         "a report beside the article's numbers. Reruns with the same settings resume.",
         formatter_class=_Help,
     )
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_betas,
         default=None,
         metavar="B1,B2",
-        help="betas of the reward-vs-KL frontier for DPO/DPOP/IPO, or 'none' [default: 0.1,0.5,1.0; "
+        help="betas of the alignment-vs-KL frontier for DPO/DPOP/IPO, or 'none' [default: 0.1,0.5,1.0; "
         "0.1,0.5 with --quick]",
     )
     g.add_argument(

@@ -106,7 +106,7 @@ class TRLSettings:
 
 @dataclass(frozen=True)
 class FrontierConfig:
-    """The reward-vs-KL frontier: alignment against KL to the reference across beta (first seed only)."""
+    """The alignment-vs-KL frontier: alignment accuracy against KL to the reference across beta (first seed only)."""
 
     betas: tuple[float, ...] = (0.1, 0.5, 1.0)  # empty: no frontier
     methods: tuple[str, ...] = ("dpo", "dpop", "ipo")  # those of --methods among these are swept

@@ -5,7 +5,7 @@ rewards.png     rewards/chosen and rewards/rejected per method: DPO's falling ch
 alignment.png   alignment accuracy with 95% intervals, the article's values beside ours
 quality.png     fluency, repetition and relevance with 95% intervals
 win_rates.png   the judge's win-rate matrix (row beats column)
-frontier.png    alignment accuracy vs KL to the reference across beta (DPO, DPOP, IPO)
+frontier.png    alignment accuracy vs KL to the reference across beta (DPO, DPOP, IPO): the alignment-vs-KL frontier
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from ...files import atomic_path
 from .methods import METHODS, REFERENCE
 
-__all__ = ["make_figures", "FIGURES", "label"]
+__all__ = ["make_figures", "frontier_figure", "FIGURES", "label"]
 
 FIGURES = ("losses.png", "rewards.png", "alignment.png", "quality.png", "win_rates.png", "frontier.png")
 
@@ -70,7 +70,7 @@ def _curves(out: Path, methods: list[str], keys: list[tuple[str, str]], title: s
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
+    return fig
 
 
 def _bars(ax, names: list[str], entries: list[dict], ylabel: str, article: list[float | None] | None = None):
@@ -149,8 +149,22 @@ def make_figures(out: str | Path) -> list[Path]:
         _save(fig, figures / "win_rates.png")
         plt.close(fig)
 
-    frontier = json.loads((out / "frontier.json").read_text())
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    plt.close(frontier_figure(out, figures / "frontier.png", suffix))
+    return [figures / name for name in FIGURES if (figures / name).exists()]
+
+
+BETA_MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # one marker shape per beta, in increasing order
+
+
+def frontier_figure(out: str | Path, path: Path, suffix: str = ""):
+    """frontier.png from a run folder's frontier.json: alignment accuracy against the sampled KL to the reference,
+    one line per method in increasing beta, one marker shape per beta (a legend, not text beside the points: points
+    of different methods may lie close together). Saves to `path` and returns the open figure (the caller closes
+    it, or a notebook shows it)."""
+    frontier = json.loads((Path(out) / "frontier.json").read_text())
+    betas = sorted({p["beta"] for p in frontier["points"]})
+    marker = {beta: BETA_MARKERS[i % len(BETA_MARKERS)] for i, beta in enumerate(betas)}
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
     by_method: dict[str, list[dict]] = {}
     for point in frontier["points"]:
         by_method.setdefault(point["method"], []).append(point)
@@ -160,16 +174,29 @@ def make_figures(out: str | Path) -> list[Path]:
         acc = np.array([p["alignment"]["estimate"] for p in points])
         xerr = [kl - [p["kl"]["low"] for p in points], [p["kl"]["high"] for p in points] - kl]
         yerr = [acc - [p["alignment"]["low"] for p in points], [p["alignment"]["high"] for p in points] - acc]
-        ax.errorbar(kl, acc, xerr=xerr, yerr=yerr, marker="o", color=f"C{i}", capsize=2, lw=1, label=label(method))
-        for p, x, y in zip(points, kl, acc):
-            ax.annotate(f"beta={p['beta']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot(kl, acc, color=f"C{i}", lw=1, label=label(method))
+        for p, x, y, dx, dy in zip(points, kl, acc, np.transpose(xerr), np.transpose(yerr)):
+            ax.errorbar(
+                [x],
+                [y],
+                xerr=[[dx[0]], [dx[1]]],
+                yerr=[[dy[0]], [dy[1]]],
+                marker=marker[p["beta"]],
+                ms=6,
+                color=f"C{i}",
+                capsize=2,
+                lw=1,
+            )
+    for beta in betas:
+        ax.plot([], [], ls="", marker=marker[beta], color="0.3", label=f"beta = {beta:g}")
     ref = frontier["reference"]
-    ax.scatter([0], [ref["alignment"]["estimate"]], color="k", marker="s", label="reference", zorder=3)
+    ax.scatter([0], [ref["alignment"]["estimate"]], color="k", marker="*", s=80, label="reference", zorder=3)
     ax.set_xlabel("KL(pi || pi_ref) on the test prompts (nats, sampled)", fontsize=8)
-    ax.set_ylabel("alignment accuracy", fontsize=8)
-    ax.set_title("reward-vs-KL frontier (seed 0)" + suffix, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("alignment accuracy (share naming Penn)", fontsize=8)
+    ax.set_ylim(-0.05, 1.08)
+    title = "alignment accuracy vs KL to the reference, across beta (seed 0)"
+    ax.set_title(title + ("\n" + suffix.strip() if suffix else ""), fontsize=9)  # two lines: never clipped
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    _save(fig, figures / "frontier.png")
-    plt.close(fig)
-    return [figures / name for name in FIGURES if (figures / name).exists()]
+    _save(fig, path)
+    return fig

@@ -9,7 +9,7 @@
         write done.json (atomically, last), delete the weights unless --keep-weights
     pool the seeds                                                              -> metrics.json, metrics.csv
     judge every pair of methods (and the reference), both orders (resumes) -> judgments-<judge>.jsonl, win_rates.json
-    the reward-vs-KL frontier                                                   -> frontier.json
+    the alignment-vs-KL frontier                                                -> frontier.json
     figures and the report                                                      -> figures/*.png, report.md
 
 A unit is done when its done.json carries the settings hash of this run: the method's settings and the fingerprint

@@ -430,7 +430,7 @@ def _frontier(run: RunFiles) -> list[str]:
     if not points:
         return []
     lines = [
-        "## Beyond the article: the reward-vs-KL frontier",
+        "## Beyond the article: the alignment-vs-KL frontier",
         "",
         "![frontier](figures/frontier.png)",
         "",
