@@ -1,0 +1,116 @@
+"""The training step reads the device at most once per optimizer step (issue 23): the metrics, the count of
+non-finite values and the gradient norm come back in one ``.tolist()``; no ``.item()``, ``.nonzero()``,
+``.tolist()`` or truth test of a tensor runs in the forward, the fused head's vocabulary loop, the loss or the
+optimizer step. On a CPU every tensor is on the host, so the calls are counted (each would be a synchronisation on
+CUDA); on CUDA, ``torch.cuda.set_sync_debug_mode`` turns any synchronisation into an error.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_gpt2
+
+from dpolab.data import penn_rankings
+from dpolab.train import Speedups, TrainConfig, train
+from dpolab.train.setup import _Collate
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")  # a device -> host read
+COLLATION = _Collate.__call__.__code__  # host work on the host batch, before it goes to the device
+
+
+@pytest.fixture(scope="module")
+def rows(penn):
+    return penn["train"].select(range(24))
+
+
+def _collating() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is COLLATION:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _reads_per_step(monkeypatch, model, tokenizer, rows, config: TrainConfig) -> list[int]:
+    """How many reads of a tensor's value on the host each optimizer step after the first makes (the first also
+    runs the one-time probes of the model), outside the collation of its batches."""
+    reads, marks = [0], []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if not _collating():
+                reads[0] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    train(model, tokenizer, rows, config, on_step=lambda row: marks.append(reads[0]))
+    monkeypatch.undo()
+    return np.diff(marks).tolist()
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(
+        progress=False,
+        use_ref_cache=False,
+        batch_size=8,
+        max_steps=3,
+        grad_accum_steps=2,
+        device="cpu",
+        precision="fp32",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("loss", ["dpo", "plackett_luce"])
+def test_a_step_reads_the_device_once(monkeypatch, small_tokenizer, rows, loss):
+    """Every speed-up on (packing, the fused head), two micro-batches per step, pairs and rankings of 3: exactly
+    one read per step (the step's metrics), so the counting sees reads and the step makes no other."""
+    data = rows if loss == "dpo" else penn_rankings(rows)
+    model = make_tiny_gpt2(small_tokenizer)
+    assert _reads_per_step(monkeypatch, model, small_tokenizer, data, _config(loss=loss)) == [1, 1]
+
+
+@pytest.mark.gpu
+def test_a_cuda_step_synchronises_at_most_once(small_tokenizer, rows):
+    """On CUDA, torch.cuda.set_sync_debug_mode("warn") warns at each synchronisation: at most one per step after
+    the first (the step's read of its metrics), every speed-up on."""
+    marks = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def on_step(row):
+            marks.append(len(caught))
+            torch.cuda.set_sync_debug_mode("warn")  # from the end of step 1 on
+
+        try:
+            train(
+                make_tiny_gpt2(small_tokenizer),
+                small_tokenizer,
+                rows,
+                _config(device="cuda", precision="auto"),
+                on_step=on_step,
+            )
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(marks) == 3 and all(n <= 1 for n in np.diff(marks)), [str(w.message) for w in caught]
+
+
+def test_the_padded_layout_is_counted_reading_more(monkeypatch, small_tokenizer, rows):
+    """The counting sees a read where there is one: without packing, each micro-batch checks its completion masks
+    and gathers its scored tokens on the host (``sequence_logps``), more than one read per step."""
+    model = make_tiny_gpt2(small_tokenizer)
+    reads = _reads_per_step(monkeypatch, model, small_tokenizer, rows, _config(speedups=Speedups(packing=False)))
+    assert all(n > 1 for n in reads)
