@@ -114,3 +114,17 @@ def test_the_padded_layout_is_counted_reading_more(monkeypatch, small_tokenizer,
     model = make_tiny_gpt2(small_tokenizer)
     reads = _reads_per_step(monkeypatch, model, small_tokenizer, rows, _config(speedups=Speedups(packing=False)))
     assert all(n > 1 for n in reads)
+
+
+def test_the_weights_are_hashed_only_for_the_reference_cache(monkeypatch, small_tokenizer, rows, tmp_path):
+    """weights_hash reads every weight on the host: train calls it only to key the reference cache."""
+    import dpolab.train.reference
+
+    calls = []
+    real = dpolab.train.reference.weights_hash
+    monkeypatch.setattr(dpolab.train.reference, "weights_hash", lambda model: calls.append(1) or real(model))
+    for use_cache, expected in ((False, 0), (True, 1)):
+        calls.clear()
+        config = _config(max_steps=1, grad_accum_steps=1, use_ref_cache=use_cache, ref_cache_dir=str(tmp_path))
+        train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, config)
+        assert len(calls) == expected
