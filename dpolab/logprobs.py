@@ -54,6 +54,7 @@ __all__ = [
     "LM_HEADS",
     "concatenated_logps",
     "check_completion_mask",
+    "scored_positions",
     "linear_log_softmax",
     "check_packed_batch",
     "shared_prefix_mask",
@@ -169,6 +170,8 @@ def sequence_logps(
     reduction: Reduction = "sum",
     chunk_size: int = 1024,
     position_ids: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """log pi(y|x) of every row under a Hugging Face causal LM, eq. (6.1), memory-lean.
 
@@ -178,9 +181,13 @@ def sequence_logps(
     ``sequence_logps_from_logits(model(input_ids).logits, ...)`` to float tolerance; a model whose logits are not
     its head's output under a known transform (``dpolab.lm_head``) is scored from those full logits.
 
-    Shapes: input_ids, attention_mask, completion_mask (B, L) -> (B,).
+    Shapes: input_ids, attention_mask, completion_mask (B, L) -> (B,). ``scored``: ``scored_positions(
+    completion_mask)``, (n, 2), where it was computed for free (on the host, as ``dpolab.train`` collates); None:
+    computed here. ``check``: refuse a row that scores nothing (``check_completion_mask``). Both read the device on
+    the host; with ``scored`` given and ``check`` off, nothing is read (after the model's one-time probe).
     """
-    check_completion_mask(completion_mask)
+    if check:
+        check_completion_mask(completion_mask)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     head = lean_head(model, input_ids)
@@ -189,8 +196,7 @@ def sequence_logps(
         return sequence_logps_from_logits(logits, input_ids, completion_mask, reduction)
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
     hidden = head.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
-    scored = completion_mask[:, 1:].bool()  # (B, L-1): position i predicts token i+1
-    rows, cols = scored.nonzero(as_tuple=True)  # (n,) each
+    rows, cols = (scored_positions(completion_mask) if scored is None else scored).unbind(1)  # (n,) each
     h = hidden[:, :-1][rows, cols]  # (n, D)
     labels = input_ids[:, 1:][rows, cols]  # (n,)
     token_logps = chunked_token_logps(h, labels, head, chunk_size)
@@ -199,18 +205,29 @@ def sequence_logps(
     if reduction == "sum":
         return totals
     if reduction == "mean":
-        return totals / scored.sum(-1)
+        return totals / completion_mask[:, 1:].sum(-1)
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
+def scored_positions(completion_mask: torch.Tensor) -> torch.Tensor:
+    """(n, 2): the (row, position) pairs, row-major, of every position i whose next token i+1 is a completion token
+    (the positions ``sequence_logps`` scores). Shapes: completion_mask (B, L) -> (n, 2)."""
+    return completion_mask[:, 1:].bool().nonzero()
+
+
 def concatenated_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: Reduction = "sum", chunk_size: int = 1024
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    reduction: Reduction = "sum",
+    chunk_size: int = 1024,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected log-probs from ONE forward over the concatenated batch.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``completion_mask`` of shape (2B, L): rows 0..B-1
-    are prompt+chosen, rows B..2B-1 prompt+rejected (the layout of ``dpolab.data.collate``). Returns
-    ``(chosen_logps, rejected_logps)``, each (B,).
+    are prompt+chosen, rows B..2B-1 prompt+rejected (the layout of ``dpolab.data.collate``), and optionally
+    ``scored`` (``scored_positions`` of its completion mask). Returns ``(chosen_logps, rejected_logps)``, each (B,).
+    ``check``: as :func:`sequence_logps`'s.
     """
     logps = sequence_logps(
         model,
@@ -220,6 +237,8 @@ def concatenated_logps(
         reduction=reduction,
         chunk_size=chunk_size,
         position_ids=batch.get("position_ids"),
+        scored=batch.get("scored"),
+        check=check,
     )
     if logps.shape[0] % 2:
         raise ValueError(
@@ -600,7 +619,9 @@ def listwise_logps(
         totals = _packed_sequences(model, batch, n_completions, reduction, chunk_size, lm_head, check)
     else:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
-        totals = sequence_logps(model, **inputs, reduction=reduction, chunk_size=chunk_size)
+        totals = sequence_logps(
+            model, **inputs, reduction=reduction, chunk_size=chunk_size, scored=batch.get("scored"), check=check
+        )
     if totals.shape[0] % n_completions:
         raise ValueError(f"a batch of rankings of {n_completions} has a multiple of {n_completions} sequences")
     return totals.view(n_completions, -1).t()  # (B, K): column k is completion k

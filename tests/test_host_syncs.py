@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_gpt2
 
+import dpolab
 from dpolab.data import penn_rankings
 from dpolab.train import Speedups, TrainConfig, train
 from dpolab.train.setup import _Collate
@@ -39,16 +41,18 @@ def _collating() -> bool:
     return False
 
 
-def _reads_per_step(monkeypatch, model, tokenizer, rows, config: TrainConfig) -> list[int]:
+def _reads_per_step(monkeypatch, model, tokenizer, rows, config: TrainConfig, by=None) -> list[int]:
     """How many reads of a tensor's value on the host each optimizer step after the first makes (the first also
-    runs the one-time probes of the model), outside the collation of its batches."""
+    runs the one-time probes of the model), outside the collation of its batches; ``by``: only those made by the
+    code under this folder."""
     reads, marks = [0], []
 
     def counted(name):
         original = getattr(torch.Tensor, name)
 
         def read(self, *args, **kwargs):
-            if not _collating():
+            caller = sys._getframe(1).f_code.co_filename
+            if not _collating() and (by is None or caller.startswith(by)):
                 reads[0] += 1
             return original(self, *args, **kwargs)
 
@@ -108,12 +112,22 @@ def test_a_cuda_step_synchronises_at_most_once(small_tokenizer, rows):
     assert len(marks) == 3 and all(n <= 1 for n in np.diff(marks)), [str(w.message) for w in caught]
 
 
-def test_the_padded_layout_is_counted_reading_more(monkeypatch, small_tokenizer, rows):
-    """The counting sees a read where there is one: without packing, each micro-batch checks its completion masks
-    and gathers its scored tokens on the host (``sequence_logps``), more than one read per step."""
+@pytest.mark.parametrize(
+    "loss, speedups",
+    [("dpo", Speedups.none()), ("sft", Speedups()), ("plackett_luce", Speedups(packing=False))],
+    ids=["padded-pairs", "sft-chosen-only", "padded-rankings"],
+)
+def test_the_padded_layout_reads_the_device_once_too(monkeypatch, small_tokenizer, rows, loss, speedups):
+    """Without packing (every speed-up off; SFT, which scores the chosen rows alone; rankings), the scored positions
+    and the completion-mask check are taken on the host as the batch is collated: dpolab's code reads once per step
+    as well. (transformers' sdpa mask reads a padded batch's attention mask, ``_ignore_causal_mask_sdpa``, twice per
+    forward; torch's foreach AdamW reads its step counters, which live on the host; the packed layout passes its
+    own 4D mask, and fused AdamW keeps its counters on the device: the test above counts every read.)"""
+    data = penn_rankings(rows) if loss == "plackett_luce" else rows
     model = make_tiny_gpt2(small_tokenizer)
-    reads = _reads_per_step(monkeypatch, model, small_tokenizer, rows, _config(speedups=Speedups(packing=False)))
-    assert all(n > 1 for n in reads)
+    config = _config(loss=loss, speedups=speedups)
+    by = str(Path(dpolab.__file__).parent)
+    assert _reads_per_step(monkeypatch, model, small_tokenizer, data, config, by=by) == [1, 1]
 
 
 def test_the_weights_are_hashed_only_for_the_reference_cache(monkeypatch, small_tokenizer, rows, tmp_path):

@@ -97,14 +97,15 @@ class PolicyLogps(torch.nn.Module):
             return packed_logps(  # the batch was checked on the host as it was collated (setup.py)
                 self.model, batch, reduction=self.reduction, lm_head=self.lm_head, check=False
             )
-        if not self.chosen_only:
-            return concatenated_logps(self.model, batch, reduction=self.reduction)  # one forward, 2B rows
+        if not self.chosen_only:  # one forward, 2B rows; checked on the host as it was collated (setup.py)
+            return concatenated_logps(self.model, batch, reduction=self.reduction, check=False)
         b = batch["input_ids"].shape[0] // 2
         keys = ("input_ids", "attention_mask", "completion_mask")
         chosen, rejected = ({k: batch[k][rows] for k in keys} for rows in (slice(None, b), slice(b, None)))
-        policy_chosen_logps = sequence_logps(self.model, **chosen, reduction=self.reduction)
+        chosen["scored"], rejected["scored"] = batch["scored_chosen"], batch["scored_rejected"]
+        policy_chosen_logps = sequence_logps(self.model, **chosen, reduction=self.reduction, check=False)
         with torch.no_grad():  # the loss ignores it; the metrics report it
-            policy_rejected_logps = sequence_logps(self.model, **rejected, reduction=self.reduction)
+            policy_rejected_logps = sequence_logps(self.model, **rejected, reduction=self.reduction, check=False)
         return policy_chosen_logps, policy_rejected_logps
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from ..data.collate import PreferenceCollator, n_completions
 from ..data.packing import PackedPreferenceCollator
 from ..device import autocast, autocast_dtype, choose_device, init_distributed
-from ..logprobs import check_packed_batch
+from ..logprobs import check_completion_mask, check_packed_batch, scored_positions
 from ..schedules import warmup_cosine
 from .config import WARMUP_COSINE, TrainConfig
 from .examples import TrainData, epoch_order, steps_per_epoch
@@ -119,7 +119,9 @@ class TrainState:
 
 class _Collate:
     """positions -> the batch of those examples, with ``rows``: the positions (a DataLoader's collate_fn; a class,
-    so that worker processes can take it). A packed batch is checked here, on the host (``check_packed_batch``)."""
+    so that worker processes can take it). A batch is checked here, on the host (``check_packed_batch``,
+    ``check_completion_mask``), and a padded one gets its scored positions (``scored_positions``; of pairs: also
+    ``scored_chosen`` and ``scored_rejected``, each half's own): the step then reads nothing from the device."""
 
     def __init__(self, examples: list[dict], collate: Callable):
         self.examples, self.collate, self.n_completions = examples, collate, n_completions(examples)
@@ -128,6 +130,12 @@ class _Collate:
         batch = self.collate([self.examples[j] for j in rows])
         if "score_sequence" in batch:
             check_packed_batch(batch, self.n_completions)
+        else:
+            check_completion_mask(batch["completion_mask"])
+            scored = batch["scored"] = scored_positions(batch["completion_mask"])
+            half = batch["completion_mask"].shape[0] // 2
+            chosen = scored[:, 0] < half
+            batch["scored_chosen"], batch["scored_rejected"] = scored[chosen], scored[~chosen] - torch.tensor([half, 0])
         return {**batch, "rows": torch.tensor(rows, dtype=torch.long)}
 
 
