@@ -20,7 +20,7 @@ export PYTHONHASHSEED := 0
 help:
 	@echo "make penn        run the GPT-2 Penn experiment (ARGS='--seeds 3 ...' passes options; see --help)"
 	@echo "make penn-quick  the same pipeline on the tiny Penn world: every method, every test prompt, ~2 min"
-	@echo "make bench       dpolab.train against TRL's DPOTrainer, side by side (GPT-2 124M; writes results/bench/)"
+	@echo "make bench       dpolab.train against TRL's DPOTrainer, side by side (GPT-2 124M; writes results/bench/; DEVICE=cuda on a GPU)"
 	@echo "make bench-quick the same harness on a small GPT-2, about a minute (ARGS='...' passes options)"
 	@echo "make test   run the whole test suite, notebooks included"
 	@echo "make lab    open JupyterLab on notebooks/ (ARGS='--port 8890 --no-browser' passes options)"
@@ -64,11 +64,13 @@ penn: $(STAMP)
 penn-quick: $(STAMP)
 	$(PY) -m dpolab.experiments.penn --quick $(ARGS)
 
+DEVICE ?= cpu
+
 bench: $(STAMP)
-	$(PY) -m dpolab.bench $(ARGS)
+	$(PY) -m dpolab.bench --device $(DEVICE) $(ARGS)
 
 bench-quick: $(STAMP)
-	$(PY) -m dpolab.bench --quick $(ARGS)
+	$(PY) -m dpolab.bench --quick --device $(DEVICE) $(ARGS)
 
 # Jupyter refuses to start as root (as in most containers) unless told to; anyone else gets no such flag.
 ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -373,15 +373,15 @@ def _check_lora_flags(args: argparse.Namespace, config) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from .data import count_prompts, is_listwise_data
+    from .device import check_device
     from .train import train
     from .train.adapters import merge_adapter
     from .train.examples import check_eval_data
     from .train.listwise import training_rows
     from .train.output import check_output_dir
-    from .train.setup import check_device
 
     config = train_config(args)
-    check_device(config)  # every check that can refuse the run, before the data and the model load
+    check_device(config.device)  # every check that can refuse the run, before the data and the model load
     check_output_dir(config)
     _check_lora_flags(args, config)
     data = _load_data(args.data, args.split, args.unique_prompts)

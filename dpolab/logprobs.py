@@ -32,7 +32,9 @@ scored padded, each said once.
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -49,9 +51,12 @@ __all__ = [
     "sequence_logps_from_logits",
     "sequence_logps",
     "chunked_token_logps",
+    "LM_HEADS",
     "concatenated_logps",
     "check_completion_mask",
+    "scored_positions",
     "linear_log_softmax",
+    "check_packed_batch",
     "shared_prefix_mask",
     "packed_logps",
     "listwise_logps",
@@ -123,17 +128,30 @@ def _chunk_token_logps(
     return selective_log_softmax(logits, labels)
 
 
-def chunked_token_logps(h: torch.Tensor, labels: torch.Tensor, head: LeanHead, chunk_size: int) -> torch.Tensor:
+@functools.cache
+def _compiled_chunk_token_logps() -> Callable:
+    """``torch.compile`` of one chunk's F.linear + log-softmax (compiled on first use, shapes dynamic)."""
+    return torch.compile(_chunk_token_logps, dynamic=True)
+
+
+LM_HEADS = ("fused", "chunked", "compiled")  # the ways of computing the LM head's log-probs (``packed_logps``)
+
+
+def chunked_token_logps(
+    h: torch.Tensor, labels: torch.Tensor, head: LeanHead, chunk_size: int, compiled: bool = False
+) -> torch.Tensor:
     """log pi(label_i | h_i) for every row, the LM head (and its post-head transform) applied ``chunk_size`` rows at
-    a time, each chunk's logits freed at once and recomputed in the backward. Shapes: h (n, D), labels (n,) -> (n,)."""
+    a time, each chunk's logits freed at once and recomputed in the backward; ``compiled``: each chunk's function
+    through ``torch.compile``. Shapes: h (n, D), labels (n,) -> (n,)."""
     weight, bias, transform = head.weight, head.bias, head.transform
+    chunk = _compiled_chunk_token_logps() if compiled else _chunk_token_logps
     pieces = []
     for start in range(0, h.shape[0], chunk_size):
         hs, ls = h[start : start + chunk_size], labels[start : start + chunk_size]
         if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
-            pieces.append(checkpoint(_chunk_token_logps, hs, weight, bias, ls, transform, use_reentrant=False))
+            pieces.append(checkpoint(chunk, hs, weight, bias, ls, transform, use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(hs, weight, bias, ls, transform))
+            pieces.append(chunk(hs, weight, bias, ls, transform))
     return torch.cat(pieces) if pieces else h.new_zeros(0)
 
 
@@ -152,6 +170,8 @@ def sequence_logps(
     reduction: Reduction = "sum",
     chunk_size: int = 1024,
     position_ids: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """log pi(y|x) of every row under a Hugging Face causal LM, eq. (6.1), memory-lean.
 
@@ -161,9 +181,13 @@ def sequence_logps(
     ``sequence_logps_from_logits(model(input_ids).logits, ...)`` to float tolerance; a model whose logits are not
     its head's output under a known transform (``dpolab.lm_head``) is scored from those full logits.
 
-    Shapes: input_ids, attention_mask, completion_mask (B, L) -> (B,).
+    Shapes: input_ids, attention_mask, completion_mask (B, L) -> (B,). ``scored``: ``scored_positions(
+    completion_mask)``, (n, 2), where it was computed for free (on the host, as ``dpolab.train`` collates); None:
+    computed here. ``check``: refuse a row that scores nothing (``check_completion_mask``). Both read the device on
+    the host; with ``scored`` given and ``check`` off, nothing is read (after the model's one-time probe).
     """
-    check_completion_mask(completion_mask)
+    if check:
+        check_completion_mask(completion_mask)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     head = lean_head(model, input_ids)
@@ -172,8 +196,7 @@ def sequence_logps(
         return sequence_logps_from_logits(logits, input_ids, completion_mask, reduction)
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
     hidden = head.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
-    scored = completion_mask[:, 1:].bool()  # (B, L-1): position i predicts token i+1
-    rows, cols = scored.nonzero(as_tuple=True)  # (n,) each
+    rows, cols = (scored_positions(completion_mask) if scored is None else scored).unbind(1)  # (n,) each
     h = hidden[:, :-1][rows, cols]  # (n, D)
     labels = input_ids[:, 1:][rows, cols]  # (n,)
     token_logps = chunked_token_logps(h, labels, head, chunk_size)
@@ -182,18 +205,29 @@ def sequence_logps(
     if reduction == "sum":
         return totals
     if reduction == "mean":
-        return totals / scored.sum(-1)
+        return totals / completion_mask[:, 1:].sum(-1)
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
+def scored_positions(completion_mask: torch.Tensor) -> torch.Tensor:
+    """(n, 2): the (row, position) pairs, row-major, of every position i whose next token i+1 is a completion token
+    (the positions ``sequence_logps`` scores). Shapes: completion_mask (B, L) -> (n, 2)."""
+    return completion_mask[:, 1:].bool().nonzero()
+
+
 def concatenated_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: Reduction = "sum", chunk_size: int = 1024
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    reduction: Reduction = "sum",
+    chunk_size: int = 1024,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected log-probs from ONE forward over the concatenated batch.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``completion_mask`` of shape (2B, L): rows 0..B-1
-    are prompt+chosen, rows B..2B-1 prompt+rejected (the layout of ``dpolab.data.collate``). Returns
-    ``(chosen_logps, rejected_logps)``, each (B,).
+    are prompt+chosen, rows B..2B-1 prompt+rejected (the layout of ``dpolab.data.collate``), and optionally
+    ``scored`` (``scored_positions`` of its completion mask). Returns ``(chosen_logps, rejected_logps)``, each (B,).
+    ``check``: as :func:`sequence_logps`'s.
     """
     logps = sequence_logps(
         model,
@@ -203,6 +237,8 @@ def concatenated_logps(
         reduction=reduction,
         chunk_size=chunk_size,
         position_ids=batch.get("position_ids"),
+        scored=batch.get("scored"),
+        check=check,
     )
     if logps.shape[0] % 2:
         raise ValueError(
@@ -285,8 +321,9 @@ class _LinearLogSoftmax(torch.autograd.Function):
             h_t = hidden[t0:t1].t().to(mm)
             for i, (v0, v1) in enumerate(chunks):
                 z = _transform_(_logits_t(weight, bias, h_t, v0, v1, acc), scale, softcap)  # (c, tokens)
-                cols = (label_chunk[t0:t1] == i).nonzero().flatten()
-                picked[t0 + cols] = z[labels[t0 + cols] - v0, cols]
+                # z[label] of the block's tokens whose label is in this chunk (no host read: a gather and a select)
+                rows = (labels[t0:t1] - v0).clamp_(0, v1 - v0 - 1)
+                picked[t0:t1] = torch.where(label_chunk[t0:t1] == i, z.gather(0, rows[None])[0], picked[t0:t1])
                 m_i = torch.amax(z, 0, out=m[i, t0:t1])
                 sums[i, t0:t1] = z.sub_(m_i).exp_().sum(0)
         top = m.amax(0)
@@ -353,6 +390,7 @@ def linear_log_softmax(
     chunk_size: int = 1024,
     vocab_chunk: int | None = None,
     transform: LogitTransform = LogitTransform(),
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """log_softmax(T(hidden @ weight.T + bias))[i, labels[i]] for every row i, never the full log-softmax.
 
@@ -361,13 +399,14 @@ def linear_log_softmax(
     The fused function of eq. (6.8) (``_LinearLogSoftmax``): ``chunk_size`` tokens at a time, ``vocab_chunk`` (default
     ``VOCAB_CHUNK``) vocabulary rows per product, each chunk recomputed in the backward (four products per token).
     Shapes: hidden (n, D), weight (V, D), bias (V,) or None, labels (n,) -> (n,), in fp32 (fp64 for fp64 inputs).
+    ``check_labels``: refuse labels outside the vocabulary (a read on the host; off, nothing is).
     """
     vocab_chunk = VOCAB_CHUNK if vocab_chunk is None else vocab_chunk
     if chunk_size < 1 or vocab_chunk < 1:
         raise ValueError(f"chunk_size and vocab_chunk must be >= 1, got {chunk_size} and {vocab_chunk}")
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
-    bad = ((labels < 0) | (labels >= weight.shape[0])).nonzero().flatten().tolist()
+    bad = ((labels < 0) | (labels >= weight.shape[0])).nonzero().flatten().tolist() if check_labels else []
     if bad:
         raise ValueError(
             f"labels out of the vocabulary [0, {weight.shape[0]}) at rows {bad[:10]}: {labels[bad[:10]].tolist()}"
@@ -465,11 +504,14 @@ def _n_examples(batch: dict[str, torch.Tensor]) -> int:
     return batch["index"].shape[0] if "index" in batch else int(batch["segment_ids"].max()) + 1
 
 
-def _packed(model, batch, reduction, chunk_size, n_sequences: int, fused_head: bool = True) -> torch.Tensor:
+def _packed(model, batch, reduction, chunk_size, n_sequences: int, lm_head: str = "fused", check=True):
     """The log-probs of the ``n_sequences`` sequences of a packed batch, (n_sequences,), once the packed layout is
-    known to be exact for ``model``; the LM head ``linear_log_softmax`` (``fused_head``), else in recomputed chunks."""
+    known to be exact for ``model``; the LM head ``lm_head`` (``LM_HEADS``): ``linear_log_softmax`` ("fused"), else
+    in recomputed chunks ("chunked", "compiled": ``chunked_token_logps``). ``check``: linear_log_softmax's
+    ``check_labels``."""
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"lm_head must be one of {LM_HEADS}, got {lm_head!r}")
     sequence = batch["score_sequence"]
-    counts = torch.bincount(sequence, minlength=n_sequences)
     head = lean_head(model, batch["input_ids"])
     mask = shared_prefix_mask(batch, attention_implementation(model), _dtype(model))
     if head is None:  # the model's own logits, (R, L, V)
@@ -480,24 +522,26 @@ def _packed(model, batch, reduction, chunk_size, n_sequences: int, fused_head: b
             input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
         ).last_hidden_state  # (R, L, D)
         h = hidden.flatten(0, 1)[batch["score_index"]]  # (n, D)
-        if fused_head:
+        if lm_head == "fused":
             token_logps = linear_log_softmax(
-                h, head.weight, head.bias, batch["labels"], chunk_size, transform=head.transform
+                h, head.weight, head.bias, batch["labels"], chunk_size, transform=head.transform, check_labels=check
             )
         else:
-            token_logps = chunked_token_logps(h, batch["labels"], head, chunk_size)
+            token_logps = chunked_token_logps(h, batch["labels"], head, chunk_size, compiled=lm_head == "compiled")
     totals = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device)
     totals = totals.index_add(0, sequence, token_logps)  # eq. (6.1) per sequence
-    if reduction == "mean":
+    if reduction == "mean":  # the scored tokens per sequence, counted on the device (bincount would read its max)
+        counts = torch.zeros_like(totals).index_add_(0, sequence, torch.ones_like(token_logps))
         totals = totals / counts
     elif reduction != "sum":
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     return totals
 
 
-def _packed_sequences(model, batch, n_completions: int, reduction, chunk_size, fused_head: bool = True) -> torch.Tensor:
-    """(K*B,) log-probs of a packed batch of K completions per segment, sequence k*B + i = completion k of example
-    i (``dpolab.data.packing``), packed where the model takes the layout exactly, else padded."""
+def check_packed_batch(batch: dict[str, torch.Tensor], n_completions: int) -> None:
+    """Refuse a packed batch (``dpolab.data.packing``) with a sequence that scores no token, or with more than
+    ``n_completions`` completions per example: a ValueError naming the sequences. It reads the batch on the host
+    (``dpolab.train`` calls it on each batch as it is collated, before the batch goes to the device)."""
     n_sequences = n_completions * _n_examples(batch)
     counts = torch.bincount(batch["score_sequence"], minlength=n_sequences)
     empty = (counts == 0).nonzero().flatten().tolist()
@@ -507,6 +551,16 @@ def _packed_sequences(model, batch, n_completions: int, reduction, chunk_size, f
             f"completion k of example i; for pairs 0..B-1 chosen, B..2B-1 rejected), or it holds more than "
             f"{n_completions} completions per example: an empty prompt and a one-token completion?"
         )
+
+
+def _packed_sequences(model, batch, n_completions: int, reduction, chunk_size, lm_head="fused", check=True):
+    """(K*B,) log-probs of a packed batch of K completions per segment, sequence k*B + i = completion k of example
+    i (``dpolab.data.packing``), packed where the model takes the layout exactly, else padded. ``check``: the
+    batch checked here (``check_packed_batch``) and its labels against the vocabulary; off: nothing read on the
+    host (after the first batch of a model: its one-time probes)."""
+    n_sequences = n_completions * _n_examples(batch)
+    if check:
+        check_packed_batch(batch, n_completions)
     problem = _packing_problem(model, batch)
     if problem is not None:
         from .data.collate import PreferenceCollator
@@ -517,7 +571,7 @@ def _packed_sequences(model, batch, n_completions: int, reduction, chunk_size, f
         padded = PreferenceCollator(pad_token_id=0)(unpack(batch, n_completions))
         padded = {k: v.to(batch["input_ids"].device) for k, v in padded.items() if k != "index"}
         return sequence_logps(model, **padded, reduction=reduction, chunk_size=chunk_size)
-    return _packed(model, batch, reduction, chunk_size, n_sequences, fused_head)
+    return _packed(model, batch, reduction, chunk_size, n_sequences, lm_head, check)
 
 
 def packed_logps(
@@ -525,7 +579,8 @@ def packed_logps(
     batch: dict[str, torch.Tensor],
     reduction: Reduction = "sum",
     chunk_size: int = 1024,
-    fused_head: bool = True,
+    lm_head: str = "fused",
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen_logps, rejected_logps)``, each (B,), from one forward over a shared-prefix packed batch.
 
@@ -534,10 +589,13 @@ def packed_logps(
     sums the scored tokens of each sequence. Where the model cannot take the packed layout exactly (an attention
     without 4D masks, a sliding window the batch reaches, a probe of its forward on two packed pairs that
     disagrees with their padded layout, once per model), the batch is unpacked and scored padded, and that is
-    said once. The LM head is ``linear_log_softmax`` (``fused_head``), else applied in chunks recomputed in the
-    backward, as by ``sequence_logps``. Shapes: see ``dpolab.data.packing``.
+    said once. The LM head is ``linear_log_softmax`` (``lm_head`` "fused"), else applied in chunks recomputed in the
+    backward, as by ``sequence_logps`` ("chunked"; "compiled": each chunk through ``torch.compile``). Shapes: see ``dpolab.data.packing``. ``check``: refuse a batch with a
+    sequence that scores nothing (``check_packed_batch``) or labels outside the vocabulary, reading it on the host;
+    off (a batch checked as it was collated), the call reads nothing on the host once the model's one-time probes
+    have run.
     """
-    return _packed_sequences(model, batch, 2, reduction, chunk_size, fused_head).chunk(2)
+    return _packed_sequences(model, batch, 2, reduction, chunk_size, lm_head, check).chunk(2)
 
 
 def listwise_logps(
@@ -546,7 +604,8 @@ def listwise_logps(
     n_completions: int,
     reduction: Reduction = "sum",
     chunk_size: int = 1024,
-    fused_head: bool = True,
+    lm_head: str = "fused",
+    check: bool = True,
 ) -> torch.Tensor:
     """log pi(y_k|x) of every completion of a batch of rankings, (B, K), best first (the layout of
     ``dpolab.losses.plackett_luce_loss``), from one forward.
@@ -554,13 +613,15 @@ def listwise_logps(
     ``batch``: a shared-prefix packed batch of K branches per prompt (``dpolab.data.packing``, eq. 6.9: the prompt
     runs once; scored padded where the model cannot take it, as in :func:`packed_logps`), or the padded one of K*B
     rows (``dpolab.data.collate``, row k*B + i = completion k of example i). With K = 2 the columns are
-    :func:`packed_logps`'s (chosen, rejected) of the same batch.
+    :func:`packed_logps`'s (chosen, rejected) of the same batch. ``check``: as :func:`packed_logps`'s.
     """
     if "score_index" in batch:
-        totals = _packed_sequences(model, batch, n_completions, reduction, chunk_size, fused_head)
+        totals = _packed_sequences(model, batch, n_completions, reduction, chunk_size, lm_head, check)
     else:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
-        totals = sequence_logps(model, **inputs, reduction=reduction, chunk_size=chunk_size)
+        totals = sequence_logps(
+            model, **inputs, reduction=reduction, chunk_size=chunk_size, scored=batch.get("scored"), check=check
+        )
     if totals.shape[0] % n_completions:
         raise ValueError(f"a batch of rankings of {n_completions} has a multiple of {n_completions} sequences")
     return totals.view(n_completions, -1).t()  # (B, K): column k is completion k

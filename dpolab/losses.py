@@ -58,6 +58,7 @@ __all__ = [
     "plackett_luce_loss",
     "f_divergence_scores",
     "wpo_weights",
+    "nonfinite_count",
 ]
 
 
@@ -347,7 +348,7 @@ def trl_loss_table() -> str:
 # --- checked entry points ------------------------------------------------------------------------------
 
 
-def _check_logps(**tensors: torch.Tensor) -> None:
+def _check_logps(check_finite: bool, **tensors: torch.Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     first = next(iter(shapes.values()))
     if len(first) != 1 or any(s != first for s in shapes.values()):
@@ -355,10 +356,18 @@ def _check_logps(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if not torch.is_floating_point(t):
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if not check_finite:
+            continue
         bad = ~torch.isfinite(t.detach())
         if bad.any():
             rows = bad.nonzero().flatten().tolist()
             raise ValueError(f"{name} has non-finite values (NaN or inf) at batch rows {rows[:10]}")
+
+
+def nonfinite_count(checks: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """How many of the ``(what, values)`` checks' values are NaN or inf, a 0-d float64 tensor on their device:
+    computed without looking at it on the host (``dpolab.train`` reads it with its metrics, once per step)."""
+    return sum(((~torch.isfinite(values)).sum() for _, values in checks), torch.zeros((), dtype=torch.float64))
 
 
 def _check_params(name: str, params: dict) -> None:
@@ -380,6 +389,7 @@ def preference_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     return_rewards: bool = False,
+    check_finite: bool = True,
     **params,
 ) -> torch.Tensor | LossOutput:
     """Per-example loss ``name`` from the registry, shape (B,).
@@ -389,6 +399,8 @@ def preference_loss(
         policy_chosen_logps, policy_rejected_logps: (B,) log pi_theta(y|x) of the chosen / rejected completions.
         ref_chosen_logps, ref_rejected_logps: (B,) the same under the frozen reference.
         return_rewards: return a :class:`LossOutput` (losses, chosen_rewards, rejected_rewards) instead.
+        check_finite: refuse NaN or inf log-probs (a ValueError naming the rows). Off, no value is looked at on the
+            host, so the loss adds no device synchronisation (``dpolab.train`` checks its own, once per step).
         **params: ``beta`` (required, > 0) and the loss's own parameters: ``label_smoothing`` (cdpo, robust,
             exo_pair, aot), ``dpop_lambda`` (dpop), ``offset`` (odpo: float or (B,) tensor), ``f_divergence`` and
             ``alpha`` (fdpo), ``rpo_alpha`` (rpo), ``kl_coef`` (kl_sft).
@@ -402,6 +414,7 @@ def preference_loss(
     params["beta"] = check_beta(params["beta"])
     _check_params(name, params)
     _check_logps(
+        check_finite,
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
         ref_chosen_logps=ref_chosen_logps,
@@ -422,6 +435,7 @@ def weighted_loss(
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
+    check_finite: bool = True,
     **params,
 ) -> LossOutput:
     """sum_k weights[k] * LOSSES[names[k]], per example, shape (B,): TRL's ``loss_type`` list with ``loss_weights``
@@ -429,6 +443,7 @@ def weighted_loss(
 
     Each loss receives ``beta`` and those of ``params`` it takes (e.g. ``label_smoothing`` for robust and exo_pair
     alike, as in TRL); a parameter that none of them takes is an error. The rewards are the losses' common ones.
+    ``check_finite``: as :func:`preference_loss`'s.
     """
     if len(names) != len(weights) or not names:
         raise ValueError(f"need one weight per loss, got losses {list(names)} and weights {list(weights)}")
@@ -444,6 +459,7 @@ def weighted_loss(
             ref_chosen_logps,
             ref_rejected_logps,
             return_rewards=True,
+            check_finite=check_finite,
             **{k: v for k, v in params.items() if k in accepted[name] or k == "beta"},
         )
         for name in names
@@ -465,14 +481,23 @@ def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta
         (B,) per-example losses. For K = 2 this equals ``preference_loss("dpo", ...)``.
     """
     beta = check_beta(beta)
+    _check_rankings(policy_logps, ref_logps, check_finite=True)
+    return _plackett_luce(policy_logps, ref_logps, beta)
+
+
+def _check_rankings(policy_logps: torch.Tensor, ref_logps: torch.Tensor, check_finite: bool) -> None:
     if policy_logps.ndim != 2 or policy_logps.shape != ref_logps.shape or policy_logps.shape[1] < 2:
         raise ValueError(
             f"policy_logps and ref_logps must both be (B, K) with K >= 2, got {tuple(policy_logps.shape)} "
             f"and {tuple(ref_logps.shape)}"
         )
     for label, t in (("policy_logps", policy_logps), ("ref_logps", ref_logps)):
-        if not torch.isfinite(t.detach()).all():
+        if check_finite and not torch.isfinite(t.detach()).all():
             raise ValueError(f"{label} has non-finite values (NaN or inf)")
+
+
+def _plackett_luce(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B,) losses of eq. (5.2), the inputs checked by the caller."""
     rewards = beta * (policy_logps - ref_logps)  # (B, K), best first
     suffix_lse = torch.logcumsumexp(rewards.flip(-1), dim=-1).flip(-1)  # log sum_{j>=k} exp(r_j)
     return -(rewards - suffix_lse)[:, :-1].sum(-1)  # the last factor is exp(r_K)/exp(r_K) = 1
@@ -483,7 +508,7 @@ def plackett_luce(policy_logps, ref_logps, *, beta: float) -> ListwiseLossOutput
     """Listwise DPO under Plackett-Luce, eq. (5.2) of notebook 05 (:func:`plackett_luce_loss`), with the implicit
     rewards r_hat_k = beta log(pi_theta(y_k)/pi_ref(y_k)), (B, K), detached. K = 2 is DPO (eq. 4.2)."""
     rewards = (beta * (policy_logps - ref_logps)).detach()
-    return ListwiseLossOutput(plackett_luce_loss(policy_logps, ref_logps, beta), rewards)
+    return ListwiseLossOutput(_plackett_luce(policy_logps, ref_logps, beta), rewards)
 
 
 PAIR_EXPANSIONS = ("adjacent", "all")  # the pairs a ranking implies, for a pairwise loss (ranking_pairs)
@@ -512,12 +537,13 @@ def listwise_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
     weights: Sequence[float] | None = None,
+    check_finite: bool = True,
     **params,
 ) -> ListwiseLossOutput:
     """sum_k weights[k] * LISTWISE_LOSSES[names[k]], per example, (B,), on (B, K) log-probs best first: the entry
     point of the listwise registry, as :func:`weighted_loss` is of the pairwise one. Each loss receives ``beta``
     (required, > 0) and those of ``params`` it takes; a parameter none takes is an error. The rewards are the first
-    loss's."""
+    loss's. ``check_finite``: as :func:`preference_loss`'s."""
     names = [names] if isinstance(names, str) else list(names)
     weights = [1.0] * len(names) if weights is None else list(weights)
     unknown = [name for name in names if name not in LISTWISE_LOSSES]
@@ -532,6 +558,7 @@ def listwise_loss(
     unused = sorted(set(params) - set().union(*accepted.values()))
     if unused:
         raise ValueError(f"none of the losses {names} takes the parameters {unused}")
+    _check_rankings(policy_logps, ref_logps, check_finite)
     outputs = [
         LISTWISE_LOSSES[name](policy_logps, ref_logps, **{k: params[k] for k in accepted[name] & set(params)})
         for name in names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -12,6 +13,10 @@ WORDS = (
     "university pennsylvania penn campus students library museum walk bright cold warm late early today "
     "yesterday tomorrow morning evening night after before because so but very quite really always never"
 ).split()
+
+
+# The devices a device-capable test runs on: the CPU always, CUDA (marked gpu: skipped, with a reason, without one).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

@@ -130,7 +130,7 @@ def test_every_path_equals_the_models_own_logits(name, examples, caplog):
         for logps in (
             lambda: torch.cat(concatenated_logps(model, padded)),
             lambda: torch.cat(packed_logps(model, packed)),
-            lambda: torch.cat(packed_logps(model, packed, chunk_size=5, fused_head=False)),
+            lambda: torch.cat(packed_logps(model, packed, chunk_size=5, lm_head="chunked")),
         ):
             assert_same(value_and_grads(model, logps), theirs)
     assert [r.message for r in caplog.records if r.name == "dpolab"] == []  # the lean head, packed: no fallback
@@ -142,6 +142,26 @@ def test_every_path_equals_the_models_own_logits(name, examples, caplog):
             hidden = model.base_model(input_ids=padded["input_ids"]).last_hidden_state
             plain = sequence_logps_from_logits(head(hidden), padded["input_ids"], padded["completion_mask"])
         assert (plain - theirs[0]).abs().max() > 3.0
+
+
+def test_the_compiled_head_equals_the_models_own_logits(examples, monkeypatch):
+    """lm_head="compiled" (torch.compile of the chunked head, ``dpolab.logprobs.chunked_token_logps``): the model's
+    own log-probs and parameter gradients. Compiled here by torch.compile's "aot_eager" backend (dynamo's graph and
+    AOTAutograd's backward, without inductor's C++ build, which takes minutes on a small CPU; the gpu tests compile
+    with the default backend)."""
+    import dpolab.logprobs
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", **kw))
+    dpolab.logprobs._compiled_chunk_token_logps.cache_clear()
+    try:
+        model = tiny("gpt2")
+        packed = PackedPreferenceCollator(1, row_tokens=40)(examples)
+        theirs = value_and_grads(model, lambda: own_logps(model, examples))
+        ours = value_and_grads(model, lambda: torch.cat(packed_logps(model, packed, chunk_size=5, lm_head="compiled")))
+        assert_same(ours, theirs)
+    finally:
+        dpolab.logprobs._compiled_chunk_token_logps.cache_clear()  # the next caller compiles with the real backend
 
 
 @pytest.mark.parametrize("softcap", [None, 0.7])

@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 import torch
-from helpers import tiny_gpt2
+from helpers import DEVICES, tiny_gpt2
 from torch.utils.flop_counter import FlopCounterMode
 
-from dpolab.bench.__main__ import check_same_start
+from dpolab.bench.__main__ import LOSS_RTOL, check_same_start
 from dpolab.bench.flops import _products, matmul_ceiling, matmul_weights, pair_flops
 from dpolab.bench.lockstep import run_lockstep
 from dpolab.data.packing import PackedPreferenceCollator
@@ -79,10 +79,15 @@ def test_the_ceilings_products_compute_the_product():
 
 @pytest.mark.slow
 @pytest.mark.trl
-def test_trl_and_dpolab_workers_start_from_the_same_weights_and_loss():
+@pytest.mark.parametrize("device", DEVICES)
+def test_trl_and_dpolab_workers_start_from_the_same_weights_and_loss(device):
     """The harness's own check, on a 1-layer GPT-2: TRL's DPOTrainer and dpolab.train, each in its own process, on
-    the same pairs in the same order, report the same initial weights and the same loss at steps 1 and 2."""
+    the same pairs in the same order, on the same device in the same precision (fp32 on a CPU, bf16 autocast on CUDA),
+    report the same initial weights and the same loss at steps 1 and 2."""
+    precision = "bf16" if device == "cuda" else "fp32"
     spec = {
+        "device": device,
+        "precision": precision,
         "model": TINY,
         "batch_size": 16,
         "beta": 0.1,
@@ -93,7 +98,7 @@ def test_trl_and_dpolab_workers_start_from_the_same_weights_and_loss():
         "ceiling_tokens": 64,
     }
     trl, ours = run_lockstep([("trl", {**spec, "variant": "trl"}), ("dpolab", spec)], steps=4, timeout=600)
-    check_same_start(trl, ours)
+    check_same_start(trl, ours, precision)
     assert abs(trl["losses"][0] - 0.6931) > 1e-3  # two different random models: not the trivial log 2
     assert len(trl["step_seconds"]) == len(ours["step_seconds"]) == 2
     # lockstep: after the warm-up step 1, no step of one process overlaps a step of the other
@@ -101,8 +106,10 @@ def test_trl_and_dpolab_workers_start_from_the_same_weights_and_loss():
     assert len(steps) == 6 and all(a[1] <= b[0] for a, b in itertools.pairwise(steps))
     assert trl["step_seconds"] == [end - start for start, end in trl["step_intervals"][2:4]]
     assert trl["peak_rss_bytes"] > 0 and ours["peak_rss_bytes"] > 0
+    assert ("peak_gpu_bytes" in trl) == ("peak_gpu_bytes" in ours) == (device == "cuda")
     with pytest.raises(AssertionError, match="step 1"):
-        check_same_start(trl, {**ours, "losses": [ours["losses"][0] * 1.01, *ours["losses"][1:]]})
+        off = ours["losses"][0] * (1 + 10 * LOSS_RTOL[precision])  # ten times the tolerance: refused
+        check_same_start(trl, {**ours, "losses": [off, *ours["losses"][1:]]}, precision)
 
 
 def test_lockstep_reports_a_worker_that_dies():

@@ -34,7 +34,17 @@ VOCAB = 97
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(progress=False, use_ref_cache=False, batch_size=4, epochs=1, learning_rate=1e-3, min_learning_rate=1e-3)
+    # the device and precision pinned: the same numbers on a machine with a GPU
+    base = dict(
+        progress=False,
+        use_ref_cache=False,
+        device="cpu",
+        precision="fp32",
+        batch_size=4,
+        epochs=1,
+        learning_rate=1e-3,
+        min_learning_rate=1e-3,
+    )
     return TrainConfig(**{**base, **kw})
 
 

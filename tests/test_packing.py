@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_gpt2
+from helpers import DEVICES, tiny_gpt2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpolab.data.collate import PreferenceCollator
@@ -169,15 +169,20 @@ def test_rows_are_balanced_and_every_token_is_kept():
 @pytest.mark.parametrize("chunk_size", [64, 8], ids=["one-token-block", "five-token-blocks"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("vocab_chunk", [4096, 7], ids=["one-vocab-chunk", "eight-vocab-chunks"])
-def test_linear_log_softmax_equals_autograd_of_the_naive_form(chunk_size, with_bias, vocab_chunk):
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_log_softmax_equals_autograd_of_the_naive_form(chunk_size, with_bias, vocab_chunk, device):
     """The hand-written backward (6.8) against autograd through log_softmax, in float64: the vocabulary in one
     product, or in chunks of 7 rows (the last one 1 row), with labels in every chunk; the tokens in one block or in
     blocks of 8 (the last one 5 tokens)."""
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(50, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
-    labels, upstream = torch.randint(0, 50, (37,), generator=g), torch.randn(37, dtype=torch.float64, generator=g)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).to(device).requires_grad_()
+
+    h, w = leaf(37, 16), leaf(50, 16)
+    b = leaf(50) if with_bias else None
+    labels = torch.randint(0, 50, (37,), generator=g).to(device)
+    upstream = torch.randn(37, dtype=torch.float64, generator=g).to(device)
     inputs = [t for t in (h, w, b) if t is not None]
     ours = linear_log_softmax(h, w, b, labels, chunk_size=chunk_size, vocab_chunk=vocab_chunk)
     naive = torch.log_softmax(F.linear(h, w, b), -1).gather(-1, labels[:, None])[:, 0]
@@ -203,22 +208,26 @@ def test_linear_log_softmax_without_gradients_and_with_bad_labels():
             linear_log_softmax(h, w, None, torch.cat([labels[:2], torch.tensor([label]), labels[3:]]))
 
 
-def test_linear_log_softmax_under_bf16_autocast_follows_fp32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_log_softmax_under_bf16_autocast_follows_fp32(device):
     """Under autocast the products run in bf16 (the result moves by bf16 rounding, not fp32's); the log-softmax and
-    the gradients stay fp32 and agree with the fp32 computation to bf16 precision."""
+    the gradients stay fp32 and agree with the fp32 computation (on the CPU) to bf16 precision."""
     g = torch.Generator().manual_seed(2)
-    h = torch.randn(21, 32, generator=g, requires_grad=True)
-    w = (0.3 * torch.randn(40, 32, generator=g)).requires_grad_()
-    labels, upstream = torch.randint(0, 40, (21,), generator=g), torch.randn(21, generator=g)
+    h = torch.randn(21, 32, generator=g).to(device).requires_grad_()
+    w = (0.3 * torch.randn(40, 32, generator=g)).to(device).requires_grad_()
+    labels, upstream = torch.randint(0, 40, (21,), generator=g).to(device), torch.randn(21, generator=g).to(device)
+    with torch.no_grad():
+        cpu32 = linear_log_softmax(h.cpu(), w.cpu(), None, labels.cpu(), chunk_size=8, vocab_chunk=16)
     results = []
     for bf16 in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             out = linear_log_softmax(h, w, None, labels, chunk_size=8, vocab_chunk=16)
         assert out.dtype == torch.float32
         grads = torch.autograd.grad((out * upstream).sum(), (h, w))
         assert all(t.dtype == torch.float32 for t in grads)
         results.append((out, grads))
     (out32, g32), (out16, g16) = results
+    torch.testing.assert_close(out32.detach().cpu(), cpu32, rtol=1e-5, atol=1e-5)  # fp32 on the device: the CPU's
     assert (out16 - out32).abs().max() > 1e-4  # bf16 products: 8 bits of mantissa, far coarser than fp32's
     torch.testing.assert_close(out16, out32, rtol=0, atol=0.1)
     for a, b in zip(g16, g32):

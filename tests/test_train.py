@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import dpolab_command, make_tiny_gpt2, run_command, subprocess_env
-from helpers import tiny_gpt2
+from helpers import DEVICES, tiny_gpt2
 
 from dpolab.data.collate import tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
@@ -51,7 +51,17 @@ def rows(penn):
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(progress=False, use_ref_cache=False, batch_size=8, epochs=1, learning_rate=1e-3, min_learning_rate=1e-3)
+    # the device and precision pinned: the same numbers on a machine with a GPU
+    base = dict(
+        progress=False,
+        use_ref_cache=False,
+        device="cpu",
+        precision="fp32",
+        batch_size=8,
+        epochs=1,
+        learning_rate=1e-3,
+        min_learning_rate=1e-3,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -344,15 +354,18 @@ def test_gradient_accumulation_2x8_equals_1x16(small_tokenizer, rows):
 SWITCHES = [f.name for f in dataclasses.fields(Speedups) if f.type == "bool"]  # every speed-up of TrainConfig
 
 
-@pytest.mark.parametrize("loss, off", [*(("dpo", switch) for switch in SWITCHES), ("ipo", "packing"), ("dpo", "all")])
-def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off):
+@pytest.mark.parametrize(
+    "loss, off", [*(("dpo", switch) for switch in SWITCHES), ("dpo", "lm_head"), ("ipo", "packing"), ("dpo", "all")]
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off, device):
     """Each speed-up (``Speedups``: packing, eq. 6.9; the fused LM head, eq. 6.8; the fused GELU; the tied
     embedding's in-place gradient; the layer norms computed by the linear after them; fused AdamW), and all of them
     (``Speedups.none()``), changes how the step is computed, not what: the same history and weights as with it
     switched off, to float tolerance, over 8 steps of AdamW (sum log-probs, and mean for IPO). Not DPOP: at step 1 its
     penalty max(0, log pi_ref(y_w) - log pi(y_w)) sits exactly at its kink, where float rounding alone decides
-    whether its gradient is on."""
-    speedups = Speedups.none() if off == "all" else Speedups(**{off: False})
+    whether its gradient is on. On each device (fp32)."""
+    speedups = {"all": Speedups.none(), "lm_head": Speedups(lm_head="chunked")}.get(off) or Speedups(**{off: False})
     runs = []
     for setting in (speedups, Speedups()):
         model = make_tiny_gpt2(small_tokenizer)
@@ -361,9 +374,9 @@ def test_every_speedup_changes_no_number(small_tokenizer, rows, loss, off):
             model,
             small_tokenizer,
             rows,
-            config(batch_size=8, epochs=2, loss=loss, reduction=reduction, speedups=setting),
+            config(batch_size=8, epochs=2, loss=loss, reduction=reduction, speedups=setting, device=device),
         ).history
-        runs.append((params(model), history))
+        runs.append(({k: v.cpu() for k, v in params(model).items()}, history))
     (p1, h1), (p2, h2) = runs
     for r1, r2 in zip(h1, h2, strict=True):
         for key in METRICS:  # at step 1 every margin is 0 up to rounding, so the accuracy (margin > 0) is noise
@@ -565,7 +578,7 @@ def test_cuda_bf16_autocast_follows_cpu_fp32(small_tokenizer, rows):
     """Same code path on CUDA: bf16 autocast where supported; the first steps agree with CPU fp32 to bf16 precision."""
     cpu = train(make_tiny_gpt2(small_tokenizer), small_tokenizer, rows, config(max_steps=3, device="cpu")).history
     model = make_tiny_gpt2(small_tokenizer)
-    cuda = train(model, small_tokenizer, rows, config(max_steps=3, device="cuda")).history
+    cuda = train(model, small_tokenizer, rows, config(max_steps=3, device="cuda", precision="auto")).history
     assert next(model.parameters()).device.type == "cuda"
     assert cuda[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at step 1, in any precision
     for a, b in zip(cpu, cuda):

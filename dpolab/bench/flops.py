@@ -23,7 +23,7 @@ import time
 
 import torch
 
-__all__ = ["matmul_weights", "pair_flops", "matmul_ceiling"]
+__all__ = ["matmul_weights", "pair_flops", "matmul_ceiling", "cuda_matmul_ceiling"]
 
 
 def matmul_weights(model: torch.nn.Module) -> int:
@@ -84,3 +84,24 @@ def matmul_ceiling(shapes: list[tuple[int, int, int]], seconds: float = 0.6) -> 
         "all": results,
         "threads": torch.get_num_threads(),
     }
+
+
+def cuda_matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 20) -> dict:
+    """The FLOP/s of a (size x size) @ (size x size) product in ``dtype`` on a CUDA ``device``: the median of
+    ``repeats`` products timed with CUDA events after a warm-up (the device's measured peak for this dtype)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    flops = 2.0 * size**3 / statistics.median(times)
+    library = f"torch.mm, {str(dtype).removeprefix('torch.')}, {torch.cuda.get_device_name(device)}"
+    shape = [size, size, size]
+    return {"flops_per_s": flops, "shape": shape, "library": library, "all": [], "threads": torch.get_num_threads()}

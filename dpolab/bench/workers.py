@@ -5,7 +5,9 @@ reference: seed 1, so the first step's loss is not the trivial log 2), GPT-2's t
 ``steps x batch_size`` Penn training pairs in dpolab's step order. A training worker times each optimizer step from
 its start to its end (collation, forward, backward, clipping, AdamW and logging included; ``lockstep.Gate``: in
 lockstep, from the coordinator's "go") and reports its peak resident memory (``ru_maxrss``: the process's high-water
-mark, model building included). It writes one JSON file; nothing else leaves the process.
+mark, model building included; on CUDA also the peak of ``torch.cuda.max_memory_allocated``). It writes one JSON
+file; nothing else leaves the process. Every worker runs on the spec's ``device`` in its ``precision`` ("fp32" or
+"bf16", resolved by the coordinator through ``dpolab.device``): dpolab and TRL alike.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _device(spec: dict) -> torch.device:
+    return torch.device(spec.get("device", "cpu"))
+
+
+def _memory(spec: dict) -> dict:
+    """Peak resident memory; on CUDA also the peak of the device memory torch allocated."""
+    out = {"peak_rss_bytes": _peak_rss_bytes()}
+    if _device(spec).type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
 def _weights_digest(model) -> str:
     from ..train.reference import weights_hash
 
@@ -59,15 +73,16 @@ def _timings(gate, spec: dict) -> dict:
     return {"step_seconds": gate.step_seconds(spec["warmup_steps"]), "step_intervals": gate.intervals()}
 
 
-# dpolab.train with one speed-up switched off: variant -> the Speedups switch it turns off (dpolab.train.Speedups)
+# dpolab.train with one speed-up switched off or changed: variant -> its Speedups fields (dpolab.train.Speedups)
 ABLATIONS = {
-    "padded": "packing",
-    "chunked-head": "fused_lm_head",
-    "python-gelu": "fuse_activations",
-    "foreach-adamw": "fused_optimizer",
-    "dense-embedding-grad": "inplace_tied_embedding_grad",
-    "saved-layer-norms": "recompute_layer_norms",
-    "mkl-products": "onednn_products",
+    "padded": {"packing": False},
+    "chunked-head": {"lm_head": "chunked"},
+    "compiled-head": {"lm_head": "compiled"},
+    "python-gelu": {"fuse_activations": False},
+    "foreach-adamw": {"fused_optimizer": False},
+    "dense-embedding-grad": {"inplace_tied_embedding_grad": False},
+    "saved-layer-norms": {"recompute_layer_norms": False},
+    "mkl-products": {"onednn_products": False},
 }
 
 
@@ -77,7 +92,6 @@ def train_dpolab(spec: dict) -> dict:
     from ..train import Speedups, TrainConfig, train
 
     variant = spec.get("variant", "dpolab")
-    off = {ABLATIONS[variant]: False} if variant in ABLATIONS else {}
     tokenizer = gpt2_tokenizer()
     rows, _ = timed_rows(spec)
     policy = random_gpt2(spec, seed=0)
@@ -94,8 +108,9 @@ def train_dpolab(spec: dict) -> dict:
         seed=0,
         use_ref_cache=False,
         progress=False,
-        speedups=Speedups(**off),
-        precision="bf16" if variant == "bf16" else "auto",
+        speedups=Speedups(**ABLATIONS.get(variant, {})),
+        device=spec.get("device", "cpu"),
+        precision="bf16" if variant == "bf16" else spec.get("precision", "fp32"),
     )
     gate, losses = _gate(spec), []
 
@@ -105,7 +120,7 @@ def train_dpolab(spec: dict) -> dict:
 
     # the reference is built inside the call and dropped by train() once its log-probs are computed
     train(policy, tokenizer, rows, config, ref_model=random_gpt2(spec, seed=1), on_step=on_step)
-    return {**_timings(gate, spec), "losses": losses, "peak_rss_bytes": _peak_rss_bytes(), "initial_weights": digest}
+    return {**_timings(gate, spec), "losses": losses, **_memory(spec), "initial_weights": digest}
 
 
 def train_trl(spec: dict) -> dict:
@@ -139,7 +154,8 @@ def train_trl(spec: dict) -> dict:
             max_steps=spec["warmup_steps"] + spec["timed_steps"],
             train_sampling_strategy="sequential",
             seed=0,
-            bf16=False,
+            bf16=spec.get("precision", "fp32") == "bf16",  # the same precision as dpolab's side
+            use_cpu=_device(spec).type == "cpu",
             report_to="none",
             logging_steps=1,
             save_strategy="no",
@@ -164,14 +180,19 @@ def train_trl(spec: dict) -> dict:
     return {
         **_timings(gate, spec),
         "losses": [float(e["loss"]) for e in log],
-        "peak_rss_bytes": _peak_rss_bytes(),
+        **_memory(spec),
         "initial_weights": digest,
     }
 
 
 def ceiling(spec: dict) -> dict:
-    """The fp32 matmul ceiling, on the model's own product shapes and a large square one."""
-    from .flops import matmul_ceiling
+    """The matmul ceiling: on a CPU fp32, on the model's own product shapes and a large square one; on CUDA, in the
+    run's precision, a large square product timed with CUDA events."""
+    from .flops import cuda_matmul_ceiling, matmul_ceiling
+
+    if _device(spec).type == "cuda":
+        dtype = torch.bfloat16 if spec.get("precision") == "bf16" else torch.float32
+        return cuda_matmul_ceiling(_device(spec), dtype)
 
     tokens, width, vocab = spec["ceiling_tokens"], spec["model"]["n_embd"], spec["model"]["vocab_size"]
     shapes = [
@@ -192,7 +213,7 @@ def generation(spec: dict) -> dict:
 
     tokenizer = gpt2_tokenizer()
     prompts = list(load_penn()["test"]["prompt"])[: spec["generation_prompts"]]
-    model = random_gpt2(spec, seed=0).eval()
+    model = random_gpt2(spec, seed=0).eval().to(_device(spec))
     config = SamplingConfig(max_new_tokens=spec["generation_tokens"])
     generate(model, tokenizer, prompts[:8], config, seed=1)  # warm-up
     start = time.perf_counter()
@@ -202,7 +223,7 @@ def generation(spec: dict) -> dict:
         "seconds": seconds,
         "prompts": len(prompts),
         "new_tokens": sum(map(len, out.completion_ids)),
-        "peak_rss_bytes": _peak_rss_bytes(),
+        **_memory(spec),
     }
 
 
@@ -216,7 +237,7 @@ def reference(spec: dict) -> dict:
     tokenizer = gpt2_tokenizer()
     rows = load_penn()["train"].select(range(spec["reference_pairs"]))
     examples = tokenize_preferences(rows, tokenizer)
-    model = random_gpt2(spec, seed=1).eval()
+    model = random_gpt2(spec, seed=1).eval().to(_device(spec))
     out = {}
     for layout in ("packed", "padded"):
         start = time.perf_counter()
@@ -225,7 +246,8 @@ def reference(spec: dict) -> dict:
             examples,
             tokenizer,
             batch_size=2 * spec["batch_size"],
-            device=torch.device("cpu"),
+            device=_device(spec),
+            autocast_dtype=torch.bfloat16 if spec.get("precision") == "bf16" else None,
             use_cache=False,
             packing=layout == "packed",
         )

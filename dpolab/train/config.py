@@ -19,14 +19,14 @@ from typing import Any
 import torch
 
 from ..data.tokenize import TRUNCATION_MODES
+from ..device import DEVICES, PRECISIONS
+from ..logprobs import LM_HEADS
 from ..losses import LISTWISE_LOSSES, LOSSES, PAIR_EXPANSIONS
 
-__all__ = ["TrainConfig", "Speedups", "autocast_dtype", "loss_parameters", "WARMUP_COSINE", "EVAL_STRATEGIES"]
+__all__ = ["TrainConfig", "Speedups", "loss_parameters", "WARMUP_COSINE", "EVAL_STRATEGIES"]
 
 WARMUP_COSINE = "warmup_cosine"  # dpolab's schedule (the seed article's): warm-up, then cosine to min_learning_rate
 
-_PRECISIONS = ("auto", "fp32", "bf16")
-_DEVICES = ("auto", "cpu", "cuda", "mps")
 _REPORT_TO = ("none", "tensorboard")
 EVAL_STRATEGIES = (None, "no", "steps", "epoch")
 
@@ -56,8 +56,10 @@ class Speedups:
     packing: bool = True  # pairwise losses: each pair one prompt + chosen + rejected segment in packed rows, the prompt
     # computed once (eq. 6.9 of appendix notebook 12; a ranking: prompt + K completions); off: the padded 2B-row batch
     packed_row_tokens: int = 256  # with packing: target tokens per packed row (dpolab.data.packing)
-    fused_lm_head: bool = True  # with packing: the LM head and log-softmax as one function, its backward written out
-    # (eq. 6.8, dpolab.logprobs.linear_log_softmax); off: the head in chunks recomputed in the backward
+    lm_head: str = "fused"  # with packing, the LM head's log-probs (dpolab.logprobs.LM_HEADS): "fused", the head and
+    # log-softmax as one function, its backward written out (eq. 6.8, linear_log_softmax); "chunked", F.linear and a
+    # log-softmax in chunks recomputed in the backward; "compiled", the chunked one through torch.compile. "fused" on
+    # every device (on CUDA the three are measured by `make bench DEVICE=cuda`, not yet run)
     fuse_activations: bool = True  # GPT-2's Python GELU -> torch's fused tanh GELU, folded into the MLP's projection
     inplace_tied_embedding_grad: bool = True  # a tied input embedding adds its rows into weight.grad (one process only)
     recompute_layer_norms: bool = True  # GPT-2: the linear after a layer norm computes the norm itself, keeping only
@@ -72,12 +74,14 @@ class Speedups:
             if f.type == "bool" and not isinstance(value, bool):
                 raise ValueError(f"speedups.{f.name} must be True or False, got {value!r}")
         _at_least("speedups.packed_row_tokens", self.packed_row_tokens, 1)
+        if self.lm_head not in LM_HEADS:
+            raise ValueError(f"speedups.lm_head must be one of {LM_HEADS}, got {self.lm_head!r}")
 
     @classmethod
     def none(cls) -> Speedups:
         """Every speed-up off: padded batches, the chunked LM head, the model's own modules, torch's default AdamW and
         torch's own products."""
-        return cls(**{f.name: False for f in fields(cls) if f.type == "bool"})
+        return cls(**{f.name: False for f in fields(cls) if f.type == "bool"}, lm_head="chunked")
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class TrainConfig:
     eval_on_start: bool = False  # evaluate before the first step too (a row at step 0), as TRL's eval_on_start
     seed: int = 0  # seeds the data order and the torch/numpy/python RNGs
     disable_dropout: bool = True  # set every nn.Dropout's p to 0, as TRL does: the reference log-probs have no dropout
-    # --- where it runs
+    # --- where it runs (dpolab.device decides both)
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, mps; under torchrun, cuda:LOCAL_RANK
     precision: str = "auto"  # auto: bf16 autocast on a CUDA device that supports it, else fp32; fp32; bf16 (autocast;
     # on a CPU too, slow where it has no native bf16: AVX512-BF16 or AMX)
@@ -217,10 +221,10 @@ class TrainConfig:
                 f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length}) "
                 "to leave room for the completion"
             )
-        if self.device not in _DEVICES:
-            raise ValueError(f"device must be one of {_DEVICES}, got {self.device!r}")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.output_dir is None and (self.save_steps is not None or self.resume or self.overwrite):
             raise ValueError("save_steps, resume and overwrite need an output_dir")
         if self.resume and self.overwrite:
@@ -275,15 +279,6 @@ class TrainConfig:
             if isinstance(out[key], tuple):
                 out[key] = list(out[key])
         return out
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 for ``precision`` "bf16" (a CPU too: autocast, slow on one without native bf16, AVX512-BF16 or AMX) and
-    for "auto" on a CUDA device that supports it; else None (the weights' own precision, fp32)."""
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "bf16" and not (device.type == "cpu" or cuda_bf16):
-        raise ValueError(f"precision='bf16': {device} has no bf16 support; pass precision='fp32' (--precision fp32)")
-    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and cuda_bf16) else None
 
 
 def _finite(value) -> bool:

@@ -20,15 +20,14 @@ a tie in the rewards counting as neither. Every metric is a mean over the step's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..data.rankings import expand_rankings, is_listwise_data
 from ..logprobs import listwise_logps
-from ..losses import listwise_loss
+from ..losses import listwise_loss, nonfinite_count
 from .config import TrainConfig
 
 __all__ = [
@@ -107,13 +106,13 @@ def ranking_metrics(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ListwisePolicy(torch.nn.Module):
     """batch -> log pi_theta(y_k|x), (B, K): the module DDP wraps for rankings (``dpolab.logprobs.listwise_logps``)."""
 
-    def __init__(self, model: torch.nn.Module, reduction: str, n_completions: int, fused_head: bool = True):
+    def __init__(self, model: torch.nn.Module, reduction: str, n_completions: int, lm_head: str = "fused"):
         super().__init__()
-        self.model, self.reduction, self.n_completions, self.fused_head = model, reduction, n_completions, fused_head
+        self.model, self.reduction, self.n_completions, self.lm_head = model, reduction, n_completions, lm_head
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return listwise_logps(
-            self.model, batch, self.n_completions, reduction=self.reduction, fused_head=self.fused_head
+        return listwise_logps(  # the batch was checked on the host as it was collated (setup.py)
+            self.model, batch, self.n_completions, reduction=self.reduction, lm_head=self.lm_head, check=False
         )
 
 
@@ -121,19 +120,14 @@ class ListwiseObjective:
     """One micro-batch of rankings: its listwise loss (B,) and the sums of its metrics (``summed``), against the
     precomputed reference log-probs ``ref_logps`` (N, K) indexed by dataset index."""
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        ref_logps: torch.Tensor,
-        check_finite: Callable[[int, str, torch.Tensor, np.ndarray, np.ndarray], None],
-    ):
-        self.config, self.ref_logps, self.check_finite = config, ref_logps, check_finite
+    def __init__(self, config: TrainConfig, ref_logps: torch.Tensor):
+        self.config, self.ref_logps = config, ref_logps
         self.columns = listwise_metrics(ref_logps.shape[1])
         self.summed = self.columns[2:-2]
 
-    def __call__(self, step: int, logps: torch.Tensor, rows: np.ndarray, batch_indices: np.ndarray):
+    def __call__(self, logps: torch.Tensor, rows):
+        """(losses, stats, checks) as ``objective.PairwiseObjective``'s."""
         policy_logps = logps.float()  # (b, K)
-        self.check_finite(step, "log pi_theta(y_k|x)", policy_logps.sum(-1), rows, batch_indices)
         idx = torch.as_tensor(rows, device=policy_logps.device)
         config = self.config
         out = listwise_loss(
@@ -142,10 +136,11 @@ class ListwiseObjective:
             self.ref_logps[idx],
             config.weights,
             beta=config.beta,
+            check_finite=False,  # checked with the step's metrics, below
             **config.loss_kwargs,
         )
-        self.check_finite(step, "the loss", out.losses, rows, batch_indices)
         with torch.no_grad():
+            checks = [("log pi_theta(y_k|x)", policy_logps.sum(-1).detach()), ("the loss", out.losses.detach())]
             accuracy, tau = ranking_metrics(out.rewards)
             stats = torch.cat(
                 [
@@ -154,9 +149,10 @@ class ListwiseObjective:
                     accuracy.sum()[None],
                     tau.sum()[None],
                     policy_logps.double().sum(0),  # logps/position_k
+                    nonfinite_count(checks).to(idx.device)[None],
                 ]
             )
-        return out.losses, stats
+        return out.losses, stats, checks
 
     @staticmethod
     def postfix(row: dict[str, float]) -> dict[str, str]:

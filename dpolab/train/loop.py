@@ -32,17 +32,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..device import check_device
 from .config import TrainConfig
-from .examples import check_eval_data, epoch_order, training_data
+from .examples import check_eval_data, training_data
 from .history import Reports
-from .objective import EVAL_METRICS, METRICS, NonFiniteError, evaluate
+from .objective import EVAL_METRICS, METRICS, NonFiniteError, evaluate, raise_nonfinite
 from .output import check_output_dir, check_resumed_data, save
 from .prepare import check_trainable, prepared
-from .setup import TrainState, check_device, setup
+from .setup import TrainState, setup
 
 __all__ = ["train", "TrainResult", "run_steps", "NonFiniteError", "METRICS", "EVAL_METRICS"]
 
@@ -59,36 +59,40 @@ class TrainResult:
 
 def run_steps(s: TrainState, config: TrainConfig, report: Reports) -> None:
     """Optimizer steps ``s.start_step + 1`` to ``s.total_steps`` on the prepared state ``s`` (``setup.py``): the
-    pseudocode of the module docstring, with each step's metrics as the mean over its global batch."""
+    pseudocode of the module docstring, with each step's metrics as the mean over its global batch. The host reads
+    the device once per step: the metrics, the count of non-finite values and the gradient norm, in one tensor."""
+    batches = s.batches()  # the micro-batches in step order, collated ahead (DataLoader workers on CUDA)
     for step in range(s.start_step + 1, s.total_steps + 1):  # step = optimizer steps taken after this one, as TRL logs
-        # the step's B pairs (dataset indices): a slice of this epoch's seeded permutation
-        epoch, position = divmod(step - 1, s.steps_per_epoch)
-        batch_indices = epoch_order(config.seed, epoch, len(s.examples))[
-            position * config.batch_size : (position + 1) * config.batch_size
-        ]
-        micro_batches = np.array_split(batch_indices[s.rank :: s.world_size], config.grad_accum_steps)
+        batch_indices, micro_batches = s.step_rows(step)  # the step's B pairs: its epoch's seeded order, sliced
         scale = s.world_size / len(batch_indices)  # DDP averages over processes: the result is the global-batch mean
-        sums = torch.zeros(len(s.objective.summed), dtype=torch.float64, device=s.device)  # the metrics' sums
+        sums = torch.zeros(len(s.objective.summed) + 1, dtype=torch.float64, device=s.device)  # metrics, non-finite
+        checks = []  # (rows, what, values): what the error names if a value is not finite
         learning_rate = s.optimizer.param_groups[0]["lr"]
         for i, rows in enumerate(micro_batches):
-            batch = s.batch(rows)
+            batch = next(batches)
             with s.gradient_sync(last=i == len(micro_batches) - 1):
                 with s.autocast():
                     logps = s.policy(batch)  # log pi_theta(y|x) of every completion, one forward (eq. 6.1)
-                losses, stats = s.objective(step, logps, rows, batch_indices)  # eq. 4.2 against cached log pi_ref
+                losses, stats, checked = s.objective(logps, batch["rows"])  # eq. 4.2 against cached log pi_ref
                 (losses.sum() * scale).backward()  # accumulates into .grad over the micro-batches
             sums += stats
+            checks += [(rows, what, values) for what, values in checked]
         grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), config.max_grad_norm or math.inf)
-        if not torch.isfinite(grad_norm):  # the norm before clipping
-            raise NonFiniteError(step, f"the gradient (norm {grad_norm.item()})", batch_indices.tolist(), batch_indices)
+        if s.world_size > 1:
+            dist.all_reduce(sums)
+        # the step's one host synchronisation
+        *means, nonfinite, grad_norm = torch.cat(
+            [sums[:-1] / len(batch_indices), sums[-1:], grad_norm.double()[None]]
+        ).tolist()
+        if nonfinite:  # a NaN or inf log-prob or loss: name its examples (on every process: the count is global)
+            raise_nonfinite(step, checks, batch_indices)
+        if not math.isfinite(grad_norm):  # the norm before clipping
+            raise NonFiniteError(step, f"the gradient (norm {grad_norm})", batch_indices.tolist(), batch_indices)
         s.optimizer.step()  # AdamW
         s.scheduler.step()  # the next step's learning rate
         s.optimizer.zero_grad(set_to_none=True)
-        if s.world_size > 1:
-            dist.all_reduce(sums)
-        means = dict(zip(s.objective.summed, (sums / len(batch_indices)).tolist()))  # TRL's names
-        row = {"step": step, "epoch": step / s.steps_per_epoch, **means}
-        row |= {"learning_rate": learning_rate, "grad_norm": grad_norm.item()}
+        row = {"step": step, "epoch": step / s.steps_per_epoch, **dict(zip(s.objective.summed, means))}  # TRL's names
+        row |= {"learning_rate": learning_rate, "grad_norm": grad_norm}
         s.history.append({k: row[k] for k in s.objective.columns})
         report.step(s.history[-1])
         if s.evaluation is not None and s.evaluation.due(step):
@@ -171,7 +175,7 @@ def train(
     embedding, the data against the resumed run's, the eval data (``examples.check_eval_data``), the PEFT config
     against the model.
     """
-    check_device(config)
+    check_device(config.device)
     resume_from = check_output_dir(config)
     check_eval_data(config, train_data, eval_data, example_loss_kwargs)
     check_trainable(model, config)

@@ -18,7 +18,7 @@ import torch
 
 from ..data.collate import n_completions
 from ..logprobs import concatenated_logps, packed_logps, sequence_logps
-from ..losses import LossOutput, weighted_loss
+from ..losses import LossOutput, nonfinite_count, weighted_loss
 from .config import TrainConfig
 from .listwise import ListwiseObjective, ListwisePolicy
 from .reference import score_completions
@@ -29,6 +29,7 @@ __all__ = [
     "CHOSEN_ONLY_LOSSES",
     "NonFiniteError",
     "check_finite",
+    "raise_nonfinite",
     "PolicyLogps",
     "PairwiseObjective",
     "policy_module",
@@ -77,23 +78,34 @@ def check_finite(step: int, what: str, values: torch.Tensor, rows: np.ndarray, b
         raise NonFiniteError(step, what, rows[bad.cpu().numpy()].tolist(), batch.tolist())
 
 
+def raise_nonfinite(step: int, checks, batch: np.ndarray) -> None:
+    """The error path of the step's one finiteness check: :class:`NonFiniteError` for the first of ``checks``
+    ((rows, what, values) in the order the step computed them) that holds a NaN or inf, naming its examples."""
+    for rows, what, values in checks:
+        check_finite(step, what, values, rows, batch)
+
+
 class PolicyLogps(torch.nn.Module):
     """batch -> (policy_chosen_logps, policy_rejected_logps): the module DDP wraps, so its forward syncs gradients."""
 
-    def __init__(self, model: torch.nn.Module, reduction: str, chosen_only: bool, fused_head: bool = True):
+    def __init__(self, model: torch.nn.Module, reduction: str, chosen_only: bool, lm_head: str = "fused"):
         super().__init__()
-        self.model, self.reduction, self.chosen_only, self.fused_head = model, reduction, chosen_only, fused_head
+        self.model, self.reduction, self.chosen_only, self.lm_head = model, reduction, chosen_only, lm_head
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if "score_index" in batch:  # shared-prefix packed (dpolab.data.packing): one forward, prompt once
-            return packed_logps(self.model, batch, reduction=self.reduction, fused_head=self.fused_head)
-        if not self.chosen_only:
-            return concatenated_logps(self.model, batch, reduction=self.reduction)  # one forward, 2B rows
+            return packed_logps(  # the batch was checked on the host as it was collated (setup.py)
+                self.model, batch, reduction=self.reduction, lm_head=self.lm_head, check=False
+            )
+        if not self.chosen_only:  # one forward, 2B rows; checked on the host as it was collated (setup.py)
+            return concatenated_logps(self.model, batch, reduction=self.reduction, check=False)
         b = batch["input_ids"].shape[0] // 2
-        chosen, rejected = ({k: v[rows] for k, v in batch.items()} for rows in (slice(None, b), slice(b, None)))
-        policy_chosen_logps = sequence_logps(self.model, **chosen, reduction=self.reduction)
+        keys = ("input_ids", "attention_mask", "completion_mask")
+        chosen, rejected = ({k: batch[k][rows] for k in keys} for rows in (slice(None, b), slice(b, None)))
+        chosen["scored"], rejected["scored"] = batch["scored_chosen"], batch["scored_rejected"]
+        policy_chosen_logps = sequence_logps(self.model, **chosen, reduction=self.reduction, check=False)
         with torch.no_grad():  # the loss ignores it; the metrics report it
-            policy_rejected_logps = sequence_logps(self.model, **rejected, reduction=self.reduction)
+            policy_rejected_logps = sequence_logps(self.model, **rejected, reduction=self.reduction, check=False)
         return policy_chosen_logps, policy_rejected_logps
 
 
@@ -108,10 +120,12 @@ class PairwiseObjective:
         self.ref_chosen_logps, self.ref_rejected_logps = ref_chosen_logps, ref_rejected_logps
         self.loss_kwargs = {"beta": config.beta, **config.loss_kwargs}
 
-    def __call__(self, step: int, logps, rows: np.ndarray, batch_indices: np.ndarray):
+    def __call__(self, logps, rows):
+        """(losses (b,), stats, checks) of the micro-batch of examples ``rows`` (positions in the examples, a tensor
+        or an array): stats = the sums of ``summed``, then the count of NaN or inf among the log-probs and losses
+        (``nonfinite_count``); checks = (what, values) of those, for the error message (``raise_nonfinite``).
+        Nothing is read on the host."""
         policy_chosen_logps, policy_rejected_logps = logps[0].float(), logps[1].float()
-        check_finite(step, "log pi_theta(y_w|x)", policy_chosen_logps, rows, batch_indices)
-        check_finite(step, "log pi_theta(y_l|x)", policy_rejected_logps, rows, batch_indices)
         idx = torch.as_tensor(rows, device=policy_chosen_logps.device)
         out: LossOutput = weighted_loss(  # eq. 4.2 for DPO
             self.config.losses,
@@ -121,10 +135,15 @@ class PairwiseObjective:
             self.ref_chosen_logps[idx],
             self.ref_rejected_logps[idx],
             **self.loss_kwargs,
+            check_finite=False,  # checked with the step's metrics, below
             **{k: v[idx] for k, v in self.example_params.items()},
         )
-        check_finite(step, "the loss", out.losses, rows, batch_indices)
         with torch.no_grad():
+            checks = [
+                ("log pi_theta(y_w|x)", policy_chosen_logps.detach()),
+                ("log pi_theta(y_l|x)", policy_rejected_logps.detach()),
+                ("the loss", out.losses.detach()),
+            ]
             margins = out.chosen_rewards - out.rejected_rewards
             summed = (
                 out.losses,
@@ -135,8 +154,8 @@ class PairwiseObjective:
                 policy_chosen_logps,
                 policy_rejected_logps,
             )
-            stats = torch.stack([t.double().sum() for t in summed])
-        return out.losses, stats
+            stats = torch.stack([*(t.double().sum() for t in summed), nonfinite_count(checks).to(idx.device)])
+        return out.losses, stats, checks
 
     @staticmethod
     def postfix(row: dict[str, float]) -> dict[str, str]:
@@ -146,17 +165,17 @@ class PairwiseObjective:
 
 def policy_module(model: torch.nn.Module, config: TrainConfig, examples) -> torch.nn.Module:
     """batch -> the policy's log-probs of every completion: (chosen, rejected) of pairs, (B, K) of rankings."""
-    fused_head = config.speedups.fused_lm_head
+    lm_head = config.speedups.lm_head
     if config.listwise:
-        return ListwisePolicy(model, config.reduction, n_completions(examples), fused_head)
+        return ListwisePolicy(model, config.reduction, n_completions(examples), lm_head)
     chosen_only = all(name in CHOSEN_ONLY_LOSSES for name in config.losses)  # never a listwise loss
-    return PolicyLogps(model, config.reduction, chosen_only, fused_head)
+    return PolicyLogps(model, config.reduction, chosen_only, lm_head)
 
 
 def objective(config: TrainConfig, ref_logps: torch.Tensor, example_params: dict[str, torch.Tensor]):
     """The loss and metrics of one micro-batch against reference log-probs ``ref_logps`` (N, K): pairs' or rankings'."""
     if config.listwise:
-        return ListwiseObjective(config, ref_logps, check_finite)
+        return ListwiseObjective(config, ref_logps)
     return PairwiseObjective(config, ref_logps[:, 0], ref_logps[:, 1], example_params)
 
 
@@ -189,6 +208,8 @@ def evaluate(model, examples, objective, tokenizer, config: TrainConfig, step: i
         **scoring,
     )
     everything = np.arange(len(examples))
-    _, stats = objective(step, logps.t() if config.listwise else logps, everything, everything)
-    means = (stats / len(examples)).tolist()
+    _, stats, checks = objective(logps.t() if config.listwise else logps, everything)
+    if stats[-1]:
+        raise_nonfinite(step, [(everything, what, values) for what, values in checks], everything)
+    means = (stats[:-1] / len(examples)).tolist()
     return {"step": step, "epoch": epoch, **{f"eval_{name}": value for name, value in zip(objective.summed, means)}}

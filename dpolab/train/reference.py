@@ -30,9 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from ..data.collate import PreferenceCollator, completion_parts, n_completions
 from ..data.packing import PackedPreferenceCollator
+from ..device import autocast_dtype
 from ..files import atomic_directory, cache_root
 from ..logprobs import listwise_logps
-from .config import TrainConfig, autocast_dtype
+from .config import TrainConfig
 
 __all__ = [
     "weights_hash",

@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from ..data.collate import PreferenceCollator
+from ..data.collate import PreferenceCollator, n_completions
 from ..data.packing import PackedPreferenceCollator
+from ..device import autocast, autocast_dtype, choose_device, init_distributed
+from ..logprobs import check_completion_mask, check_packed_batch, scored_positions
 from ..schedules import warmup_cosine
-from .config import WARMUP_COSINE, TrainConfig, autocast_dtype
-from .examples import TrainData, steps_per_epoch
+from .config import WARMUP_COSINE, TrainConfig
+from .examples import TrainData, epoch_order, steps_per_epoch
 from .objective import CHOSEN_ONLY_LOSSES, evaluation_steps, objective, policy_module
 from .output import claim_output_dir, resume
 from .reference import reference_logps
@@ -37,10 +38,12 @@ __all__ = [
     "TrainState",
     "Evaluation",
     "setup",
-    "check_device",
     "learning_rate_schedule",
     "warmup_cosine",
 ]
+
+
+COLLATE_WORKERS = 2  # DataLoader processes that collate the batches on CUDA (on other devices: the main process)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class TrainState:
     tokenizer: Any  # the policy's; its pad token pads the batches
     examples: list[dict]  # the training pairs (or rankings), tokenized, in dataset order
     collate: Callable  # examples -> a batch of tensors (packed: one segment per pair, eq. 6.9)
+    config: TrainConfig
     objective: Any  # (step, policy logps, rows, batch) -> (losses (b,), metric sums); reference log-probs inside
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -78,53 +82,61 @@ class TrainState:
     data_hash: str = ""  # the examples' fingerprint, checked when a checkpoint resumes
     skipped: list = field(default_factory=list)  # newer checkpoints that did not verify: (path, why)
 
-    def batch(self, rows) -> dict[str, torch.Tensor]:
-        """The examples of dataset indices ``rows``, collated, on the device."""
-        batch = self.collate([self.examples[j] for j in rows])
-        return {k: v.to(self.device) for k, v in batch.items() if k != "index"}
+    def step_rows(self, step: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Optimizer step ``step``'s B examples (positions in ``examples``), a slice of its epoch's seeded
+        permutation, and this process's share of them split into its micro-batches."""
+        config = self.config
+        epoch, position = divmod(step - 1, self.steps_per_epoch)
+        order = epoch_order(config.seed, epoch, len(self.examples))
+        batch_indices = order[position * config.batch_size : (position + 1) * config.batch_size]
+        return batch_indices, np.array_split(batch_indices[self.rank :: self.world_size], config.grad_accum_steps)
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The micro-batches of steps ``start_step + 1`` to ``total_steps`` in the order the step loop takes them,
+        collated (on CUDA: in ``COLLATE_WORKERS`` DataLoader worker processes, into pinned memory) and on the device;
+        each batch's ``rows`` holds its examples' positions."""
+        steps = range(self.start_step + 1, self.total_steps + 1)
+        rows = [r.tolist() for step in steps for r in self.step_rows(step)[1]]
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(
+            range(len(self.examples)),
+            batch_sampler=rows,
+            collate_fn=_Collate(self.examples, self.collate),
+            num_workers=COLLATE_WORKERS if cuda else 0,
+            pin_memory=cuda,
+            generator=torch.Generator(),  # its workers' seeds: drawn from its own generator, not torch's global one,
+        )  # whose state (dropout's) a checkpoint saves and a resumed run restores
+        for batch in loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        return autocast(self.device, self.autocast_dtype)
 
     def gradient_sync(self, last: bool):
         """DDP all-reduces the gradients in the backward of a step's last micro-batch only."""
         return contextlib.nullcontext() if last or self.world_size == 1 else self.policy.no_sync()
 
 
-def check_device(config: TrainConfig) -> None:
-    """Refuse a device this machine does not have (before any model loads): ValueError saying what to pass."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        why = "sees no CUDA device" if torch.backends.cuda.is_built() else "is a build without CUDA"
-        raise ValueError(
-            f"device 'cuda' is not available: this torch {torch.__version__} {why}; pass --device cpu "
-            "(device='cpu') or --device auto"
-        )
-    if config.device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' is not available on this machine; pass --device cpu (device='cpu') or auto")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device == "cuda" and local_rank >= torch.cuda.device_count():
-        raise ValueError(
-            f"LOCAL_RANK {local_rank} has no CUDA device (this machine has {torch.cuda.device_count()}): "
-            "launch at most that many processes per node"
-        )
+class _Collate:
+    """positions -> the batch of those examples, with ``rows``: the positions (a DataLoader's collate_fn; a class,
+    so that worker processes can take it). A batch is checked here, on the host (``check_packed_batch``,
+    ``check_completion_mask``), and a padded one gets its scored positions (``scored_positions``; of pairs: also
+    ``scored_chosen`` and ``scored_rejected``, each half's own): the step then reads nothing from the device."""
 
+    def __init__(self, examples: list[dict], collate: Callable):
+        self.examples, self.collate, self.n_completions = examples, collate, n_completions(examples)
 
-def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
-    """(rank, world_size, device, we_initialised_the_group). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    kind = config.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
-    if kind == "cuda":
-        torch.cuda.set_device(device)
-    owns_group = False
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
-        owns_group = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device, owns_group
+    def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.collate([self.examples[j] for j in rows])
+        if "score_sequence" in batch:
+            check_packed_batch(batch, self.n_completions)
+        else:
+            check_completion_mask(batch["completion_mask"])
+            scored = batch["scored"] = scored_positions(batch["completion_mask"])
+            half = batch["completion_mask"].shape[0] // 2
+            chosen = scored[:, 0] < half
+            batch["scored_chosen"], batch["scored_rejected"] = scored[chosen], scored[~chosen] - torch.tensor([half, 0])
+        return {**batch, "rows": torch.tensor(rows, dtype=torch.long)}
 
 
 def _seed_everything(seed: int) -> None:
@@ -199,7 +211,8 @@ def setup(
     ``base_reference``: the reference is the PEFT policy with its adapter disabled."""
     ref_model = handed_over.pop()
     checkpoint, skipped = resume_from
-    rank, world_size, device, owns_group = _init_distributed(config)
+    device = choose_device(config.device)
+    rank, world_size, owns_group = init_distributed(device)
     dtype = autocast_dtype(config.precision, device)
     _seed_everything(config.seed)
     epoch_steps = steps_per_epoch(len(data.examples), config.batch_size, world_size * config.grad_accum_steps)
@@ -236,6 +249,7 @@ def setup(
         tokenizer=tokenizer,
         examples=data.examples,
         collate=_collator(config, tokenizer.pad_token_id or 0),
+        config=config,
         objective=objective(config, ref_logps.to(device), example_params),
         optimizer=optimizer,
         scheduler=scheduler,

@@ -342,9 +342,8 @@ class _RowsIntoGrad(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         weight = ctx.holder[0]
         rows, grads = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.padding_idx is not None:  # nn.Embedding's rule: the padding row gets no gradient
-            keep = rows != ctx.padding_idx
-            rows, grads = rows[keep], grads[keep]
+        if ctx.padding_idx is not None:  # nn.Embedding's rule: the padding row gets no gradient (a select, not a
+            grads = torch.where((rows != ctx.padding_idx)[:, None], grads, 0)  # mask: no read on the host)
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         weight.grad.index_add_(0, rows, grads.to(weight.grad.dtype))

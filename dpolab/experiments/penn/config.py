@@ -23,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...device import PRECISIONS
 from ...eval import SamplingConfig
 
 __all__ = [
@@ -34,11 +35,9 @@ __all__ = [
     "QUICK",
     "JUDGES",
     "PRECISIONS",
-    "resolve_precision",
 ]
 
 JUDGES = ("offline", "endpoint")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -157,11 +156,3 @@ class Experiment:
 
 # What --quick changes (anything given explicitly on the command line wins).
 QUICK = {"model": "tiny", "max_steps": 30, "seeds": 1, "betas": (0.1, 0.5)}
-
-
-def resolve_precision(precision: str, device) -> str:
-    """ "fp32" or "bf16" for the experiment's --precision on ``device``, as dpolab.train resolves it (``Hyper.precision``;
-    bf16 on a device without bf16 support is an error)."""
-    from ...train.config import autocast_dtype
-
-    return "fp32" if autocast_dtype(precision, device) is None else "bf16"

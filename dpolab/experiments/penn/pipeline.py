@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from ...device import choose_device, resolve_precision
 from ...errors import InputError
 from ...files import atomic_write_text, cache_root, portable_text, read_jsonl, save_pretrained_atomically
 from ...train.history import write_history
-from .config import Experiment, resolve_precision
+from .config import Experiment
 from .evaluate import SUMMARIES, evaluate_policy, pool_seeds, summarize
 from .methods import (
     METHODS,
@@ -164,9 +164,8 @@ def load_data(exp: Experiment):
 def load_initial_model(exp: Experiment):
     from ...models import ModelNotAvailableError, load_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return load_model(exp.run.model, device=device)
+        return load_model(exp.run.model, device=choose_device("auto"))
     except (ModelNotAvailableError, ValueError) as err:
         raise InputError(f"--model {exp.run.model}: {err}") from err
 

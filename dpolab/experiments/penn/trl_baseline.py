@@ -28,8 +28,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from ...models import context_length
 from ...train import METRICS
 from .config import Experiment
@@ -107,6 +105,7 @@ def train_trl(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
     rows = inputs.train_data
     data = Dataset.from_dict({key: list(rows[key]) for key in ("prompt", "chosen", "rejected")})
     context = context_length(inputs.model) or 1024
+    device = next(inputs.model.parameters()).device
     args = DPOConfig(
         output_dir=work,
         beta=unit.beta or s.beta,
@@ -117,7 +116,7 @@ def train_trl(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
         seed=unit.seed,
         max_length=min(1024, context),
         bf16=exp.hyper.precision == "bf16",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device.type == "cpu",  # the model's device (dpolab.device.choose_device)
         report_to="none",
         logging_steps=1,
         save_strategy="steps",
@@ -126,7 +125,7 @@ def train_trl(unit: Unit, exp: Experiment, inputs: TrainingInputs, work: str):
         gradient_checkpointing=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=device.type == "cuda",
         precompute_ref_log_probs=s.precompute_ref_log_probs,
     )
     policy, reference = copy.deepcopy(inputs.model), copy.deepcopy(inputs.model).eval()
