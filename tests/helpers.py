@@ -7,6 +7,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from dpolab.train import TrainConfig
+
 WORDS = (
     "the a an and of to in on at for with my our your their we you they it is was were be been sun rain wind "
     "sky city train work food cake tea coffee lecture class team game music book dog cat park river road home "
@@ -17,6 +19,20 @@ WORDS = (
 
 # The devices a device-capable test runs on: the CPU always, CUDA (marked gpu: skipped, with a reason, without one).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pinned_config(**kw) -> TrainConfig:
+    """A test's TrainConfig: device and precision pinned (the same numbers on a machine with a GPU), no progress bar,
+    no reference cache, a constant learning rate of 1e-3; ``kw`` overrides any of these."""
+    base = {
+        "progress": False,
+        "use_ref_cache": False,
+        "device": "cpu",
+        "precision": "fp32",
+        "learning_rate": 1e-3,
+        "min_learning_rate": 1e-3,
+    }
+    return TrainConfig(**{**base, **kw})
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_gpt2
-from helpers import perturbed_copy
+from helpers import perturbed_copy, pinned_config
 
 from dpolab.data.collate import PreferenceCollator, tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
@@ -34,17 +34,7 @@ def eval_rows(penn):
 
 
 def config(**kw) -> TrainConfig:
-    # the device and precision pinned: the same numbers on a machine with a GPU
-    base = dict(
-        progress=False,
-        use_ref_cache=False,
-        device="cpu",
-        precision="fp32",
-        batch_size=2,
-        learning_rate=1e-3,
-        min_learning_rate=1e-3,
-    )
-    return TrainConfig(**{**base, **kw})
+    return pinned_config(**{"batch_size": 2, **kw})
 
 
 @torch.no_grad()

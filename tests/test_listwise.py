@@ -14,7 +14,7 @@ import scipy.stats
 import torch
 import transformers
 from conftest import make_tiny_gpt2
-from helpers import perturbed_copy, tiny_gpt2
+from helpers import perturbed_copy, pinned_config, tiny_gpt2
 
 import dpolab.lm_head
 from dpolab import theory, toy
@@ -34,18 +34,7 @@ VOCAB = 97
 
 
 def config(**kw) -> TrainConfig:
-    # the device and precision pinned: the same numbers on a machine with a GPU
-    base = dict(
-        progress=False,
-        use_ref_cache=False,
-        device="cpu",
-        precision="fp32",
-        batch_size=4,
-        epochs=1,
-        learning_rate=1e-3,
-        min_learning_rate=1e-3,
-    )
-    return TrainConfig(**{**base, **kw})
+    return pinned_config(**{"batch_size": 4, "epochs": 1, **kw})
 
 
 def params(model) -> list[torch.Tensor]:

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import dpolab_command, make_tiny_gpt2, run_command, subprocess_env
-from helpers import DEVICES, tiny_gpt2
+from helpers import DEVICES, pinned_config, tiny_gpt2
 
 from dpolab.data.collate import tokenize_preferences
 from dpolab.logprobs import sequence_logps_from_logits
@@ -51,18 +51,7 @@ def rows(penn):
 
 
 def config(**kw) -> TrainConfig:
-    # the device and precision pinned: the same numbers on a machine with a GPU
-    base = dict(
-        progress=False,
-        use_ref_cache=False,
-        device="cpu",
-        precision="fp32",
-        batch_size=8,
-        epochs=1,
-        learning_rate=1e-3,
-        min_learning_rate=1e-3,
-    )
-    return TrainConfig(**{**base, **kw})
+    return pinned_config(**{"batch_size": 8, "epochs": 1, **kw})
 
 
 @torch.no_grad()

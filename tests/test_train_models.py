@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import make_tiny_gpt2
+from helpers import pinned_config
 from transformers import AutoModelForCausalLM
 
 from dpolab.data.collate import PreferenceCollator, tokenize_preferences
@@ -24,17 +25,7 @@ def rows(penn):
 
 
 def config(**kw) -> TrainConfig:
-    # the device and precision pinned: the same numbers on a machine with a GPU
-    base = dict(
-        progress=False,
-        use_ref_cache=False,
-        device="cpu",
-        precision="fp32",
-        batch_size=8,
-        learning_rate=1e-3,
-        min_learning_rate=1e-3,
-    )
-    return TrainConfig(**{**base, **kw})
+    return pinned_config(**{"batch_size": 8, **kw})
 
 
 def snapshot(model) -> dict:
